@@ -1,0 +1,193 @@
+"""The one command line: `peftsum compare | train | evaluate | score`.
+
+Every config key is a flag (`--train.epochs 2`, `--lora.rank 16`), applied over `--config FILE` over the defaults;
+the common ones have short aliases (`--model`, `--data`, `--methods`, `--out`, `--epochs`...). Mistakes a user can
+make end in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import METHODS, flag_names, load_config
+from .errors import UserError
+
+ALIASES = {  # flag -> config key
+    "--model": "model.name", "--data": "data.source", "--methods": "methods", "--out": "out",
+    "--document-column": "data.document_column", "--summary-column": "data.summary_column",
+    "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--max-steps": "train.max_steps",
+    "--seed": "train.seed", "--train-size": "data.train_size", "--eval-size": "data.eval_size",
+    "--max-length": "data.max_length", "--template": "data.template", "--precision": "model.precision",
+    "--device": "model.device",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, as for every other user error
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML file with config sections (flags override it)")
+    parser.add_argument("--random-init", dest="model.random_init", action="store_const", const="true",
+                        default=argparse.SUPPRESS, help="build the model from its configuration with random weights")
+    for flag, key in ALIASES.items():
+        parser.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="VALUE", help=f"= --{key}")
+    group = parser.add_argument_group("every config key (section.field)")
+    for key, _ in flag_names():
+        if "." not in key:  # top-level keys (methods, out) have their plain flags above
+            continue
+        group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar="VALUE")
+
+
+def _config(args: argparse.Namespace, base: str | None = None):
+    overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("methods", "out")}
+    return load_config(args.config or base, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="peftsum", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    compare = commands.add_parser("compare", help="train and score every method side by side; write a report")
+    _add_config_flags(compare)
+    compare.add_argument("--dry-run", action="store_true", help="print the resource plan (parameter counts) only")
+    compare.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+
+    train = commands.add_parser("train", help="train one method and save its weights")
+    _add_config_flags(train)
+    train.add_argument("--method", required=True, choices=METHODS)
+
+    evaluate = commands.add_parser("evaluate", help="loss and ROUGE of the base model or a trained run on one split")
+    _add_config_flags(evaluate)
+    evaluate.add_argument("--run", metavar="DIR", help="a trained method folder (from train or compare)")
+    evaluate.add_argument("--split", choices=("eval", "train"), default="eval")
+    evaluate.add_argument("--json", action="store_true")
+
+    score = commands.add_parser("score", help="ROUGE of a predictions file against a references file")
+    score.add_argument("--predictions", required=True, metavar="FILE", help="JSONL or one summary a line")
+    score.add_argument("--references", required=True, metavar="FILE", help="JSONL or one summary a line")
+    score.add_argument("--prediction-field", metavar="NAME")
+    score.add_argument("--reference-field", metavar="NAME")
+    score.add_argument("--samples", type=int, default=1000, help="bootstrap resamples for the 95%% interval")
+    score.add_argument("--json", action="store_true")
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_compare(args) -> int:
+    from .compare import compare, open_session, plan
+
+    cfg = _config(args)
+    if args.dry_run:
+        result = plan(open_session(cfg, progress=False))
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            m = result["model"]
+            print(f"model {m['name']} ({m['architecture']}, {m['total_params']:,} parameters)")
+            for method, counts in result["methods"].items():
+                print(f"  {method:<9} trainable {counts['trainable']:>12,} of {counts['total']:>12,} "
+                      f"({counts['trainable_percent']:.4f}%)  {counts['description']}")
+        return 0
+    results = compare(cfg)
+    print(f"report: {Path(cfg.out) / 'report.md'}  (wall time {results['wall_seconds']:.0f} s)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .compare import open_session, train_method
+    from .data import load_data
+    from .evaluate import mean_loss
+
+    cfg = _config(args)
+    cfg.methods = [args.method]
+    folder = Path(cfg.out) if "out" in vars(args) else Path(cfg.out) / args.method
+    session = open_session(cfg)
+    splits = load_data(cfg.data, seed=cfg.train.seed)
+    adapted, training = train_method(session, args.method, splits, folder)
+    print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; saved to {folder}")
+    if splits.eval:
+        loss, _ = mean_loss(adapted, session.loaded.tokenizer, splits.eval, cfg.data, cfg.eval.batch_size,
+                            session.device, session.dtype)
+        print(f"eval loss {loss:.4f} on {len(splits.eval)} examples")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import adapters
+    from .compare import RUN_CONFIG, open_session
+    from .data import load_data
+    from .evaluate import evaluate
+    from .methods import adapt, untouched
+    from .metrics import format_table
+
+    run = Path(args.run) if args.run else None
+    if run is not None and not (run / RUN_CONFIG).is_file():
+        raise UserError(f"{run} is not a trained run folder (no {RUN_CONFIG})")
+    cfg = _config(args, base=str(run / RUN_CONFIG) if run else None)
+    session = open_session(cfg)
+    if run is None:
+        adapted = untouched(session.loaded.model)
+    else:
+        adapted = adapt(session.loaded.model, session.loaded.tokenizer, cfg.methods[0], cfg)
+        adapters.load_into(adapted, run)
+    splits = load_data(cfg.data, seed=cfg.train.seed)
+    examples = splits.eval if args.split == "eval" else splits.train_eval
+    out = Path(cfg.out) if "out" in vars(args) else None
+    result = evaluate(adapted, session.loaded.tokenizer, examples, cfg.data, cfg.eval, session.device, session.dtype,
+                      predictions_path=(out / f"predictions_{args.split}.jsonl") if out else None,
+                      seed=cfg.train.seed, progress=True)
+    if result is None:
+        raise UserError(f"the {args.split} subset is empty; raise data.eval_size or data.train_eval_size")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{adapted.method} on {result['n']} {args.split} examples: loss {result['loss']:.4f}")
+        print(format_table(result["rouge"]))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .metrics import format_table, read_summaries, rouge_summary
+
+    predictions = read_summaries(args.predictions, args.prediction_field)
+    references = read_summaries(args.references, args.reference_field)
+    if len(predictions) != len(references):
+        raise UserError(f"{len(predictions)} predictions but {len(references)} references; they must pair up")
+    if not predictions:
+        raise UserError(f"{args.predictions} holds no summaries")
+    if any(not isinstance(p, str) for p in predictions):
+        raise UserError(f"{args.predictions}: each prediction must be one string, not a list")
+    summary = rouge_summary(predictions, references, samples=args.samples)
+    if args.json:
+        print(json.dumps({"n": len(predictions), "rouge": summary}, indent=2))
+    else:
+        print(f"{len(predictions)} documents; F1 x 100, 95% bootstrap interval")
+        print(format_table(summary))
+    return 0
+
+
+COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # keep the terminal for our progress bars and messages
+        hf_logging.disable_progress_bar()
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"peftsum: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftsum: interrupted", file=sys.stderr)
+        return 130

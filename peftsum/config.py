@@ -1,0 +1,259 @@
+"""Typed run configuration: dataclasses, loadable from YAML, overridable from the command line.
+
+Every knob lives in exactly one section (`model`, `data`, `lora`, `prompt`, `finetune`, `train`, `eval`) and is
+reachable as `--section.field VALUE` on the command line; `validate` checks the whole config once, at the boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+METHODS = ("lora", "prompt", "finetune")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # 'smollm2-135m' (embedded), a hub id, or a local folder
+    random_init: bool = False  # build from the configuration alone, with random weights
+    precision: str = "auto"  # compute precision: auto (bf16 where the hardware has it) | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda | mps
+
+
+@dataclass
+class DataConfig:
+    source: str = "cnn_dailymail"  # preset (cnn_dailymail, xsum, samsum), hub id, or local file/folder
+    hub_config: str | None = None  # hub data set configuration, e.g. 3.0.0 for cnn_dailymail
+    document_column: str | None = None  # default: inferred from known column pairs
+    summary_column: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    train_size: int = 0  # training examples drawn (seeded) from the train split; 0 = all
+    train_eval_size: int = 32  # training examples scored for the "train" rows of the report
+    eval_size: int = 32  # evaluation examples scored for the "eval" rows of the report
+    template: str = "{document}\nTL;DR:"  # the prompt; the summary follows it after a space
+    max_length: int = 256  # tokens per example, virtual tokens included; the document is truncated to fit
+    max_summary_tokens: int = 64  # the summary's own cap (the only way a summary is ever cut)
+    hub_stream_limit: int = 2000  # rows streamed from a hub split before subsetting
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] | None = None  # module names (suffixes); default chosen per architecture
+    lr: float = 5e-4
+
+
+@dataclass
+class PromptConfig:
+    num_virtual_tokens: int = 10
+    init: str = "text"  # text | vocab | random
+    init_text: str = "Summarize the following article in one or two sentences:"
+    lr: float = 3e-2
+
+
+@dataclass
+class FinetuneConfig:
+    head: bool = True  # train the LM head (tied to the input embeddings where the model ties them)
+    last_blocks: int = 0  # also train the last K transformer blocks and the final norm
+    all: bool = False  # train every parameter
+    lr: float = 5e-5
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    num_beams: int = 1  # 1 = greedy
+    no_repeat_ngram_size: int = 3  # greedy decoding of small models loops without it
+    repetition_penalty: float = 1.0
+    bootstrap_samples: int = 1000  # resamples for the 95% ROUGE intervals
+    before: bool = True  # also score the untouched base model
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str = "runs/latest"
+
+    def method_lr(self, method: str) -> float:
+        return getattr(self, method).lr
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building from dicts, YAML and flags
+
+def _field_type(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _is_section(tp) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _convert(value, tp, where: str):
+    """Convert a YAML or command-line value to the annotated type, or say which key is wrong."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _convert(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, item, where) for v in value]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return tp(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+
+
+def _apply(obj, updates: dict, prefix: str = "") -> None:
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise UserError(f"unknown config key {where!r}; known: {', '.join(sorted(names))}")
+        tp = _field_type(type(obj), key)
+        if _is_section(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: expected a mapping of settings, got {value!r}")
+            _apply(getattr(obj, key), value, prefix=f"{where}.")
+        else:
+            setattr(obj, key, _convert(value, tp, where))
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """Defaults, then the YAML file (if any), then dotted overrides such as {'train.epochs': 2}."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections")
+        _apply(cfg, data)
+    for dotted, value in (overrides or {}).items():
+        nested: dict = {}
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        _apply(cfg, nested)
+    validate(cfg)
+    return cfg
+
+
+def flag_names() -> list[tuple[str, object]]:
+    """Every settable key as ('section.field', type), for building command-line flags."""
+    out = []
+    for f in dataclasses.fields(RunConfig):
+        tp = _field_type(RunConfig, f.name)
+        if _is_section(tp):
+            for sub in dataclasses.fields(tp):
+                out.append((f"{f.name}.{sub.name}", _field_type(tp, sub.name)))
+        else:
+            out.append((f.name, tp))
+    return out
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Refuse impossible settings with one line naming the value and what would be accepted."""
+    for m in cfg.methods:
+        _check(m in METHODS, f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    _check(len(cfg.methods) > 0, "no methods given; choose from " + ", ".join(METHODS))
+    _check(cfg.model.precision in ("auto", "bf16", "fp32"), f"model.precision must be auto, bf16 or fp32, got {cfg.model.precision!r}")
+    _check(cfg.model.device in ("auto", "cpu", "cuda", "mps") or cfg.model.device.startswith("cuda:"),
+           f"model.device must be auto, cpu, cuda or mps, got {cfg.model.device!r}")
+    d = cfg.data
+    _check("{document}" in d.template, f"data.template must contain '{{document}}', got {d.template!r}")
+    for name in ("train_size", "train_eval_size", "eval_size", "hub_stream_limit"):
+        _check(getattr(d, name) >= 0, f"data.{name} must be >= 0, got {getattr(d, name)}")
+    _check(d.max_summary_tokens >= 1, f"data.max_summary_tokens must be >= 1, got {d.max_summary_tokens}")
+    _check(d.max_length > d.max_summary_tokens + 1,
+           f"data.max_length ({d.max_length}) must exceed data.max_summary_tokens + 1 ({d.max_summary_tokens + 1})")
+    _check(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
+    _check(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
+    _check(0 <= cfg.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    _check(cfg.prompt.num_virtual_tokens >= 1, f"prompt.num_virtual_tokens must be >= 1, got {cfg.prompt.num_virtual_tokens}")
+    _check(cfg.prompt.init in ("text", "vocab", "random"), f"prompt.init must be text, vocab or random, got {cfg.prompt.init!r}")
+    _check(cfg.prompt.num_virtual_tokens + d.max_summary_tokens + 2 <= d.max_length,
+           f"prompt.num_virtual_tokens ({cfg.prompt.num_virtual_tokens}) leaves no room for the document "
+           f"within data.max_length ({d.max_length})")
+    _check(cfg.finetune.last_blocks >= 0, f"finetune.last_blocks must be >= 0, got {cfg.finetune.last_blocks}")
+    _check(cfg.finetune.head or cfg.finetune.last_blocks > 0 or cfg.finetune.all,
+           "finetune trains nothing: set finetune.head, finetune.last_blocks > 0 or finetune.all")
+    for m in METHODS:
+        _check(getattr(cfg, m).lr > 0, f"{m}.lr must be > 0, got {getattr(cfg, m).lr}")
+    t = cfg.train
+    _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    _check(t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}")
+    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    _check(t.schedule in ("linear", "cosine", "constant"), f"train.schedule must be linear, cosine or constant, got {t.schedule!r}")
+    _check(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 = off), got {t.max_grad_norm}")
+    e = cfg.eval
+    _check(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    _check(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")
+    _check(e.num_beams >= 1, f"eval.num_beams must be >= 1, got {e.num_beams}")
+    _check(e.no_repeat_ngram_size >= 0, f"eval.no_repeat_ngram_size must be >= 0, got {e.no_repeat_ngram_size}")
+    _check(e.repetition_penalty > 0, f"eval.repetition_penalty must be > 0, got {e.repetition_penalty}")
+    _check(e.bootstrap_samples >= 0, f"eval.bootstrap_samples must be >= 0, got {e.bootstrap_samples}")

@@ -1,0 +1,245 @@
+"""Summarization data: read a split (local JSONL/CSV or the hub), pick seeded subsets, and tokenize.
+
+Tokenization is a pure function of (tokenizer, text, settings): the prompt is the template with the document
+inserted, the summary follows it, then EOS. Only the document is ever truncated, so every example fits
+`max_length`; the summary is cut only by its own cap `max_summary_tokens`. Labels are -100 on the prompt, so the
+loss covers summary tokens and EOS alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import DataConfig
+from .errors import UserError
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class HubPreset:
+    path: str
+    config: str | None
+    document: str
+    summary: str
+
+
+PRESETS = {
+    "cnn_dailymail": HubPreset("abisee/cnn_dailymail", "3.0.0", "article", "highlights"),
+    "xsum": HubPreset("EdinburghNLP/xsum", None, "document", "summary"),
+    "samsum": HubPreset("knkarthick/samsum", None, "dialogue", "summary"),
+}
+# Column pairs recognised without flags, in order of preference.
+KNOWN_COLUMNS = [("article", "highlights"), ("document", "summary"), ("dialogue", "summary"),
+                 ("source", "target"), ("text", "summary")]
+SPLIT_FILES = {"train": ["train"], "validation": ["validation", "valid", "val", "dev"], "test": ["test"]}
+EXTENSIONS = (".jsonl", ".json", ".csv")
+
+
+@dataclass
+class Example:
+    id: str
+    document: str
+    summary: str
+    references: list[str] | None = None  # all human summaries, where the data set has several
+
+
+# ---------------------------------------------------------------- reading rows
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict]:
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except csv.Error as exc:
+        raise UserError(f"{path}: malformed CSV ({exc})") from None
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    return _read_csv(path) if path.suffix == ".csv" else _read_jsonl(path)
+
+
+def split_file(folder: Path, split: str) -> Path:
+    """The file holding `split` in a data folder (train.jsonl, validation.csv, val.jsonl...)."""
+    for stem in SPLIT_FILES.get(split, [split]):
+        for ext in EXTENSIONS:
+            if (folder / f"{stem}{ext}").is_file():
+                return folder / f"{stem}{ext}"
+    present = sorted(p.name for p in folder.iterdir() if p.suffix in EXTENSIONS)
+    raise UserError(f"no {split!r} file in {folder} (looked for {split}.jsonl/.csv); found: {', '.join(present) or 'nothing'}")
+
+
+def _hub_rows(cfg: DataConfig, split: str) -> list[dict]:
+    """Stream the first `hub_stream_limit` rows of a hub split (never the whole set)."""
+    preset = PRESETS.get(cfg.source)
+    path = preset.path if preset else cfg.source
+    config = cfg.hub_config or (preset.config if preset else None)
+    try:
+        import datasets
+
+        stream = datasets.load_dataset(path, config, split=split, streaming=True)
+        return [dict(row) for row, _ in zip(stream, range(cfg.hub_stream_limit))]
+    except Exception as exc:  # the hub raises many types (connection, missing config, missing split)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot stream data set {path!r} split {split!r} from the hub: {first} "
+                        f"(for offline use pass a local folder with train/validation JSONL)") from None
+
+
+def _columns(cfg: DataConfig, rows: list[dict], where: str) -> tuple[str, str]:
+    available = list(rows[0].keys()) if rows else []
+    preset = PRESETS.get(cfg.source)
+    document, summary = cfg.document_column, cfg.summary_column
+    if document is None or summary is None:
+        pairs = [(preset.document, preset.summary)] if preset else []
+        for doc, summ in pairs + KNOWN_COLUMNS:
+            if doc in available and summ in available:
+                document, summary = document or doc, summary or summ
+                break
+    for flag, column in (("--document-column", document), ("--summary-column", summary)):
+        if column is None:
+            raise UserError(f"{where}: cannot tell which column holds the text; pass {flag} "
+                            f"(available: {', '.join(available)})")
+        if column not in available:
+            raise UserError(f"{where}: no column {column!r}; available: {', '.join(available)}")
+    return document, summary
+
+
+def _text(value) -> str:
+    # Some data sets store a document as a list of sentences.
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def load_split(cfg: DataConfig, split: str) -> tuple[list[Example], dict]:
+    """All usable rows of a split, plus facts for the report (columns, rows skipped for empty text)."""
+    source = Path(cfg.source)
+    if source.is_dir():
+        path = split_file(source, split)
+        rows, where = read_rows(path), str(path)
+    elif source.suffix in EXTENSIONS or source.exists():
+        raise UserError(f"data source {cfg.source!r} must be a folder holding train/validation files "
+                        f"(or a hub data set); for a single file, place it in a folder as train.jsonl")
+    else:
+        rows, where = _hub_rows(cfg, split), f"{cfg.source} [{split}]"
+    if not rows:
+        raise UserError(f"{where}: no rows")
+    document_column, summary_column = _columns(cfg, rows, where)
+    examples, skipped = [], 0
+    for index, row in enumerate(rows):
+        document, summary = _text(row.get(document_column)).strip(), _text(row.get(summary_column)).strip()
+        if not document or not summary:
+            skipped += 1
+            continue
+        references = row.get("references")
+        references = [str(r) for r in references] if isinstance(references, list) and references else None
+        examples.append(Example(str(row.get("id", index)), document, summary, references))
+    info = {"document_column": document_column, "summary_column": summary_column, "skipped": skipped}
+    return examples, info
+
+
+def sample(examples: list[Example], size: int, seed: int, what: str) -> list[Example]:
+    """A seeded subset of `size` examples (0 = all, in a seeded order)."""
+    if size > len(examples):
+        raise UserError(f"{what}: asked for {size} examples but the split has {len(examples)} usable rows")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in order[: size or len(examples)]]
+
+
+@dataclass
+class Splits:
+    train: list[Example]  # what the methods train on
+    train_eval: list[Example]  # a subset of `train`, scored for the report's "train" rows
+    eval: list[Example]
+    info: dict
+
+
+def load_data(cfg: DataConfig, seed: int) -> Splits:
+    train_all, info = load_split(cfg, cfg.train_split)
+    eval_all, eval_info = load_split(cfg, cfg.eval_split)
+    train = sample(train_all, cfg.train_size, seed, f"data.train_size ({cfg.train_split})")
+    train_eval = train[: cfg.train_eval_size]
+    if cfg.train_eval_size > len(train):
+        raise UserError(f"data.train_eval_size ({cfg.train_eval_size}) exceeds the {len(train)} training examples")
+    evaluation = sample(eval_all, cfg.eval_size, seed, f"data.eval_size ({cfg.eval_split})") if cfg.eval_size else []
+    info = {"source": cfg.source, **info, "skipped": info["skipped"] + eval_info["skipped"],
+            "train_examples": len(train), "train_eval_examples": len(train_eval), "eval_examples": len(evaluation)}
+    return Splits(train, train_eval, evaluation, info)
+
+
+# ---------------------------------------------------------------- tokenization (pure)
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on the prompt; summary tokens and EOS otherwise
+
+    @property
+    def prompt_length(self) -> int:
+        return sum(1 for label in self.labels if label == IGNORE)
+
+
+def _bos(tokenizer) -> list[int]:
+    """[BOS] for tokenizers whose models expect it (Llama-2 style), else nothing (GPT-2, SmolLM2)."""
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos]:
+        return [bos]
+    return []
+
+
+def encode_prompt(tokenizer, document: str, template: str, budget: int) -> list[int]:
+    """Template with the document inserted, the document truncated so the whole prompt fits `budget` tokens."""
+    prefix, suffix = template.split("{document}", 1)
+    head = _bos(tokenizer) + (tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [])
+    tail = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+    room = budget - len(head) - len(tail)
+    if room < 1:
+        raise UserError(f"the prompt template alone takes {len(head) + len(tail)} tokens, leaving no room for the "
+                        f"document within {budget}; raise data.max_length or shorten data.template")
+    document_ids = tokenizer(document, add_special_tokens=False)["input_ids"][:room]
+    return head + document_ids + tail
+
+
+def encode_summary(tokenizer, summary: str, template: str, max_summary_tokens: int) -> list[int]:
+    # A space separates a cue like "TL;DR:" from the summary, as BPE tokenizers attach spaces to the next word.
+    text = summary if template[-1:].isspace() else " " + summary
+    return tokenizer(text, add_special_tokens=False)["input_ids"][:max_summary_tokens] + [tokenizer.eos_token_id]
+
+
+def encode_example(tokenizer, example: Example, cfg: DataConfig, reserved: int = 0) -> Encoded:
+    """Prompt + summary + EOS within cfg.max_length, minus `reserved` slots (virtual tokens)."""
+    summary_ids = encode_summary(tokenizer, example.summary, cfg.template, cfg.max_summary_tokens)
+    prompt_ids = encode_prompt(tokenizer, example.document, cfg.template, cfg.max_length - reserved - len(summary_ids))
+    return Encoded(prompt_ids + summary_ids, [IGNORE] * len(prompt_ids) + summary_ids)
+
+
+def prompt_budget(cfg: DataConfig, reserved: int = 0) -> int:
+    """Tokens a generation prompt may take: what training gave it when the summary is at its cap."""
+    return cfg.max_length - reserved - (cfg.max_summary_tokens + 1)

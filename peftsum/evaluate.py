@@ -1,0 +1,77 @@
+"""Score a model (untouched or adapted) on a list of examples: mean summary loss, generated summaries, ROUGE.
+
+Generation is batched over prompts sorted by length (little padding), left-padded, with the KV cache; LoRA is merged
+into the weights while generating.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import DataConfig, EvalConfig
+from .data import Example, encode_example, encode_prompt, prompt_budget
+from .files import write_jsonl
+from .forward import autocast, collate, generate_batch, summary_loss
+from .methods import Adapted
+from .metrics import rouge_summary
+
+
+def _by_length(items: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Index batches over items sorted by length, so each batch pads little."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def mean_loss(adapted: Adapted, tokenizer, examples: list[Example], data_cfg: DataConfig, batch_size: int,
+              device: torch.device, dtype: torch.dtype) -> tuple[float, int]:
+    """Mean cross-entropy (nats) over every summary token of every example, and the number of those tokens."""
+    encoded = [encode_example(tokenizer, e, data_cfg, reserved=adapted.virtual_tokens) for e in examples]
+    total, count = 0.0, 0
+    for batch_indices in _by_length([e.input_ids for e in encoded], batch_size):
+        batch = collate([encoded[i] for i in batch_indices], tokenizer.pad_token_id)
+        with autocast(device, dtype):
+            loss_sum, n = summary_loss(adapted, {k: v.to(device) for k, v in batch.items()})
+        total, count = total + loss_sum.item(), count + n
+    return total / max(count, 1), count
+
+
+@torch.no_grad()
+def generate(adapted: Adapted, tokenizer, documents: list[str], data_cfg: DataConfig, eval_cfg: EvalConfig,
+             device: torch.device, dtype: torch.dtype, progress: bool = False, desc: str = "generate") -> list[str]:
+    """Summaries for documents, in input order."""
+    budget = prompt_budget(data_cfg, reserved=adapted.virtual_tokens)
+    prompts = [encode_prompt(tokenizer, d, data_cfg.template, budget) for d in documents]
+    predictions: list[str] = [""] * len(prompts)
+    adapted.model.eval()
+    with adapted.for_generation(), autocast(device, dtype):
+        for batch_indices in tqdm(_by_length(prompts, eval_cfg.batch_size), desc=desc, disable=not progress,
+                                  dynamic_ncols=True):
+            texts = generate_batch(adapted, tokenizer, [prompts[i] for i in batch_indices],
+                                   max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams,
+                                   no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size,
+                                   repetition_penalty=eval_cfg.repetition_penalty)
+            for i, text in zip(batch_indices, texts):
+                predictions[i] = text
+    return predictions
+
+
+def evaluate(adapted: Adapted, tokenizer, examples: list[Example], data_cfg: DataConfig, eval_cfg: EvalConfig,
+             device: torch.device, dtype: torch.dtype, predictions_path: Path | None = None, seed: int = 0,
+             progress: bool = False, desc: str = "evaluate") -> dict | None:
+    """{"loss", "n", "tokens", "rouge"} for the examples (None when there are none); predictions saved as JSONL."""
+    if not examples:
+        return None
+    loss, tokens = mean_loss(adapted, tokenizer, examples, data_cfg, eval_cfg.batch_size, device, dtype)
+    predictions = generate(adapted, tokenizer, [e.document for e in examples], data_cfg, eval_cfg, device, dtype,
+                           progress=progress, desc=desc)
+    references = [e.references or e.summary for e in examples]
+    rouge = rouge_summary(predictions, references, samples=eval_cfg.bootstrap_samples, seed=seed)
+    if predictions_path is not None:
+        write_jsonl(predictions_path, [{"id": e.id, "prediction": p, "reference": e.summary,
+                                        **({"references": e.references} if e.references else {})}
+                                       for e, p in zip(examples, predictions)])
+    return {"loss": loss, "n": len(examples), "tokens": tokens, "rouge": rouge}

@@ -1,0 +1,121 @@
+"""LoRA: a low-rank update W + (alpha/r) * B @ A beside chosen linear layers, attached with forward hooks.
+
+The base model's code and parameter names stay untouched: each target module gets a `lora` child holding A and B,
+and a forward hook adds `B(A(dropout(x))) * scale` to its output. Merging folds the update into the weight (zero
+overhead for generation); unmerging subtracts it again. GPT-2's Conv1D stores its weight as (in, out), which only
+matters when merging.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..config import LoraConfig
+from ..errors import UserError
+
+# PEFT's matching rule: a target names a module exactly or as a dotted suffix of its full name.
+DEFAULT_TARGETS = {
+    "gpt2": ["attn.c_attn", "attn.c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+FALLBACK_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value", "out_proj"]
+
+
+class LoRA(nn.Module):
+    """The trainable pair (A: r x in, B: out x r); B starts at zero so the adapted model starts as the base."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT initialise A
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = alpha / rank
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    def delta(self) -> torch.Tensor:
+        """The weight update in nn.Linear layout (out x in)."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+
+def _add_update(module: nn.Module, args, output):
+    lora = module.lora
+    return output if lora.merged else output + lora(args[0])
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    in_features, out_features = module.weight.shape  # Conv1D: (in, out)
+    return in_features, out_features
+
+
+def chosen_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
+    """The user's target patterns, or the architecture's default."""
+    return targets or DEFAULT_TARGETS.get(getattr(model.config, "model_type", ""), FALLBACK_TARGETS)
+
+
+def target_names(model: nn.Module, targets: list[str] | None) -> list[str]:
+    """Full names of the linear/Conv1D modules that LoRA attaches to."""
+    model_type = getattr(model.config, "model_type", "")
+    chosen = chosen_targets(model, targets)
+    names = [
+        name for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and any(name == t or name.endswith("." + t) for t in chosen)
+    ]
+    if not names:
+        raise UserError(f"lora.targets {chosen} match no linear layer of this {model_type or 'model'}; "
+                        f"examples of layer names: {', '.join(_linear_names(model)[:6])}")
+    return names
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+
+
+def apply(model: nn.Module, cfg: LoraConfig) -> dict[str, LoRA]:
+    """Freeze the model and attach LoRA to the target modules; returns {module name: LoRA}."""
+    model.requires_grad_(False)
+    adapters = {}
+    for name in target_names(model, cfg.targets):
+        module = model.get_submodule(name)
+        in_features, out_features = _features(module)
+        lora = LoRA(in_features, out_features, cfg.rank, cfg.alpha, cfg.dropout).to(module.weight.device)
+        module.lora = lora
+        module.register_forward_hook(_add_update)
+        adapters[name] = lora
+    return adapters
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> None:
+    """Fold every LoRA update into its base weight (the hook then adds nothing)."""
+    for module in model.modules():
+        lora = getattr(module, "lora", None)
+        if isinstance(lora, LoRA) and not lora.merged:
+            delta = lora.delta().to(module.weight.dtype)
+            module.weight += delta if isinstance(module, nn.Linear) else delta.T
+            lora.merged = True
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module) -> None:
+    for module in model.modules():
+        lora = getattr(module, "lora", None)
+        if isinstance(lora, LoRA) and lora.merged:
+            delta = lora.delta().to(module.weight.dtype)
+            module.weight -= delta if isinstance(module, nn.Linear) else delta.T
+            lora.merged = False
+
+
+def describe(model: nn.Module, cfg: LoraConfig, adapters: dict[str, LoRA]) -> str:
+    targets = ", ".join(chosen_targets(model, cfg.targets))
+    return f"LoRA r={cfg.rank} alpha={cfg.alpha:g} dropout={cfg.dropout:g} on {targets} ({len(adapters)} layers)"

