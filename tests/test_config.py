@@ -1,0 +1,54 @@
+import pytest
+
+from peftsum.config import RunConfig, load_config
+from peftsum.errors import UserError
+
+
+def test_yaml_then_flags_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\n  batch_size: 4\nlora:\n  rank: 16\nmethods: [lora, prompt]\n")
+    cfg = load_config(path, {"train.epochs": "5", "lora.targets": "q_proj,v_proj"})
+    assert cfg.train.epochs == 5 and cfg.train.batch_size == 4
+    assert cfg.lora.rank == 16 and cfg.lora.targets == ["q_proj", "v_proj"]
+    assert cfg.methods == ["lora", "prompt"]
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert cfg.to_dict()["lora"]["rank"] == cfg.lora.rank
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lora.rank": "0"}, "lora.rank must be >= 1"),
+    ({"lora.lr": "-1"}, "lora.lr must be > 0"),
+    ({"train.epochs": "two"}, "train.epochs: expected int"),
+    ({"train.nope": "1"}, "unknown config key 'train.nope'"),
+    ({"methods": "lora,adapterx"}, "unknown method 'adapterx'"),
+    ({"data.template": "no placeholder"}, "must contain '{document}'"),
+    ({"prompt.num_virtual_tokens": "250", "data.max_length": "256"}, "leaves no room for the document"),
+])
+def test_bad_values_are_refused_with_a_named_key(overrides, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}")):
+        load_config(None, overrides)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    demo = load_config(root / "demo.yaml")
+    study = load_config(root / "gpt2-cnndm.yaml")
+    assert demo.model.name == "smollm2-135m"
+    assert (study.train.epochs, study.train.batch_size, study.data.max_length) == (5, 10, 256)
+    assert study.lora.lr == study.prompt.lr == study.finetune.lr == 5e-4
+    assert (study.lora.rank, study.lora.alpha, study.prompt.num_virtual_tokens, study.prompt.init) == (8, 16, 10, "random")

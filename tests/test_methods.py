@@ -1,0 +1,138 @@
+"""The three methods on tiny random-init models, and the reference study's parameter counts on GPT-2 small."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+from peftsum.config import RunConfig
+from peftsum.data import IGNORE, Encoded
+from peftsum.forward import collate, generate_batch, summary_loss
+from peftsum.methods import adapt, lora, untouched
+
+
+def batch_for(tokenizer, texts, summary_from=3):
+    """Encoded examples whose last tokens (from position `summary_from`) are labelled."""
+    encoded = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        encoded.append(Encoded(ids, [IGNORE] * summary_from + ids[summary_from:]))
+    return collate(encoded, tokenizer.pad_token_id)
+
+
+def logits(model, batch):
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions).logits
+
+
+def test_reference_study_parameter_counts_on_gpt2_small():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config())
+    cfg = RunConfig()
+    cfg.lora.targets = ["attn.c_attn", "attn.c_proj"]
+    cfg.prompt.num_virtual_tokens, cfg.prompt.init = 10, "random"
+    counts = {m: adapt(copy.deepcopy(base), None, m, cfg).parameter_counts() for m in ("lora", "prompt", "finetune")}
+    assert (counts["lora"]["trainable"], counts["lora"]["total"]) == (442_368, 124_882_176)
+    assert (counts["prompt"]["trainable"], counts["prompt"]["total"]) == (7_680, 124_447_488)
+    assert (counts["finetune"]["trainable"], counts["finetune"]["total"]) == (38_597_376, 124_439_808)
+    assert "tied to the input embeddings" in counts["finetune"]["description"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_lora_starts_as_the_base_model_and_merge_round_trips(kind, tokenizer):
+    base = tiny_model(kind, tokenizer)
+    batch = batch_for(tokenizer, ["the council said on monday", "new rules"])
+    expected = logits(base, batch)
+    adapted = adapt(copy.deepcopy(base), tokenizer, "lora", RunConfig())
+    adapted.model.eval()
+    assert torch.equal(logits(adapted.model, batch), expected)  # B = 0
+    torch.manual_seed(1)
+    for p in adapted.trainable:
+        p.data.normal_(0, 0.1)
+    hooked = logits(adapted.model, batch)
+    assert (hooked - expected).abs().max() > 1e-3
+    weights = {n: p.clone() for n, p in adapted.model.named_parameters() if "lora" not in n}
+    lora.merge(adapted.model)
+    assert torch.allclose(logits(adapted.model, batch), hooked, atol=1e-5)
+    lora.unmerge(adapted.model)
+    assert all(torch.allclose(p, weights[n], atol=1e-6) for n, p in adapted.model.named_parameters() if "lora" not in n)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_only_the_method_parameters_train(kind, tokenizer):
+    cfg = RunConfig()
+    cfg.finetune.head, cfg.finetune.last_blocks = False, 1
+    for method in ("lora", "prompt", "finetune"):
+        adapted = adapt(tiny_model(kind, tokenizer), tokenizer, method, cfg)
+        trainable = {id(p) for p in adapted.trainable}
+        grads = [p for p in adapted.model.parameters() if p.requires_grad]
+        assert {id(p) for p in grads} <= trainable and trainable
+        loss, _ = summary_loss(adapted, batch_for(tokenizer, ["the council said on monday that new rules"]))
+        loss.backward()
+        # (LoRA's A gets no gradient at the first step, since B starts at zero; B does.)
+        assert all(p.grad is not None for p in adapted.trainable)
+        assert any(p.grad.abs().sum() > 0 for p in adapted.trainable)
+        assert all(p.grad is None for p in adapted.model.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_summary_loss_covers_labelled_tokens_only(kind, tokenizer):
+    model = tiny_model(kind, tokenizer)
+    batch = batch_for(tokenizer, ["the council said on monday that", "new rules for city buses will start"], 4)
+    loss_sum, count = summary_loss(untouched(model), batch)
+    full = logits(model, batch)[:, :-1]
+    targets = batch["labels"][:, 1:]
+    reference = F.cross_entropy(full.reshape(-1, full.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                                reduction="sum")
+    assert count == int((targets != IGNORE).sum())
+    assert torch.allclose(loss_sum, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_soft_prompt_changes_loss_and_generation(kind, tokenizer):
+    base = tiny_model(kind, tokenizer)
+    cfg = RunConfig()
+    cfg.prompt.init = "random"
+    batch = batch_for(tokenizer, ["the council said on monday that", "new rules"])
+    prompts = [tokenizer("the council said")["input_ids"], tokenizer("new rules for city buses")["input_ids"]]
+    kwargs = dict(max_new_tokens=6, num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0)
+    plain = untouched(copy.deepcopy(base))
+    prompted = adapt(copy.deepcopy(base), tokenizer, "prompt", cfg)
+    with torch.no_grad():
+        prompted.soft_prompt.embeddings.mul_(50)  # random tiny-model outputs are flat; make the prompt matter
+    assert not torch.allclose(summary_loss(plain, batch)[0], summary_loss(prompted, batch)[0])
+    assert generate_batch(plain, tokenizer, prompts, **kwargs) != generate_batch(prompted, tokenizer, prompts, **kwargs)
+
+
+def test_soft_prompt_sits_right_before_the_real_tokens():
+    from peftsum.methods.prompt import SoftPrompt
+
+    prompt = SoftPrompt(torch.full((2, 1), 9.0))
+    embeds = torch.tensor([[[0.0], [0.0], [1.0], [2.0]], [[3.0], [4.0], [5.0], [6.0]]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, 1, 2], [3, 4, 5, 6]])
+    new_embeds, new_mask, new_labels = prompt.insert(embeds, mask, labels)
+    assert new_embeds[..., 0].tolist() == [[0, 0, 9, 9, 1, 2], [9, 9, 3, 4, 5, 6]]
+    assert new_mask.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    assert new_labels.tolist() == [[-100, -100, -100, -100, 1, 2], [-100, -100, 3, 4, 5, 6]]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_batched_generation_equals_one_at_a_time(kind, tokenizer):
+    """Left padding must not change what any method generates (the soft prompt included)."""
+    base = tiny_model(kind, tokenizer)
+    prompts = [tokenizer("the council said")["input_ids"], tokenizer("new rules for city buses will start")["input_ids"]]
+    kwargs = dict(max_new_tokens=5, num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0)
+    for method in ("lora", "prompt"):
+        adapted = adapt(copy.deepcopy(base), tokenizer, method, RunConfig())
+        torch.manual_seed(2)
+        for p in adapted.trainable:
+            p.data.normal_(0, 0.5)
+        with adapted.for_generation():
+            batched = generate_batch(adapted, tokenizer, prompts, **kwargs)
+            alone = [generate_batch(adapted, tokenizer, [p], **kwargs)[0] for p in prompts]
+        assert batched == alone

@@ -1,0 +1,70 @@
+"""Slow tests on the real embedded SmolLM2-135M and ../shared/data (skipped where either is absent; CI has both)."""
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, requires_real
+from peftsum.compare import fresh_adapted, open_session
+from peftsum.config import load_config
+from peftsum.data import encode_example, load_data
+from peftsum.evaluate import evaluate, mean_loss
+from peftsum.methods import untouched
+from peftsum.train import train
+
+pytestmark = [pytest.mark.slow, requires_real]
+
+
+def session_for(overrides):
+    cfg = load_config(None, {"data.source": str(SHARED_DATA / "xsum"), "data.max_length": "256",
+                             "data.max_summary_tokens": "48", "eval.max_new_tokens": "48",
+                             "eval.bootstrap_samples": "200", **overrides})
+    return cfg, open_session(cfg, progress=False)
+
+
+def train_briefly(session, method, splits):
+    adapted = fresh_adapted(session, method)
+    cfg = session.cfg
+    encoded = [encode_example(session.loaded.tokenizer, e, cfg.data, adapted.virtual_tokens) for e in splits.train]
+    stats = train(adapted, encoded, cfg.train, cfg.method_lr(method), pad_id=session.loaded.tokenizer.pad_token_id,
+                  device=session.device, dtype=session.dtype, progress=False)
+    return adapted, stats
+
+
+def test_embedded_model_loads_from_the_cache_quickly():
+    import time
+
+    from peftsum.models import embedded_model_dir
+
+    embedded_model_dir("smollm2-135m")  # converts once if this machine has not yet
+    started = time.perf_counter()
+    cfg, session = session_for({})
+    assert time.perf_counter() - started < 10
+    assert session.loaded.model.config.model_type == "llama"
+    assert sum(p.numel() for p in session.loaded.model.parameters()) == 134_515_008
+
+
+def test_lora_lowers_validation_loss():
+    cfg, session = session_for({"data.train_size": "48", "data.train_eval_size": "0", "data.eval_size": "24",
+                                "train.batch_size": "8", "lora.lr": "2e-3"})
+    splits = load_data(cfg.data, seed=0)
+    tok = session.loaded.tokenizer
+    before, _ = mean_loss(untouched(session.loaded.model), tok, splits.eval, cfg.data, 8, session.device, session.dtype)
+    adapted, stats = train_briefly(session, "lora", splits)
+    after, _ = mean_loss(adapted, tok, splits.eval, cfg.data, 8, session.device, session.dtype)
+    assert stats["steps"] == 6
+    assert after < before - 0.05, (before, after)
+
+
+def test_prompt_tuning_does_not_lower_rouge():
+    """The reference study's soft prompt collapsed at generation; ours must end at or above the untouched model."""
+    cfg, session = session_for({"data.train_size": "96", "data.train_eval_size": "0", "data.eval_size": "24",
+                                "train.batch_size": "8"})
+    splits = load_data(cfg.data, seed=0)
+    tok = session.loaded.tokenizer
+    args = (tok, splits.eval, cfg.data, cfg.eval, session.device, session.dtype)
+    before = evaluate(untouched(session.loaded.model), *args)
+    adapted, _ = train_briefly(session, "prompt", splits)
+    torch.manual_seed(0)
+    after = evaluate(adapted, *args)
+    assert after["rouge"]["rouge1"]["mean"] >= before["rouge"]["rouge1"]["mean"], (before["rouge"], after["rouge"])
+    assert after["loss"] < before["loss"]
