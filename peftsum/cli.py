@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--reference-field", metavar="NAME")
     score.add_argument("--samples", type=int, default=1000, help="bootstrap resamples for the 95%% interval")
     score.add_argument("--json", action="store_true")
+
+    from .use import add_commands
+
+    add_commands(commands, _add_config_flags)  # summarize, export: using a trained result
     return parser
 
 
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()  # keep the terminal for our progress bars and messages
         hf_logging.disable_progress_bar()
-        return COMMANDS[args.command](args)
+        return args.handler(args) if hasattr(args, "handler") else COMMANDS[args.command](args)
     except UserError as exc:
         print(f"peftsum: error: {exc}", file=sys.stderr)
         return 2
