@@ -24,6 +24,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FINETUNED_WEIGHTS = "finetuned.safetensors"
 PEFT_PREFIX = "base_model.model."
+# Weight files in pickle-based formats (torch.save and friends): unpickling can run arbitrary code, so never read.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -75,6 +77,7 @@ def save(adapted: Adapted, folder: Path, base_model: str, cfg) -> list[Path]:
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
+        refuse_pickled(path)
         raise UserError(f"missing weights file {path}")
     try:
         return load_file(str(path))
@@ -123,3 +126,40 @@ def read_adapter_config(folder: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
+
+
+# ---------------------------------------------------------------- checks before and after loading
+
+def refuse_pickled(expected: Path) -> None:
+    """Where `expected` (a safetensors file) is missing but its folder holds pickled weights, say why they are not read."""
+    folder = expected.parent
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickled:
+        raise UserError(f"{folder} has no {expected.name}, only pickled weights ({', '.join(pickled)}); pickled weights "
+                        f"are not loaded because unpickling can run arbitrary code; convert to safetensors "
+                        f"(e.g. safetensors.torch.save_file of torch.load(..., weights_only=True)) in a trusted place")
+
+
+def weights_path(folder: Path, method: str) -> Path:
+    """The safetensors file `load_into` will read for `method`; refuses a missing or pickled-only one up front."""
+    path = folder / (FINETUNED_WEIGHTS if method == "finetune" else ADAPTER_WEIGHTS)
+    if not path.is_file():
+        refuse_pickled(path)
+        raise UserError(f"missing weights file {path}")
+    return path
+
+
+def expected_keys(adapted: Adapted) -> set[str]:
+    """Tensor names that `load_into` reads for a LoRA or prompt adapter."""
+    if adapted.method == "prompt":
+        return {"prompt_embeddings"}
+    return {f"{PEFT_PREFIX}{name}.{part}.weight" for name in _lora_modules(adapted.model) for part in ("lora_A", "lora_B")}
+
+
+def unused_keys(adapted: Adapted, folder: Path) -> list[str]:
+    """Tensors of the adapter file in `folder` that `load_into` does not use (e.g. LoRA on an embedding layer)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
+        keys = set(f.keys())
+    return sorted(keys - expected_keys(adapted))

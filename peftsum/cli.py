@@ -1,4 +1,4 @@
-"""The one command line: `peftsum compare | train | evaluate | score`.
+"""The one command line: `peftsum compare | train | evaluate | score | summarize | export`.
 
 Every config key is a flag (`--train.epochs 2`, `--lora.rank 16`), applied over `--config FILE` over the defaults;
 the common ones have short aliases (`--model`, `--data`, `--methods`, `--out`, `--epochs`...). Mistakes a user can
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="loss and ROUGE of the base model or a trained run on one split")
     _add_config_flags(evaluate)
     evaluate.add_argument("--run", metavar="DIR", help="a trained method folder (from train or compare)")
+    evaluate.add_argument("--adapter", metavar="DIR", help="an adapter folder made by peft or peftsum (LoRA, prompt)")
     evaluate.add_argument("--split", choices=("eval", "train"), default="eval")
     evaluate.add_argument("--json", action="store_true")
 
@@ -132,13 +133,20 @@ def cmd_evaluate(args) -> int:
     from .metrics import format_table
 
     run = Path(args.run) if args.run else None
+    if run is not None and args.adapter:
+        raise UserError("give --run or --adapter, not both")
     if run is not None and not (run / RUN_CONFIG).is_file():
         raise UserError(f"{run} is not a trained run folder (no {RUN_CONFIG})")
     cfg = _config(args, base=str(run / RUN_CONFIG) if run else None)
-    session = open_session(cfg)
-    if run is None:
+    if args.adapter:  # an adapter made by peft (or peftsum): base model from the adapter or --model
+        from .use import adapted_from_adapter_dir
+
+        session, adapted = adapted_from_adapter_dir(cfg, Path(args.adapter), model_given="model.name" in vars(args))
+    elif run is None:
+        session = open_session(cfg)
         adapted = untouched(session.loaded.model)
     else:
+        session = open_session(cfg)
         adapted = adapt(session.loaded.model, session.loaded.tokenizer, cfg.methods[0], cfg)
         adapters.load_into(adapted, run)
     splits = load_data(cfg.data, seed=cfg.train.seed)

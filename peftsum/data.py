@@ -9,13 +9,13 @@ loss covers summary tokens and EOS alone.
 from __future__ import annotations
 
 import csv
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DataConfig
 from .errors import UserError
+from .files import parse_jsonl, read_text
 
 IGNORE = -100
 
@@ -51,22 +51,7 @@ class Example:
 # ---------------------------------------------------------------- reading rows
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    try:
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    return rows
+    return [row for _, row in parse_jsonl(read_text(path), path)]
 
 
 def _read_csv(path: Path) -> list[dict]:

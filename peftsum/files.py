@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from .errors import UserError
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temp file beside `path`, then rename it over `path`."""
@@ -32,3 +34,33 @@ def write_json(path: Path, data) -> None:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a Windows BOM tolerated), or a one-line UserError saying why it cannot be read."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {error.start})") from None
+
+
+def parse_jsonl(text: str, path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a bad line is reported by file and line number."""
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {number} is not a JSON object")
+        rows.append((number, row))
+    return rows

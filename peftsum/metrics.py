@@ -7,7 +7,6 @@ is already one sentence per line.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Sequence
@@ -15,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import UserError
+from .files import parse_jsonl, read_text
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 DEFAULT_FIELDS = ("prediction", "summary", "reference", "references", "highlights", "target")
@@ -176,20 +176,6 @@ def paired_bootstrap(
     return {"diff": diff, "low": float(low), "high": float(high), "p_value": min(1.0, 2.0 * share)}
 
 
-def _read_text(path: str | os.PathLike) -> str:
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        raise UserError(f"file not found: {path}") from None
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror}") from None
-    try:
-        return data.decode("utf-8-sig")  # tolerate a BOM from Windows editors
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {error.start})") from None
-
-
 def read_summaries(path: str | os.PathLike, field: str | None = None) -> list[str] | list[list[str]]:
     """Read predictions or references, one per document, from JSONL or plain text.
 
@@ -199,7 +185,7 @@ def read_summaries(path: str | os.PathLike, field: str | None = None) -> list[st
     one summary per line, blank lines included, so line i is document i.
     Raises UserError for unreadable, non-UTF-8 or malformed files.
     """
-    text = _read_text(path)
+    text = read_text(path)
     lines = text.split("\n")
     first = next((line for line in lines if line.strip()), "")
     is_jsonl = str(path).lower().endswith((".jsonl", ".json-lines")) or first.lstrip().startswith("{")
@@ -209,15 +195,7 @@ def read_summaries(path: str | os.PathLike, field: str | None = None) -> list[st
         return [line.rstrip("\r") for line in lines]
 
     summaries: list = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}: line {number} is not a JSON object")
+    for number, row in parse_jsonl(text, path):
         if field is None:
             # Chosen from the first row and then required everywhere, so a file
             # never silently mixes, say, "summary" and "target" columns.

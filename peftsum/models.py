@@ -127,12 +127,13 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> LoadedModel:
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+            # safetensors only: a pickled checkpoint could run arbitrary code when loaded.
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
         tokenizer = load_tokenizer(source, vocab_size=model.config.vocab_size if cfg.random_init else None)
     except (OSError, ValueError) as exc:
-        where = "a local folder" if Path(source).exists() else "a local folder, and the hub could not provide it"
+        where = "from its folder" if Path(source).exists() else "(not a local folder, and the hub could not provide it)"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load model {cfg.name!r} (not {where}): {reason}") from None
+        raise UserError(f"cannot load model {cfg.name!r} {where}: {reason}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()

@@ -80,7 +80,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     folder = tmp_path / "d"
     folder.mkdir()
     (folder / "train.jsonl").write_text('{"document": "a", "summary": "b"}\n{"document": \n')
-    with pytest.raises(UserError, match=r"train.jsonl:2: malformed JSON"):
+    with pytest.raises(UserError, match=r"train.jsonl: line 2 is not valid JSON"):
         load_split(DataConfig(source=str(folder)), "train")
 
 
