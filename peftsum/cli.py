@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -44,6 +45,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar="VALUE")
 
 
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run in the output folder, reusing what it finished")
+    group.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
+
+
 def _config(args: argparse.Namespace, base: str | None = None):
     overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("methods", "out")}
     return load_config(args.config or base, overrides)
@@ -57,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(compare)
     compare.add_argument("--dry-run", action="store_true", help="print the resource plan (parameter counts) only")
     compare.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    _add_run_flags(compare)
 
     train = commands.add_parser("train", help="train one method and save its weights")
     _add_config_flags(train)
     train.add_argument("--method", required=True, choices=METHODS)
+    _add_run_flags(train)
 
     evaluate = commands.add_parser("evaluate", help="loss and ROUGE of the base model or a trained run on one split")
     _add_config_flags(evaluate)
@@ -100,22 +110,34 @@ def cmd_compare(args) -> int:
                 print(f"  {method:<9} trainable {counts['trainable']:>12,} of {counts['total']:>12,} "
                       f"({counts['trainable_percent']:.4f}%)  {counts['description']}")
         return 0
-    results = compare(cfg)
+    results = compare(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"report: {Path(cfg.out) / 'report.md'}  (wall time {results['wall_seconds']:.0f} s)")
     return 0
 
 
 def cmd_train(args) -> int:
-    from .compare import open_session, train_method
-    from .data import load_data
-    from .evaluate import mean_loss
+    from .data import load_data, skipped_note
 
     cfg = _config(args)
     cfg.methods = [args.method]
     folder = Path(cfg.out) if "out" in vars(args) else Path(cfg.out) / args.method
+    splits = load_data(cfg.data, seed=cfg.train.seed)  # before torch is even imported: bad data is refused at once
+
+    from . import checkpoint
+    from .compare import open_session, prepare_train_folder, train_method
+    from .evaluate import mean_loss
+    from .files import make_folder
+
+    if prepare_train_folder(folder, args.resume, args.overwrite):
+        print(f"{folder} already holds a finished run; nothing to resume")
+        return 0
+    make_folder(folder)
+    note = skipped_note(splits.info)
+    if note:
+        print(note)
     session = open_session(cfg)
-    splits = load_data(cfg.data, seed=cfg.train.seed)
     adapted, training = train_method(session, args.method, splits, folder)
+    checkpoint.remove(folder)  # the final weights are saved: nothing left to resume
     print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; saved to {folder}")
     if splits.eval:
         loss, _ = mean_loss(adapted, session.loaded.tokenizer, splits.eval, cfg.data, cfg.eval.batch_size,
@@ -144,7 +166,7 @@ def cmd_evaluate(args) -> int:
         session, adapted = adapted_from_adapter_dir(cfg, Path(args.adapter), model_given="model.name" in vars(args))
     elif run is None:
         session = open_session(cfg)
-        adapted = untouched(session.loaded.model)
+        adapted = untouched(session.loaded.model, session.dtype)
     else:
         session = open_session(cfg)
         adapted = adapt(session.loaded.model, session.loaded.tokenizer, cfg.methods[0], cfg)
@@ -188,7 +210,25 @@ def cmd_score(args) -> int:
 COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score}
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted compare or train run."""
+    started_as_module = Path(sys.argv[0]).resolve() == Path(__file__).with_name("__main__.py").resolve()
+    program = "python -m peftsum" if started_as_module else "peftsum"
+    args = [a for a in argv if a != "--overwrite"]
+    return f"{program} {shlex.join(args + ([] if '--resume' in args else ['--resume']))}"
+
+
+def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
+    if args.command not in ("compare", "train"):
+        return "peftsum: interrupted"
+    saved = ""
+    if getattr(exc, "saved", None) is not None:  # train.TrainingInterrupted: a checkpoint was written
+        saved = f" at step {exc.step}; checkpoint saved in {exc.saved}"
+    return f"peftsum: interrupted{saved}; resume with: {resume_command(argv)}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -200,6 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"peftsum: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("peftsum: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(_interrupted(args, argv, exc), file=sys.stderr)
         return 130

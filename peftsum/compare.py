@@ -2,6 +2,10 @@
 
 Every method starts from its own copy of the same base weights, with the same data, seed and step budget. Results
 are written after each method (results.json, report.md, plots), so a long comparison shows progress on disk.
+
+A comparison survives interruption: the untouched model's scores (`baseline/metrics.json`) and each finished
+method's (`<method>/metrics.json`, written last) are read back instead of recomputed, and a method interrupted while
+training continues from its newest checkpoint. A finished run is never overwritten without `--overwrite`.
 """
 
 from __future__ import annotations
@@ -17,17 +21,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import __version__, adapters
-from .config import RunConfig
-from .data import Splits, encode_example, load_data
+from . import __version__, adapters, checkpoint
+from .config import METHODS, RunConfig
+from .data import Splits, encode_example, load_data, skipped_note
+from .errors import UserError
 from .evaluate import evaluate
-from .files import write_json, write_text
+from .files import make_folder, read_json, write_json, write_text
 from .methods import Adapted, adapt, untouched
 from .models import LoadedModel, compute_dtype, count_parameters, load_model, pick_device, ties_embeddings
 from .report import write_report
 from .train import train
 
 RUN_CONFIG = "config.yaml"
+RESULTS = "results.json"
+METRICS = "metrics.json"  # a method's (or the baseline's) scores; written last, so it marks the folder finished
 
 
 @dataclass
@@ -44,8 +51,25 @@ class Session:
 def open_session(cfg: RunConfig, progress: bool = True) -> Session:
     device = pick_device(cfg.model.device)
     loaded = load_model(cfg.model, seed=cfg.train.seed)
+    check_context(cfg, loaded.model)
     loaded.model.to(device)
     return Session(cfg, loaded, device, compute_dtype(cfg.model.precision, device), progress)
+
+
+def check_context(cfg: RunConfig, model) -> None:
+    """Refuse lengths beyond the model's positions, which would crash (GPT-2) or silently degrade (RoPE) later."""
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if not context:
+        return
+    d = cfg.data
+    if d.max_length > context:
+        raise UserError(f"data.max_length ({d.max_length}) exceeds the context of model {cfg.model.name!r} "
+                        f"({context} tokens); lower --max-length")
+    prompt = d.max_length - d.max_summary_tokens - 1
+    if prompt + cfg.eval.max_new_tokens > context:
+        raise UserError(f"generated summaries could run past the context of model {cfg.model.name!r} ({context} "
+                        f"tokens): prompts of up to {prompt} tokens plus eval.max_new_tokens "
+                        f"({cfg.eval.max_new_tokens}); lower one of them")
 
 
 def cpu_name() -> str:
@@ -107,7 +131,10 @@ def score_splits(session: Session, adapted: Adapted, splits: Splits, folder: Pat
 
 
 def train_method(session: Session, method: str, splits: Splits, folder: Path) -> tuple[Adapted, dict]:
-    """Train one method into `folder` (weights, config, step log); returns the adapted model and its training facts."""
+    """Train one method into `folder` (weights, config, step log); returns the adapted model and its training facts.
+
+    Training continues from the newest checkpoint in `folder/checkpoints`, if there is one.
+    """
     cfg = session.cfg
     folder.mkdir(parents=True, exist_ok=True)
     adapted = fresh_adapted(session, method)
@@ -115,7 +142,7 @@ def train_method(session: Session, method: str, splits: Splits, folder: Path) ->
                for e in splits.train]
     training = train(adapted, encoded, cfg.train, cfg.method_lr(method), pad_id=session.loaded.tokenizer.pad_token_id,
                      device=session.device, dtype=session.dtype, log_path=folder / "train_log.jsonl",
-                     progress=session.progress)
+                     progress=session.progress, run_dir=folder, run_config=cfg.to_dict())
     adapters.save(adapted, folder, session.loaded.source if not cfg.model.random_init else cfg.model.name, cfg)
     method_cfg = copy.deepcopy(cfg)
     method_cfg.methods = [method]
@@ -124,32 +151,115 @@ def train_method(session: Session, method: str, splits: Splits, folder: Path) ->
     return adapted, training
 
 
-def compare(cfg: RunConfig, progress: bool = True) -> dict:
-    """Run the whole comparison into cfg.out and return the results dict (also written as results.json)."""
+# ---------------------------------------------------------------- finished, unfinished and overwritten runs
+
+# What peftsum writes into a method folder (and nothing else is deleted by --overwrite).
+METHOD_FILES = (METRICS, RUN_CONFIG, "train_log.jsonl", "predictions_train.jsonl", "predictions_eval.jsonl",
+                adapters.ADAPTER_WEIGHTS, adapters.ADAPTER_CONFIG, adapters.FINETUNED_WEIGHTS)
+RUN_FILES = (RESULTS, "report.md", "loss_curves.png", "rouge.png")
+# Settings that may differ when a comparison resumes: where it goes, which methods run, how often it checkpoints.
+RESUMABLE_CHANGES = ("out", "methods", "train.checkpoint_every", "train.keep_checkpoints")
+
+
+def clear_method(folder: Path) -> None:
+    """Remove a previous run's results and checkpoints from a method folder (for --overwrite)."""
+    if not folder.is_dir():
+        return
+    checkpoint.remove(folder)
+    for name in METHOD_FILES:
+        (folder / name).unlink(missing_ok=True)
+
+
+def _refuse(what: str) -> UserError:
+    return UserError(f"{what}; pass --overwrite to replace it (or --resume to reuse what is finished)")
+
+
+def trained_weights(folder: Path) -> Path | None:
+    """The final weights of a finished `train` run in `folder`, if any (checkpoints left means not finished)."""
+    for name in (adapters.ADAPTER_WEIGHTS, adapters.FINETUNED_WEIGHTS):
+        if (folder / name).is_file() and checkpoint.latest(folder) is None:
+            return folder / name
+    return None
+
+
+def prepare_train_folder(folder: Path, resume: bool, overwrite: bool) -> bool:
+    """Decide what `train` does with `folder`; True when a finished run is there and --resume asks to keep it."""
+    if overwrite:
+        clear_method(folder)
+        return False
+    finished = trained_weights(folder)
+    if finished is not None and not resume:
+        raise _refuse(f"{folder} already holds a finished run ({finished.name})")
+    return finished is not None
+
+
+def prepare_compare_folder(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    """Clear the folder (--overwrite), or check that what it holds belongs to this comparison."""
+    if overwrite and out.is_dir():
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        for name in ("baseline", *METHODS):
+            clear_method(out / name)
+    if overwrite or not (out / RESULTS).is_file():
+        return
+    previous = read_json(out / RESULTS)
+    changes = [c for c in checkpoint.config_changes(previous.get("config", {}), cfg.to_dict())
+               if c.split(":")[0] not in RESUMABLE_CHANGES]
+    if changes:
+        raise UserError(f"{out} holds a comparison with other settings ({'; '.join(changes[:3])}); pass --overwrite "
+                        f"to replace it, or choose another --out")
+    done = set(previous.get("methods", {}))
+    finished = set(cfg.methods) <= done and (previous.get("baseline") is not None or not cfg.eval.before)
+    if finished and not resume:
+        raise _refuse(f"{out} already holds a finished comparison ({RESULTS})")
+
+
+def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the whole comparison into cfg.out and return the results dict (also written as results.json).
+
+    Finished parts of a previous run of the same comparison in cfg.out are read back, not recomputed.
+    """
     started = time.perf_counter()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_compare_folder(out, cfg, resume, overwrite)
+    splits = load_data(cfg.data, seed=cfg.train.seed)  # before the model: bad data is refused in seconds
+    note = skipped_note(splits.info)
+    if note:
+        print(note)
+    make_folder(out)
     session = open_session(cfg, progress)
-    splits = load_data(cfg.data, seed=cfg.train.seed)
     results = {"peftsum_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "config": cfg.to_dict(), "environment": environment(session), "model": model_facts(session),
                "data": splits.info, "baseline": None, "methods": {}, "wall_seconds": 0.0}
 
     def publish():
         results["wall_seconds"] = time.perf_counter() - started
-        write_json(out / "results.json", results)
+        write_json(out / RESULTS, results)
         write_report(results, out)
 
+    write_json(out / RESULTS, results)  # claims the folder for this configuration before anything else is written
     if cfg.eval.before:
-        results["baseline"] = score_splits(session, untouched(session.loaded.model), splits, out / "baseline", "untouched")
+        scores = out / "baseline" / METRICS
+        if scores.is_file():
+            results["baseline"] = read_json(scores)
+            print(f"untouched model: scores read back from {scores}")
+        else:
+            results["baseline"] = score_splits(session, untouched(copy.deepcopy(session.loaded.model), session.dtype), splits, out / "baseline",
+                                               "untouched")
+            write_json(scores, results["baseline"])
         publish()
     for method in cfg.methods:
         folder = out / method
-        adapted, training = train_method(session, method, splits, folder)
-        after = score_splits(session, adapted, splits, folder, method)
-        results["methods"][method] = {"params": adapted.parameter_counts(), "training": training, "after": after,
-                                      "dir": method}
-        write_json(folder / "metrics.json", results["methods"][method])
-        del adapted
+        if (folder / METRICS).is_file():
+            results["methods"][method] = read_json(folder / METRICS)
+            print(f"{method}: finished earlier; results read back from {folder / METRICS}")
+        else:
+            adapted, training = train_method(session, method, splits, folder)
+            after = score_splits(session, adapted, splits, folder, method)
+            results["methods"][method] = {"params": adapted.parameter_counts(), "training": training, "after": after,
+                                          "dir": method}
+            write_json(folder / METRICS, results["methods"][method])
+            checkpoint.remove(folder)  # the final weights and scores are on disk: nothing left to resume
+            del adapted
         publish()
     return results

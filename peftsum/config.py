@@ -48,7 +48,7 @@ class DataConfig:
 class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.05
+    dropout: float = 0.0  # peft's default; with dropout each target layer draws its own mask every step
     targets: list[str] | None = None  # module names (suffixes); default chosen per architecture
     lr: float = 5e-4
 
@@ -80,6 +80,8 @@ class TrainConfig:
     schedule: str = "linear"  # linear | cosine | constant (after warmup)
     max_grad_norm: float = 1.0
     seed: int = 0
+    checkpoint_every: int = 50  # optimizer steps between checkpoints (0 = only at the end of each epoch)
+    keep_checkpoints: int = 2  # the newest K checkpoints are kept
 
 
 @dataclass
@@ -250,6 +252,9 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     _check(t.schedule in ("linear", "cosine", "constant"), f"train.schedule must be linear, cosine or constant, got {t.schedule!r}")
     _check(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 = off), got {t.max_grad_norm}")
+    _check(t.checkpoint_every >= 0,
+           f"train.checkpoint_every must be >= 0 (0 = at epoch ends only), got {t.checkpoint_every}")
+    _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     e = cfg.eval
     _check(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
     _check(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")

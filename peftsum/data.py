@@ -175,8 +175,17 @@ def load_data(cfg: DataConfig, seed: int) -> Splits:
         raise UserError(f"data.train_eval_size ({cfg.train_eval_size}) exceeds the {len(train)} training examples")
     evaluation = sample(eval_all, cfg.eval_size, seed, f"data.eval_size ({cfg.eval_split})") if cfg.eval_size else []
     info = {"source": cfg.source, **info, "skipped": info["skipped"] + eval_info["skipped"],
+            "skipped_by_split": {cfg.train_split: info["skipped"], cfg.eval_split: eval_info["skipped"]},
             "train_examples": len(train), "train_eval_examples": len(train_eval), "eval_examples": len(evaluation)}
     return Splits(train, train_eval, evaluation, info)
+
+
+def skipped_note(info: dict) -> str | None:
+    """One line saying how many rows were dropped for an empty document or summary, or None."""
+    if not info["skipped"]:
+        return None
+    where = ", ".join(f"{n} in {split}" for split, n in info["skipped_by_split"].items() if n)
+    return f"skipped {info['skipped']} rows with an empty document or summary ({where})"
 
 
 # ---------------------------------------------------------------- tokenization (pure)

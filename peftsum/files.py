@@ -1,4 +1,8 @@
-"""Atomic file writing: a reader (or a crash) never sees a half-written report, prediction file or adapter."""
+"""Atomic file writing: a reader (or a crash) never sees a half-written report, prediction file or adapter.
+
+Each file is written beside its target, flushed to disk, renamed over the target, and the folder is flushed too:
+after a power cut the target holds either the old content or the new, never a prefix of the new.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,34 @@ from typing import Callable
 from .errors import UserError
 
 
+def fsync(path: Path) -> None:
+    """Flush a file, or a folder's list of names (what makes a rename durable), to disk."""
+    is_dir = Path(path).is_dir()
+    if is_dir and not hasattr(os, "O_DIRECTORY"):
+        return  # Windows cannot open a folder
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if is_dir else 0))
+    except OSError:
+        if is_dir:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not is_dir:  # some file systems refuse fsync on folders; their renames are as durable as they get
+            raise
+    finally:
+        os.close(fd)
+
+
+def make_folder(path: Path) -> None:
+    """Create an output folder (and its parents), or say in one line why it cannot be."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the output folder {path}: {error.strerror or error}") from None
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temp file beside `path`, then rename it over `path`."""
     path = Path(path)
@@ -18,10 +50,16 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        # Without this flush a crash soon after the rename can leave the new name pointing at an empty file.
+        fsync(tmp)
         os.replace(tmp, path)
+    except OSError as error:  # a full disk or a read-only folder: the user's to fix, not a bug
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync(path.parent)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -34,6 +72,14 @@ def write_json(path: Path, data) -> None:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_json(path: Path):
+    """A JSON file written by peftsum, or a one-line UserError naming the file."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error.msg}); delete it or pass --overwrite") from None
 
 
 def read_text(path: Path) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import adapters
+from .methods import lora
 from .config import load_config, validate
 from .errors import UserError
 
@@ -215,7 +216,7 @@ def open_result(args, progress: bool = True):
 
         cfg = _flag_config(args)
         session = open_session(cfg, progress)
-        adapted = untouched(session.loaded.model)
+        adapted = untouched(session.loaded.model, session.dtype)
     return cfg, session, adapted
 
 
@@ -328,28 +329,6 @@ def cmd_summarize(args) -> int:
 
 # ---------------------------------------------------------------- export
 
-def strip_lora(model) -> int:
-    """Merge every LoRA into its base weight, then remove the hooks and `lora` submodules; returns layers merged.
-
-    Afterwards the model is a plain transformers model again: its state dict holds only the base parameter names.
-    """
-    from .methods import lora
-
-    lora.merge(model)
-    count = 0
-    for module in model.modules():
-        if not isinstance(getattr(module, "lora", None), lora.LoRA):
-            continue
-        for hook_id, hook in list(module._forward_hooks.items()):
-            if hook is lora._add_update:
-                del module._forward_hooks[hook_id]
-                module._forward_hooks_with_kwargs.pop(hook_id, None)
-                module._forward_hooks_always_called.pop(hook_id, None)
-        del module.lora
-        count += 1
-    return count
-
-
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--merged {out} exists and is not a folder")
@@ -399,12 +378,13 @@ def cmd_export(args) -> int:
             raise _prompt_refusal(source, flag)
     elif adapters.read_adapter_config(source).get("peft_type") == "PROMPT_TUNING":
         raise _prompt_refusal(source, flag)
+    setattr(args, "model.precision", "fp32")  # merge into, and write, full-precision weights
     cfg, session, adapted = open_result(args)
     if adapted.method not in ("lora", "finetune"):
         raise _prompt_refusal(source, flag)
     model = adapted.model
     if adapted.method == "lora":
-        strip_lora(model)
+        lora.remove(model)
     leftovers = [k for k in model.state_dict() if ".lora." in k or "lora_A" in k or "lora_B" in k]
     if leftovers:
         raise RuntimeError(f"LoRA tensors left in the merged state dict: {leftovers[:3]}")

@@ -22,6 +22,13 @@ def batch_for(tokenizer, texts, summary_from=3):
     return collate(encoded, tokenizer.pad_token_id)
 
 
+def fp32_config() -> RunConfig:
+    """Exact comparisons need the frozen weights kept in fp32 (by default they are stored in bf16 where supported)."""
+    cfg = RunConfig()
+    cfg.model.precision = "fp32"
+    return cfg
+
+
 def logits(model, batch):
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions).logits
@@ -47,7 +54,7 @@ def test_lora_starts_as_the_base_model_and_merge_round_trips(kind, tokenizer):
     base = tiny_model(kind, tokenizer)
     batch = batch_for(tokenizer, ["the council said on monday", "new rules"])
     expected = logits(base, batch)
-    adapted = adapt(copy.deepcopy(base), tokenizer, "lora", RunConfig())
+    adapted = adapt(copy.deepcopy(base), tokenizer, "lora", fp32_config())
     adapted.model.eval()
     assert torch.equal(logits(adapted.model, batch), expected)  # B = 0
     torch.manual_seed(1)
@@ -64,7 +71,7 @@ def test_lora_starts_as_the_base_model_and_merge_round_trips(kind, tokenizer):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_only_the_method_parameters_train(kind, tokenizer):
-    cfg = RunConfig()
+    cfg = fp32_config()
     cfg.finetune.head, cfg.finetune.last_blocks = False, 1
     for method in ("lora", "prompt", "finetune"):
         adapted = adapt(tiny_model(kind, tokenizer), tokenizer, method, cfg)
@@ -95,7 +102,7 @@ def test_summary_loss_covers_labelled_tokens_only(kind, tokenizer):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_soft_prompt_changes_loss_and_generation(kind, tokenizer):
     base = tiny_model(kind, tokenizer)
-    cfg = RunConfig()
+    cfg = fp32_config()
     cfg.prompt.init = "random"
     batch = batch_for(tokenizer, ["the council said on monday that", "new rules"])
     prompts = [tokenizer("the council said")["input_ids"], tokenizer("new rules for city buses")["input_ids"]]
@@ -128,7 +135,7 @@ def test_batched_generation_equals_one_at_a_time(kind, tokenizer):
     prompts = [tokenizer("the council said")["input_ids"], tokenizer("new rules for city buses will start")["input_ids"]]
     kwargs = dict(max_new_tokens=5, num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0)
     for method in ("lora", "prompt"):
-        adapted = adapt(copy.deepcopy(base), tokenizer, method, RunConfig())
+        adapted = adapt(copy.deepcopy(base), tokenizer, method, fp32_config())
         torch.manual_seed(2)
         for p in adapted.trainable:
             p.data.normal_(0, 0.5)
@@ -136,3 +143,22 @@ def test_batched_generation_equals_one_at_a_time(kind, tokenizer):
             batched = generate_batch(adapted, tokenizer, prompts, **kwargs)
             alone = [generate_batch(adapted, tokenizer, [p], **kwargs)[0] for p in prompts]
         assert batched == alone
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["lora", "prompt", "finetune"])
+def test_bf16_frozen_weights_train_every_method(kind, method, tokenizer):
+    """Frozen weights stored in bf16 next to fp32 trainable ones (a trainable tied embedding, trainable norms)."""
+    from peftsum.forward import autocast
+
+    cfg = RunConfig()
+    cfg.model.precision = "bf16"
+    cfg.finetune.head, cfg.finetune.last_blocks = True, 1
+    adapted = adapt(tiny_model(kind, tokenizer), tokenizer, method, cfg)
+    assert adapted.frozen_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in adapted.trainable)
+    assert any(p.dtype == torch.bfloat16 for p in adapted.model.parameters() if not p.requires_grad)
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        loss, count = summary_loss(adapted, batch_for(tokenizer, ["the council said on monday that new rules"]))
+    (loss / count).backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapted.trainable)

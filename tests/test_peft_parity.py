@@ -40,6 +40,7 @@ SUBSET_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 
 def _run_config(targets=None, init="random") -> RunConfig:
     cfg = RunConfig()
+    cfg.model.precision = "fp32"  # exact parity: keep the frozen weights in fp32
     cfg.lora = LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.0, targets=targets)
     cfg.prompt = PromptConfig(num_virtual_tokens=N_VIRTUAL, init=init)
     cfg.train.seed = 3

@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..models import count_parameters
+from ..models import compute_dtype, count_parameters
 from . import finetune, lora, prompt
 
 
@@ -25,6 +26,7 @@ class Adapted:
     trainable: list[nn.Parameter]
     description: str
     soft_prompt: prompt.SoftPrompt | None = None
+    frozen_dtype: torch.dtype = torch.float32  # how the frozen weights are stored; the activations follow it
 
     @property
     def virtual_tokens(self) -> int:
@@ -50,7 +52,27 @@ class Adapted:
 
 
 def adapt(model: nn.Module, tokenizer, method: str, cfg: RunConfig) -> Adapted:
-    """Prepare `model` (modified in place) for training with `method`."""
+    """Prepare `model` (modified in place) for training with `method`.
+
+    Frozen weights are then stored in the compute precision (bf16 where the hardware has it): autocast would
+    otherwise re-cast every frozen matrix at every step, and bf16 activations halve the memory traffic of the
+    element-wise work that dominates small models on a CPU. Trainable parameters stay fp32, as does their optimizer state.
+    """
+    adapted = _apply(model, tokenizer, method, cfg)
+    device = next(model.parameters()).device
+    adapted.frozen_dtype = store_frozen_in(model, compute_dtype(cfg.model.precision, device))
+    return adapted
+
+
+def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """Cast the frozen floating-point parameters to `dtype`; returns the dtype the frozen weights now have."""
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    for param in frozen:
+        param.data = param.data.to(dtype)
+    return dtype if frozen else torch.float32
+
+
+def _apply(model: nn.Module, tokenizer, method: str, cfg: RunConfig) -> Adapted:
     if method == "lora":
         adapters = lora.apply(model, cfg.lora)
         params = [p for a in adapters.values() for p in a.parameters()]
@@ -64,7 +86,7 @@ def adapt(model: nn.Module, tokenizer, method: str, cfg: RunConfig) -> Adapted:
     raise ValueError(f"unknown method {method!r}")
 
 
-def untouched(model: nn.Module) -> Adapted:
-    """The base model as it is: the 'before training' reference for every method."""
+def untouched(model: nn.Module, dtype: torch.dtype = torch.float32) -> Adapted:
+    """The base model as it is (stored in `dtype`, in place): the 'before training' reference for every method."""
     model.requires_grad_(False)
-    return Adapted("base", model, [], "untouched base model")
+    return Adapted("base", model, [], "untouched base model", frozen_dtype=store_frozen_in(model, dtype))

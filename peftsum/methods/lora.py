@@ -37,9 +37,12 @@ class LoRA(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = alpha / rank
         self.merged = False
+        self.original: torch.Tensor | None = None  # the base weight while merged
+        self.hook = None  # handle of the forward hook that adds the update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        # In the activations' dtype: bf16 activations meet fp32 trainable weights when the frozen model is bf16.
+        return F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
 
     def delta(self) -> torch.Tensor:
         """The weight update in nn.Linear layout (out x in)."""
@@ -90,17 +93,22 @@ def apply(model: nn.Module, cfg: LoraConfig) -> dict[str, LoRA]:
         in_features, out_features = _features(module)
         lora = LoRA(in_features, out_features, cfg.rank, cfg.alpha, cfg.dropout).to(module.weight.device)
         module.lora = lora
-        module.register_forward_hook(_add_update)
+        lora.hook = module.register_forward_hook(_add_update)
         adapters[name] = lora
     return adapters
 
 
 @torch.no_grad()
 def merge(model: nn.Module) -> None:
-    """Fold every LoRA update into its base weight (the hook then adds nothing)."""
+    """Fold every LoRA update into its base weight (the hook then adds nothing).
+
+    The original weight is kept aside and restored by `unmerge`: subtracting the update again would not give the
+    same bits back in bf16, and each evaluation would drift the base model a little.
+    """
     for module in model.modules():
         lora = getattr(module, "lora", None)
         if isinstance(lora, LoRA) and not lora.merged:
+            lora.original = module.weight.detach().clone()
             delta = lora.delta().to(module.weight.dtype)
             module.weight += delta if isinstance(module, nn.Linear) else delta.T
             lora.merged = True
@@ -111,9 +119,22 @@ def unmerge(model: nn.Module) -> None:
     for module in model.modules():
         lora = getattr(module, "lora", None)
         if isinstance(lora, LoRA) and lora.merged:
-            delta = lora.delta().to(module.weight.dtype)
-            module.weight -= delta if isinstance(module, nn.Linear) else delta.T
+            module.weight.copy_(lora.original)
+            lora.original = None
             lora.merged = False
+
+
+def remove(model: nn.Module) -> int:
+    """Merge every LoRA for good and detach it (hooks and `lora` children): a plain model again; returns layers merged."""
+    merge(model)
+    count = 0
+    for module in model.modules():
+        lora = getattr(module, "lora", None)
+        if isinstance(lora, LoRA):
+            lora.hook.remove()
+            del module.lora
+            count += 1
+    return count
 
 
 def describe(model: nn.Module, cfg: LoraConfig, adapters: dict[str, LoRA]) -> str:

@@ -1,0 +1,164 @@
+"""Training checkpoints: everything `train` needs to continue a run exactly where it stopped.
+
+A checkpoint is a folder `<method folder>/checkpoints/step-XXXXXXXX/` with two files: `tensors.safetensors`
+(trainable weights by parameter name, AdamW moments, torch RNG states) and `state.json` (scheduler, Python and NumPy
+RNG states, position in the epoch's batch list, loss log, epoch stats, configuration). No pickles either way.
+
+A checkpoint is written under a temporary name, flushed to disk and then renamed: a folder named `step-*` is
+complete by construction, and a crash mid-write leaves only a `.tmp-*` folder that is ignored and later removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .files import fsync
+
+FOLDER = "checkpoints"
+TENSORS = "tensors.safetensors"
+STATE = "state.json"
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+
+
+def complete(run: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    root = Path(run) / FOLDER
+    found = [p for p in root.iterdir() if _step_of(p) is not None and (p / STATE).is_file()] if root.is_dir() else []
+    return sorted(found, key=_step_of)
+
+
+def latest(run: Path) -> Path | None:
+    found = complete(run)
+    return found[-1] if found else None
+
+
+def save(run: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
+    """Write checkpoint `step` of `run` atomically, then keep only the newest `keep`."""
+    root = Path(run) / FOLDER
+    target = root / f"step-{step:08d}"
+    if target.is_dir():  # reached twice (an interrupt right after a resume): same step, same state
+        return target
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+        (tmp / STATE).write_text(json.dumps(state), encoding="utf-8")
+        for path in (tmp / TENSORS, tmp / STATE, tmp):
+            fsync(path)
+        os.replace(tmp, target)
+        fsync(root)
+    except OSError as exc:  # a full disk, most likely: say so, and keep the previous checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write checkpoint {target}: {exc.strerror or exc}; free some space "
+                        f"or raise train.checkpoint_every") from None
+    prune(run, keep)
+    return target
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    try:
+        return load_file(str(path / TENSORS)), json.loads((path / STATE).read_text(encoding="utf-8"))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} cannot be read ({exc}); delete it to resume from an older one, "
+                        f"or pass --overwrite to start over") from None
+
+
+def prune(run: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and temporary folders left by crashed writers."""
+    root = Path(run) / FOLDER
+    for path in complete(run)[:-keep]:
+        shutil.rmtree(path)
+    for path in root.glob(".tmp-step-*"):
+        if not path.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove(run: Path) -> None:
+    """Delete every checkpoint of `run` (the run finished, or is being started over)."""
+    root = Path(run) / FOLDER
+    if root.is_dir():
+        for path in root.iterdir():
+            if _step_of(path) is not None or path.name.startswith(".tmp-step-"):
+                shutil.rmtree(path)
+        if not any(root.iterdir()):
+            root.rmdir()
+
+
+# ---------------------------------------------------------------- optimizer and RNG states as tensors + JSON
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in sd["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{index}/{key}"] = value
+            else:
+                scalars[f"{index}/{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer/"):
+            _, index, key = name.split("/", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split("/", 1)
+        state.setdefault(int(index), {})[key] = value
+    # JSON turned tuples (AdamW's betas) into lists; give each setting back the type the optimizer uses.
+    current = optimizer.state_dict()["param_groups"]
+    groups = [{k: tuple(v) if isinstance(now.get(k), tuple) else v for k, v in saved.items()}
+              for saved, now in zip(meta["param_groups"], current)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every random generator training might draw from: dropout masks come from torch's."""
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [version, list(internal), gauss],
+                     "numpy": [name, keys.tolist(), position, has_gauss, cached]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"rng/cuda/{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng/cuda/{i}"], i)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every setting that differs between two nested config dicts."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) or isinstance(b, dict):
+            changes += config_changes(a or {}, b or {}, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
