@@ -85,13 +85,20 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """A seeded shuffle of example indices, cut into batches; the same seed and epoch give the same batches.
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 32) -> list[list[int]]:
+    """Seeded, length-grouped batches of example indices; the same lengths, seed and epoch give the same batches.
 
-    Resuming relies on exactly that: a checkpoint records only (epoch, position in this list).
+    The shuffled examples are taken `group` batches at a time and sorted by length within the group, so each batch
+    holds examples of similar length and pads little; the batch order is then shuffled again, so lengths do not
+    drift across the epoch. Resuming relies on determinism: a checkpoint records only (epoch, position in this list).
     """
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = group * batch_size
+    order = [i for start in range(0, len(order), window)
+             for i in sorted(order[start:start + window], key=lambda i: lengths[i])]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def plan_steps(n: int, cfg: TrainConfig) -> int:
@@ -204,7 +211,7 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
     try:
         with _sigint_deferred() as stop:
             for epoch in range(epoch, cfg.epochs + 1):
-                batches = epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)
+                batches = epoch_batches([len(e.input_ids) for e in examples], cfg.batch_size, cfg.seed, epoch)
                 started = time.perf_counter() - tally["seconds"]
                 while position < len(batches) and not (cfg.max_steps and step >= cfg.max_steps):
                     if stop.is_set():

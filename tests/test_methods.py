@@ -162,3 +162,18 @@ def test_bf16_frozen_weights_train_every_method(kind, method, tokenizer):
         loss, count = summary_loss(adapted, batch_for(tokenizer, ["the council said on monday that new rules"]))
     (loss / count).backward()
     assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapted.trainable)
+
+
+def test_length_grouped_batches_cover_every_example_once_and_pad_less():
+    import random
+
+    from peftsum.train import epoch_batches
+
+    lengths = [random.Random(i).randint(10, 300) for i in range(200)]
+    batches = epoch_batches(lengths, 8, seed=0, epoch=1)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert batches == epoch_batches(lengths, 8, seed=0, epoch=1) != epoch_batches(lengths, 8, seed=0, epoch=2)
+    padding = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    shuffled = epoch_batches(lengths, 8, seed=0, epoch=1, group=1)  # group of one batch: no sorting
+    padding_plain = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in shuffled)
+    assert padding < padding_plain / 3
