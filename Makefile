@@ -22,7 +22,8 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/peftsum compare --config configs/demo.yaml $(if $(DATA),--data $(DATA)) $(ARGS)
+	# --resume: a rerun finishes an interrupted demo, or just re-renders the report of a finished one.
+	$(BIN)/peftsum compare --config configs/demo.yaml --resume $(if $(DATA),--data $(DATA)) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)

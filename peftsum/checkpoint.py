@@ -129,10 +129,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    """Every random generator training might draw from: dropout masks come from torch's."""
+def rng_state(all_cuda: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every random generator training might draw from: dropout masks come from torch's.
+
+    `all_cuda=False` leaves out the CUDA generators (one process of several, each on its own GPU, saves its own)."""
     tensors = {"rng/torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if all_cuda and torch.cuda.is_available():
         tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     version, internal, gauss = random.getstate()
     name, keys, position, has_gauss, cached = np.random.get_state()
@@ -140,9 +142,9 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
                      "numpy": [name, keys.tolist(), position, has_gauss, cached]}
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, all_cuda: bool = True) -> None:
     torch.set_rng_state(tensors["rng/torch"])
-    if torch.cuda.is_available():
+    if all_cuda and torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             if f"rng/cuda/{i}" in tensors:
                 torch.cuda.set_rng_state(tensors[f"rng/cuda/{i}"], i)

@@ -3,11 +3,15 @@
 Every config key is a flag (`--train.epochs 2`, `--lora.rank 16`), applied over `--config FILE` over the defaults;
 the common ones have short aliases (`--model`, `--data`, `--methods`, `--out`, `--epochs`...). Mistakes a user can
 make end in one line on stderr and exit code 2.
+
+`compare`, `train` and `evaluate` also run as several processes: `torchrun --nproc-per-node N -m peftsum ...` or
+`accelerate launch -m peftsum ...` (data-parallel; `--fsdp` shards full fine-tuning). Only rank 0 prints and writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -50,11 +54,26 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true",
                        help="continue an interrupted run in the output folder, reusing what it finished")
     group.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="full fine-tuning sharded over the processes (torch FSDP), under torchrun or accelerate "
+                             "launch; `accelerate launch --use_fsdp` selects it too")
 
 
 def _config(args: argparse.Namespace, base: str | None = None):
     overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("methods", "out")}
     return load_config(args.config or base, overrides)
+
+
+def _launch(cfg, fsdp_flag: bool = False) -> bool:
+    """Take the launcher's settings (accelerate's mixed precision unless --precision is given) and, when started as
+    several processes, join their group. Returns whether FSDP is asked for."""
+    from . import distributed
+
+    precision = distributed.accelerate_precision()
+    if precision is not None and cfg.model.precision == "auto":
+        cfg.model.precision = precision
+    distributed.init(distributed.device_choice(cfg.model.device))
+    return distributed.fsdp_requested(fsdp_flag)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +118,7 @@ def cmd_compare(args) -> int:
     from .compare import compare, open_session, plan
 
     cfg = _config(args)
+    fsdp = _launch(cfg, args.fsdp)
     if args.dry_run:
         result = plan(open_session(cfg, progress=False))
         if args.json:
@@ -110,7 +130,7 @@ def cmd_compare(args) -> int:
                 print(f"  {method:<9} trainable {counts['trainable']:>12,} of {counts['total']:>12,} "
                       f"({counts['trainable_percent']:.4f}%)  {counts['description']}")
         return 0
-    results = compare(cfg, resume=args.resume, overwrite=args.overwrite)
+    results = compare(cfg, resume=args.resume, overwrite=args.overwrite, fsdp=fsdp)
     print(f"report: {Path(cfg.out) / 'report.md'}  (wall time {results['wall_seconds']:.0f} s)")
     return 0
 
@@ -123,21 +143,25 @@ def cmd_train(args) -> int:
     folder = Path(cfg.out) if "out" in vars(args) else Path(cfg.out) / args.method
     splits = load_data(cfg.data, seed=cfg.train.seed)  # before torch is even imported: bad data is refused at once
 
-    from . import checkpoint
-    from .compare import open_session, prepare_train_folder, train_method
+    from . import checkpoint, distributed
+    from .compare import check_fsdp, open_session, prepare_train_folder, train_method
     from .evaluate import mean_loss
     from .files import make_folder
 
-    if prepare_train_folder(folder, args.resume, args.overwrite):
+    fsdp = _launch(cfg, args.fsdp)
+    if fsdp:
+        check_fsdp(cfg)
+    if distributed.on_main(prepare_train_folder, folder, args.resume, args.overwrite):
         print(f"{folder} already holds a finished run; nothing to resume")
         return 0
-    make_folder(folder)
+    distributed.on_main(make_folder, folder)
     note = skipped_note(splits.info)
     if note:
         print(note)
-    session = open_session(cfg)
+    session = open_session(cfg, fsdp=fsdp)
     adapted, training = train_method(session, args.method, splits, folder)
-    checkpoint.remove(folder)  # the final weights are saved: nothing left to resume
+    if distributed.is_main():
+        checkpoint.remove(folder)  # the final weights are saved: nothing left to resume
     print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; saved to {folder}")
     if splits.eval:
         loss, _ = mean_loss(adapted, session.loaded.tokenizer, splits.eval, cfg.data, cfg.eval.batch_size,
@@ -160,6 +184,7 @@ def cmd_evaluate(args) -> int:
     if run is not None and not (run / RUN_CONFIG).is_file():
         raise UserError(f"{run} is not a trained run folder (no {RUN_CONFIG})")
     cfg = _config(args, base=str(run / RUN_CONFIG) if run else None)
+    _launch(cfg)
     if args.adapter:  # an adapter made by peft (or peftsum): base model from the adapter or --model
         from .use import adapted_from_adapter_dir
 
@@ -212,8 +237,13 @@ COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate
 
 def resume_command(argv: list[str]) -> str:
     """The command line that continues an interrupted compare or train run."""
+    from .distributed import launched
+
     started_as_module = Path(sys.argv[0]).resolve() == Path(__file__).with_name("__main__.py").resolve()
     program = "python -m peftsum" if started_as_module else "peftsum"
+    if launched():  # the launcher's own options are not visible from here
+        accelerate = any(k.startswith("ACCELERATE_") for k in os.environ)
+        program = f"{'accelerate launch' if accelerate else 'torchrun'} <the same launch options> -m peftsum"
     args = [a for a in argv if a != "--overwrite"]
     return f"{program} {shlex.join(args + ([] if '--resume' in args else ['--resume']))}"
 
@@ -227,19 +257,42 @@ def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
     return f"peftsum: interrupted{saved}; resume with: {resume_command(argv)}"
 
 
+# Commands that may run as several processes (each does its share; rank 0 writes); the others run as one.
+PARALLEL = ("compare", "train", "evaluate")
+
+
+def _rank() -> int:
+    """This process's rank as its launcher set it (0 when started as one process)."""
+    from .distributed import launched
+
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rank = _rank()
+    # Rank 0 speaks for all: the other processes print nothing but their own errors.
+    quiet = open(os.devnull, "w") if rank else None
     try:
-        from transformers.utils import logging as hf_logging
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            if args.command not in PARALLEL and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise UserError(f"peftsum {args.command} runs as one process: start it without torchrun or "
+                                f"accelerate launch")
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()  # keep the terminal for our progress bars and messages
-        hf_logging.disable_progress_bar()
-        return args.handler(args) if hasattr(args, "handler") else COMMANDS[args.command](args)
+            hf_logging.set_verbosity_error()  # keep the terminal for our progress bars and messages
+            hf_logging.disable_progress_bar()
+            return args.handler(args) if hasattr(args, "handler") else COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"peftsum: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "from_main", False):  # an error rank 0 reported for everyone is printed once, by rank 0
+            print(f"peftsum: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(_interrupted(args, argv, exc), file=sys.stderr)
+        if not rank:
+            print(_interrupted(args, argv, exc), file=sys.stderr)
         return 130
+    finally:
+        if quiet:
+            quiet.close()

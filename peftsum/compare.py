@@ -6,6 +6,10 @@ are written after each method (results.json, report.md, plots), so a long compar
 A comparison survives interruption: the untouched model's scores (`baseline/metrics.json`) and each finished
 method's (`<method>/metrics.json`, written last) are read back instead of recomputed, and a method interrupted while
 training continues from its newest checkpoint. A finished run is never overwritten without `--overwrite`.
+
+Started as several processes (torchrun, accelerate launch), every rank runs the same steps on its share of the work
+(see distributed.py) and only rank 0 touches the output folder. With FSDP (full fine-tuning only), the base model
+stays on the CPU and each method's copy is sharded over the ranks for training, then gathered whole for scoring.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import __version__, adapters, checkpoint
+from . import __version__, adapters, checkpoint, distributed
 from .config import METHODS, RunConfig
 from .data import Splits, encode_example, load_data, skipped_note
 from .errors import UserError
 from .evaluate import evaluate
 from .files import make_folder, read_json, write_json, write_text
 from .methods import Adapted, adapt, untouched
-from .models import LoadedModel, compute_dtype, count_parameters, load_model, pick_device, ties_embeddings
+from .models import (LoadedModel, compute_dtype, count_parameters, load_model, pick_device, ties_embeddings,
+                     transformer_blocks)
 from .report import write_report
 from .train import train
 
@@ -46,14 +51,29 @@ class Session:
     device: torch.device
     dtype: torch.dtype
     progress: bool = True
+    fsdp: bool = False  # full fine-tuning sharded over the processes; the base model then stays on the CPU
 
 
-def open_session(cfg: RunConfig, progress: bool = True) -> Session:
-    device = pick_device(cfg.model.device)
-    loaded = load_model(cfg.model, seed=cfg.train.seed)
+def open_session(cfg: RunConfig, progress: bool = True, fsdp: bool = False) -> Session:
+    choice = distributed.device_choice(cfg.model.device)
+    device = distributed.init(choice) or pick_device(choice)
+    with distributed.main_first():  # rank 0 fills the caches (converted model, downloads) before the others read
+        loaded = load_model(cfg.model, seed=cfg.train.seed)
     check_context(cfg, loaded.model)
-    loaded.model.to(device)
-    return Session(cfg, loaded, device, compute_dtype(cfg.model.precision, device), progress)
+    if not fsdp:
+        loaded.model.to(device)
+    return Session(cfg, loaded, device, compute_dtype(cfg.model.precision, device),
+                   progress and distributed.is_main(), fsdp)
+
+
+def check_fsdp(cfg: RunConfig) -> None:
+    """FSDP is for full fine-tuning, across several processes; refuse anything else in one line."""
+    if cfg.methods != ["finetune"] or not cfg.finetune.all:
+        raise UserError("FSDP shards full fine-tuning only: run the finetune method alone with --finetune.all true "
+                        "(LoRA, prompt tuning and partial fine-tuning train few weights: run them without FSDP)")
+    if not distributed.launched():
+        raise UserError("FSDP shards the model over several processes: start peftsum with torchrun or "
+                        "accelerate launch (see README)")
 
 
 def check_context(cfg: RunConfig, model) -> None:
@@ -89,7 +109,8 @@ def environment(session: Session) -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
             "peftsum": __version__, "platform": platform.platform(), "cpu": cpu_name(), "cores": _cores(),
             "device": str(session.device), "precision": str(session.dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(), "gpu": gpu}
+            "threads": torch.get_num_threads(), "gpu": gpu,
+            **({"processes": distributed.world(), "fsdp": session.fsdp} if distributed.world() > 1 else {})}
 
 
 def _cores() -> int:
@@ -111,6 +132,11 @@ def fresh_adapted(session: Session, method: str) -> Adapted:
     return adapt(copy.deepcopy(session.loaded.model), session.loaded.tokenizer, method, session.cfg)
 
 
+def base_copy(session: Session):
+    """A copy of the untouched base model on the session's device."""
+    return copy.deepcopy(session.loaded.model).to(session.device)
+
+
 def plan(session: Session) -> dict:
     """The resource plan: per method, total and trainable parameter counts, without training."""
     methods = {}
@@ -121,7 +147,8 @@ def plan(session: Session) -> dict:
 
 def score_splits(session: Session, adapted: Adapted, splits: Splits, folder: Path, label: str) -> dict:
     cfg = session.cfg
-    folder.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for split, examples in (("train", splits.train_eval), ("eval", splits.eval)):
         out[split] = evaluate(adapted, session.loaded.tokenizer, examples, cfg.data, cfg.eval, session.device,
@@ -136,19 +163,38 @@ def train_method(session: Session, method: str, splits: Splits, folder: Path) ->
     Training continues from the newest checkpoint in `folder/checkpoints`, if there is one.
     """
     cfg = session.cfg
-    folder.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
     adapted = fresh_adapted(session, method)
     encoded = [encode_example(session.loaded.tokenizer, e, cfg.data, reserved=adapted.virtual_tokens)
                for e in splits.train]
+    if session.fsdp:
+        distributed.fully_shard_model(adapted.model, transformer_blocks(adapted.model), session.device)
+        adapted.trainable = [p for p in adapted.model.parameters() if p.requires_grad]
     training = train(adapted, encoded, cfg.train, cfg.method_lr(method), pad_id=session.loaded.tokenizer.pad_token_id,
                      device=session.device, dtype=session.dtype, log_path=folder / "train_log.jsonl",
-                     progress=session.progress, run_dir=folder, run_config=cfg.to_dict())
-    adapters.save(adapted, folder, session.loaded.source if not cfg.model.random_init else cfg.model.name, cfg)
-    method_cfg = copy.deepcopy(cfg)
-    method_cfg.methods = [method]
-    method_cfg.out = str(folder)
-    write_text(folder / RUN_CONFIG, yaml.safe_dump(method_cfg.to_dict(), sort_keys=False))
+                     progress=session.progress, run_dir=folder, run_config=cfg.to_dict(), fsdp=session.fsdp)
+    if session.fsdp:
+        adapted = gathered(session, method, adapted)
+    if distributed.is_main():
+        adapters.save(adapted, folder, session.loaded.source if not cfg.model.random_init else cfg.model.name, cfg)
+        method_cfg = copy.deepcopy(cfg)
+        method_cfg.methods = [method]
+        method_cfg.out = str(folder)
+        write_text(folder / RUN_CONFIG, yaml.safe_dump(method_cfg.to_dict(), sort_keys=False))
     return adapted, training
+
+
+def gathered(session: Session, method: str, sharded: Adapted) -> Adapted:
+    """The FSDP-trained model whole, on every rank's device: what saving and (sharded) scoring need."""
+    full = {name: distributed.full_tensor(p) for name, p in sharded.model.named_parameters()}  # all ranks, in order
+    whole = fresh_adapted(session, method)
+    with torch.no_grad():
+        for name, p in whole.model.named_parameters():
+            p.copy_(full[name])
+    whole.model.to(session.device)
+    whole.trainable = [p for p in whole.model.parameters() if p.requires_grad]
+    return whole
 
 
 # ---------------------------------------------------------------- finished, unfinished and overwritten runs
@@ -214,43 +260,53 @@ def prepare_compare_folder(out: Path, cfg: RunConfig, resume: bool, overwrite: b
         raise _refuse(f"{out} already holds a finished comparison ({RESULTS})")
 
 
-def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
+def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwrite: bool = False,
+            fsdp: bool = False) -> dict:
     """Run the whole comparison into cfg.out and return the results dict (also written as results.json).
 
-    Finished parts of a previous run of the same comparison in cfg.out are read back, not recomputed.
+    Finished parts of a previous run of the same comparison in cfg.out are read back, not recomputed. With several
+    processes, every rank calls this; rank 0 alone reads and writes the folder's state and results.
     """
     started = time.perf_counter()
     out = Path(cfg.out)
-    prepare_compare_folder(out, cfg, resume, overwrite)
+    if fsdp:
+        check_fsdp(cfg)
+    distributed.init(distributed.device_choice(cfg.model.device))
+    distributed.on_main(prepare_compare_folder, out, cfg, resume, overwrite)
     splits = load_data(cfg.data, seed=cfg.train.seed)  # before the model: bad data is refused in seconds
     note = skipped_note(splits.info)
     if note:
         print(note)
-    make_folder(out)
-    session = open_session(cfg, progress)
+    distributed.on_main(make_folder, out)
+    session = open_session(cfg, progress, fsdp)
     results = {"peftsum_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "config": cfg.to_dict(), "environment": environment(session), "model": model_facts(session),
                "data": splits.info, "baseline": None, "methods": {}, "wall_seconds": 0.0}
 
+    main = distributed.is_main()
+
     def publish():
         results["wall_seconds"] = time.perf_counter() - started
-        write_json(out / RESULTS, results)
-        write_report(results, out)
+        if main:
+            write_json(out / RESULTS, results)
+            write_report(results, out)
 
-    write_json(out / RESULTS, results)  # claims the folder for this configuration before anything else is written
+    if main:
+        write_json(out / RESULTS, results)  # claims the folder for this configuration before anything else is written
     if cfg.eval.before:
         scores = out / "baseline" / METRICS
-        if scores.is_file():
+        if distributed.broadcast_object(scores.is_file()):  # rank 0 decides: every rank must take the same branch
             results["baseline"] = read_json(scores)
             print(f"untouched model: scores read back from {scores}")
         else:
-            results["baseline"] = score_splits(session, untouched(copy.deepcopy(session.loaded.model), session.dtype), splits, out / "baseline",
-                                               "untouched")
-            write_json(scores, results["baseline"])
+            results["baseline"] = score_splits(session, untouched(base_copy(session), session.dtype), splits,
+                                               out / "baseline", "untouched")
+            if main:
+                write_json(scores, results["baseline"])
         publish()
     for method in cfg.methods:
         folder = out / method
-        if (folder / METRICS).is_file():
+        if distributed.broadcast_object((folder / METRICS).is_file()):
             results["methods"][method] = read_json(folder / METRICS)
             print(f"{method}: finished earlier; results read back from {folder / METRICS}")
         else:
@@ -258,8 +314,10 @@ def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwri
             after = score_splits(session, adapted, splits, folder, method)
             results["methods"][method] = {"params": adapted.parameter_counts(), "training": training, "after": after,
                                           "dir": method}
-            write_json(folder / METRICS, results["methods"][method])
-            checkpoint.remove(folder)  # the final weights and scores are on disk: nothing left to resume
+            if main:
+                write_json(folder / METRICS, results["methods"][method])
+                checkpoint.remove(folder)  # the final weights and scores are on disk: nothing left to resume
             del adapted
         publish()
+    distributed.barrier()  # every file is written before any process returns
     return results

@@ -2,6 +2,10 @@
 
 Generation is batched over prompts sorted by length (little padding), left-padded, with the KV cache; LoRA is merged
 into the weights while generating.
+
+Started as several processes, each rank takes every world-th batch (the same batches as one process makes, so each
+example gets the same padding and the same summary); loss sums and summaries are then gathered on every rank, each
+example exactly once, in input order. Only rank 0 scores ROUGE and writes the predictions file.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import DataConfig, EvalConfig
 from .data import Example, encode_example, encode_prompt, prompt_budget
 from .files import write_jsonl
@@ -31,31 +36,41 @@ def mean_loss(adapted: Adapted, tokenizer, examples: list[Example], data_cfg: Da
     """Mean cross-entropy (nats) over every summary token of every example, and the number of those tokens."""
     encoded = [encode_example(tokenizer, e, data_cfg, reserved=adapted.virtual_tokens) for e in examples]
     total, count = 0.0, 0
-    for batch_indices in _by_length([e.input_ids for e in encoded], batch_size):
+    batches = _by_length([e.input_ids for e in encoded], batch_size)
+    for batch_indices in (batches[i] for i in distributed.shard(batches)):
         batch = collate([encoded[i] for i in batch_indices], tokenizer.pad_token_id)
         with autocast(device, dtype):
             loss_sum, n = summary_loss(adapted, {k: v.to(device) for k, v in batch.items()})
         total, count = total + loss_sum.item(), count + n
+    if distributed.world() > 1:
+        sums = distributed.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=device))
+        total, count = sums[0].item(), int(sums[1])
     return total / max(count, 1), count
 
 
 @torch.no_grad()
 def generate(adapted: Adapted, tokenizer, documents: list[str], data_cfg: DataConfig, eval_cfg: EvalConfig,
              device: torch.device, dtype: torch.dtype, progress: bool = False, desc: str = "generate") -> list[str]:
-    """Summaries for documents, in input order."""
+    """Summaries for documents, in input order (with several processes: on every rank, each made by one)."""
     budget = prompt_budget(data_cfg, reserved=adapted.virtual_tokens)
     prompts = [encode_prompt(tokenizer, d, data_cfg.template, budget) for d in documents]
-    predictions: list[str] = [""] * len(prompts)
+    made: list[tuple[int, str]] = []
+    batches = _by_length(prompts, eval_cfg.batch_size)
     adapted.model.eval()
     with adapted.for_generation(), autocast(device, dtype):
-        for batch_indices in tqdm(_by_length(prompts, eval_cfg.batch_size), desc=desc, disable=not progress,
-                                  dynamic_ncols=True):
+        for batch_indices in tqdm([batches[i] for i in distributed.shard(batches)], desc=desc,
+                                  disable=not progress or not distributed.is_main(), dynamic_ncols=True):
             texts = generate_batch(adapted, tokenizer, [prompts[i] for i in batch_indices],
                                    max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams,
                                    no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size,
                                    repetition_penalty=eval_cfg.repetition_penalty)
-            for i, text in zip(batch_indices, texts):
-                predictions[i] = text
+            made.extend(zip(batch_indices, texts))
+    made = distributed.gather_objects(made)
+    if sorted(i for i, _ in made) != list(range(len(prompts))):  # a bug, not a user error: never write such a file
+        raise RuntimeError(f"generation covered {len(made)} summaries for {len(prompts)} documents")
+    predictions: list[str] = [""] * len(prompts)
+    for i, text in made:
+        predictions[i] = text
     return predictions
 
 
@@ -69,8 +84,11 @@ def evaluate(adapted: Adapted, tokenizer, examples: list[Example], data_cfg: Dat
     predictions = generate(adapted, tokenizer, [e.document for e in examples], data_cfg, eval_cfg, device, dtype,
                            progress=progress, desc=desc)
     references = [e.references or e.summary for e in examples]
-    rouge = rouge_summary(predictions, references, samples=eval_cfg.bootstrap_samples, seed=seed)
-    if predictions_path is not None:
+    rouge = None
+    if distributed.is_main():
+        rouge = rouge_summary(predictions, references, samples=eval_cfg.bootstrap_samples, seed=seed)
+    rouge = distributed.broadcast_object(rouge)
+    if predictions_path is not None and distributed.is_main():
         write_jsonl(predictions_path, [{"id": e.id, "prediction": p, "reference": e.summary,
                                         **({"references": e.references} if e.references else {})}
                                        for e, p in zip(examples, predictions)])

@@ -8,6 +8,13 @@ Given a run folder, the loop checkpoints every `checkpoint_every` steps and at e
 newest checkpoint found there; the resumed run ends with the same weights as an uninterrupted one. Ctrl-C finishes
 the current step, writes a checkpoint and raises `TrainingInterrupted`; a NaN or infinite loss stops the run before
 it can reach the weights.
+
+Started as several processes (`torchrun`, `accelerate launch`: see distributed.py), the loop is data-parallel over
+the same global batches: each rank runs its slice of every batch, the loss is normalised by the summary tokens of the
+whole global batch and the gradients are summed across ranks, so a step equals the single-process step up to the
+order of float additions. Every rank holds the same weights; rank 0 alone writes checkpoints and the log. Dropout
+masks differ per rank (rank r seeds with seed + r; rank 0 draws what a single process draws). With `fsdp`, the model
+is sharded over the ranks (torch FSDP2, full fine-tuning) and its loss comes from the model's own forward.
 """
 
 from __future__ import annotations
@@ -23,11 +30,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import TrainConfig
-from .data import Encoded
+from .data import IGNORE, Encoded
 from .errors import UserError
 from .files import write_jsonl
 from .forward import autocast, collate, summary_loss
@@ -157,56 +165,104 @@ def _sigint_deferred():
 
 # ---------------------------------------------------------------- the loop
 
+def whole_model_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """`summary_loss` through the model's own forward, which FSDP needs (its hooks run on the root module).
+
+    In a left-padded batch every summary ends the row, so the LM head runs over the last columns only: from the first
+    column that predicts a summary token in any row.
+    """
+    labels, mask = batch["labels"], batch["attention_mask"]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    columns = keep.any(0).nonzero()
+    first = int(columns[0]) if len(columns) else targets.shape[1] - 1
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = adapted.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False,
+                           logits_to_keep=labels.shape[1] - first).logits[:, :-1]
+    keep = keep[:, first:]
+    return F.cross_entropy(logits[keep].float(), targets[:, first:][keep], reduction="sum"), int(keep.sum())
+
+
 def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float, *, pad_id: int,
           device: torch.device, dtype: torch.dtype, log_path: Path | None = None, progress: bool = True,
-          run_dir: Path | None = None, run_config: dict | None = None) -> dict:
+          run_dir: Path | None = None, run_config: dict | None = None, fsdp: bool = False) -> dict:
     """Train `adapted.trainable` on `examples`; returns timing, throughput, memory and the loss curve.
 
     With `run_dir`, checkpoints go to `run_dir/checkpoints/` and training continues from the newest one there.
+    With `fsdp`, `adapted.model` is already sharded (`distributed.fully_shard_model`) and `adapted.trainable` holds
+    its sharded parameters.
     """
-    torch.manual_seed(cfg.seed)  # dropout masks
+    rank, world, main = distributed.rank(), distributed.world(), distributed.is_main()
+    torch.manual_seed(cfg.seed + rank)  # dropout masks
     model = adapted.model
     params = named_trainable(adapted)
+    loss_of = whole_model_loss if fsdp else summary_loss
     optimizer = torch.optim.AdamW(adapted.trainable, lr=lr, weight_decay=cfg.weight_decay)
     total_steps = plan_steps(len(examples), cfg)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total_steps))
     settings, digest = _training_settings(cfg, run_config, adapted.method), data_digest(examples)
+    # What `summary_loss` counts in each example, in whatever batch (and on whatever rank) it lands.
+    targets = [sum(label != IGNORE for label in e.labels[1:]) for e in examples]
 
     # Progress, all of which a checkpoint carries: the log rows hold the loss curve, `tally` the unfinished epoch.
     step, rows, epochs = 0, [], []
     epoch, position, tally = 1, 0, {"seconds": 0.0, "tokens": 0, "loss": 0.0, "steps": 0}
     resumed_from = checkpoint.latest(run_dir) if run_dir is not None else None
+    if world > 1 and len(set(distributed.gather_objects([resumed_from and resumed_from.name]))) > 1:
+        raise UserError(f"the processes see different checkpoints in {run_dir}: with several machines, the output "
+                        f"folder must be on a file system they all share")
     if resumed_from is not None:
-        state = _restore(resumed_from, params, optimizer, scheduler, settings, digest)
+        state = _restore(resumed_from, params, optimizer, scheduler, settings, digest, device, cfg.seed)
         step, rows, epochs = state["step"], state["log"], state["epochs"]
         epoch, position, tally = state["epoch"], state["position"], state["tally"]
         print(f"resuming {adapted.method} from {resumed_from} (step {step} of {total_steps})")
     last_saved, resumed_step = resumed_from, step if resumed_from else None
 
     def save(epoch: int, position: int, tally: dict) -> Path | None:
+        """Write a checkpoint (rank 0); with several processes every rank calls this together."""
         nonlocal last_saved
         if run_dir is None or step == 0:
             return last_saved
         if last_saved is not None and last_saved.name == f"step-{step:08d}":
             return last_saved
-        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+        finite = all(bool(torch.isfinite(distributed.local_part(p)).all()) for p in params.values())
+        if fsdp:  # each rank saw only its shard
+            finite = not distributed.all_reduce_sum(torch.tensor([float(not finite)], device=device)).item()
+        if not finite:
             _stop_non_finite("the weights", step, epoch, adapted.method, last_saved, dtype)
-        weights = {f"weight/{name}": p for name, p in params.items()}
+        weights = {f"weight/{name}": distributed.full_tensor(p, keep=main) for name, p in params.items()}
         optim_tensors, optim_meta = checkpoint.optimizer_state(optimizer)
-        rng_tensors, rng_meta = checkpoint.rng_state()
+        optim_tensors = {k: distributed.full_tensor(v, keep=main) for k, v in optim_tensors.items()}
+        rng_tensors, rng_meta = checkpoint.rng_state(all_cuda=world == 1)
+        if world > 1:
+            rng_tensors.update(_rank_rng(device))
         state = {"step": step, "epoch": epoch, "position": position, "tally": tally, "epochs": epochs, "log": rows,
                  "total_steps": total_steps, "method": adapted.method, "settings": settings, "data_digest": digest,
                  "optimizer": optim_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta, "config": run_config}
-        last_saved = checkpoint.save(run_dir, step, {**weights, **optim_tensors, **rng_tensors}, state,
-                                     cfg.keep_checkpoints)
-        if log_path:  # the log on disk always matches the newest checkpoint
-            write_jsonl(log_path, rows)
+        if main:
+            last_saved = checkpoint.save(run_dir, step, {**weights, **optim_tensors, **rng_tensors}, state,
+                                         cfg.keep_checkpoints)
+            if log_path:  # the log on disk always matches the newest checkpoint
+                write_jsonl(log_path, rows)
+        distributed.barrier()
+        if not main:
+            last_saved = Path(run_dir) / checkpoint.FOLDER / f"step-{step:08d}"
         return last_saved
+
+    agreed = {"stop": False}  # with several processes, all stop at the same step: the one they agree on
+
+    def stop_requested(stop: threading.Event, now: bool = False) -> bool:
+        if world == 1:
+            return stop.is_set()
+        if now:
+            flag = torch.tensor([float(stop.is_set())], device=device)
+            agreed["stop"] = bool(distributed.all_reduce_sum(flag).item())
+        return agreed["stop"]
 
     reset_peak_memory(device)
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {adapted.method}", disable=not progress,
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {adapted.method}", disable=not progress or not main,
                dynamic_ncols=True)
     try:
         with _sigint_deferred() as stop:
@@ -214,25 +270,39 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
                 batches = epoch_batches([len(e.input_ids) for e in examples], cfg.batch_size, cfg.seed, epoch)
                 started = time.perf_counter() - tally["seconds"]
                 while position < len(batches) and not (cfg.max_steps and step >= cfg.max_steps):
-                    if stop.is_set():
+                    if stop_requested(stop):
                         tally["seconds"] = time.perf_counter() - started
                         raise TrainingInterrupted(step, save(epoch, position, tally))
-                    group = [collate([examples[i] for i in b], pad_id)
-                             for b in batches[position:position + cfg.grad_accum]]
+                    group = batches[position:position + cfg.grad_accum]
                     # Normalise by the summary tokens of the whole accumulation group: every token weighs the same.
-                    group_targets = sum(int((g["labels"][:, 1:] != -100).sum()) for g in group)
+                    group_targets = sum(targets[i] for b in group for i in b)
                     step_loss, step_tokens = 0.0, 0
-                    for batch in group:
+                    for global_batch in group:
+                        mine = [global_batch[i] for i in distributed.shard(global_batch)]  # all of it in 1 process
+                        idle = not mine  # a batch with fewer examples than there are processes
+                        if idle and not fsdp:
+                            continue
+                        batch = collate([examples[i] for i in mine or global_batch[:1]], pad_id)
                         batch = {k: v.to(device) for k, v in batch.items()}
                         with autocast(device, dtype):
-                            loss_sum, _ = summary_loss(adapted, batch)
+                            loss_sum, _ = loss_of(adapted, batch)
+                        if idle:  # FSDP needs every rank in every forward and backward: a stand-in adding nothing
+                            loss_sum = loss_sum * 0.0
                         (loss_sum / group_targets).backward()
                         step_loss += loss_sum.item() / group_targets
-                        step_tokens += int(batch["attention_mask"].sum())
+                        step_tokens += 0 if idle else int(batch["attention_mask"].sum())
+                    if world > 1:
+                        totals = torch.tensor([step_loss, step_tokens, stop.is_set()], dtype=torch.float64,
+                                              device=device)
+                        distributed.all_reduce_sum(totals)
+                        step_loss, step_tokens, agreed["stop"] = totals[0].item(), int(totals[1]), bool(totals[2])
+                        if not fsdp:  # FSDP reduces its gradients itself
+                            distributed.all_reduce_grads(adapted.trainable)
                     if not math.isfinite(step_loss):
                         _stop_non_finite(f"the loss ({step_loss})", step + 1, epoch, adapted.method, last_saved, dtype)
                     if cfg.max_grad_norm > 0:
                         norm = torch.nn.utils.clip_grad_norm_(adapted.trainable, cfg.max_grad_norm)
+                        norm = distributed.full_tensor(norm)
                         if not math.isfinite(norm):
                             _stop_non_finite(f"the gradient norm ({float(norm)})", step + 1, epoch, adapted.method,
                                              last_saved, dtype)
@@ -260,32 +330,64 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
                                    "mean_loss": tally["loss"] / tally["steps"]})
                 position, tally = 0, {"seconds": 0.0, "tokens": 0, "loss": 0.0, "steps": 0}
                 save(epoch + 1, position, tally)
-            if stop.is_set():  # Ctrl-C during the last step: everything is saved, but the user asked to stop
+            if stop_requested(stop, now=True):  # Ctrl-C during the last step: all is saved, but the user asked to stop
                 raise TrainingInterrupted(step, last_saved)
     finally:
         bar.close()
         model.eval()
-    if log_path:
+    if log_path and main:
         write_jsonl(log_path, rows)
     seconds = sum(e["seconds"] for e in epochs)
     tokens = sum(e["tokens"] for e in epochs)
-    return {"epochs": epochs, "steps": step, "seconds": seconds, "tokens": tokens,
-            "tokens_per_s": tokens / seconds if seconds else 0.0, "peak_memory_mb": peak_memory_mb(device),
-            "loss_curve": [[r["step"], r["loss"]] for r in rows],
-            "resumed_from_step": resumed_step}
+    result = {"epochs": epochs, "steps": step, "seconds": seconds, "tokens": tokens,
+              "tokens_per_s": tokens / seconds if seconds else 0.0, "peak_memory_mb": peak_memory_mb(device),
+              "loss_curve": [[r["step"], r["loss"]] for r in rows],
+              "resumed_from_step": resumed_step}
+    if world > 1:  # tokens count every process's; time and memory are rank 0's
+        result["processes"] = world
+    return result
+
+
+def _rank_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    """Every rank's torch (and CUDA) generator state, for rank 0's checkpoint (a collective: all ranks call it)."""
+    own = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(device)
+    return {f"rng/rank{r}/{key}": value for r, states in enumerate(distributed.gather_objects([own]))
+            for key, value in states.items()}
+
+
+def _restore_rank_rng(tensors: dict[str, torch.Tensor], device: torch.device, seed: int, step: int) -> None:
+    """This rank's generators as checkpointed; reseeded where the checkpoint came from fewer processes."""
+    rank = distributed.rank()
+    own, cuda = tensors.get(f"rng/rank{rank}/torch"), tensors.get(f"rng/rank{rank}/cuda")
+    if own is None and rank > 0:
+        torch.manual_seed((seed + rank) * 1_000_003 + step)
+    elif own is not None:
+        torch.set_rng_state(own)
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _restore(path: Path, params: dict[str, torch.nn.Parameter], optimizer, scheduler, settings: dict,
-             digest: str) -> dict:
+             digest: str, device: torch.device, seed: int) -> dict:
     """Load checkpoint `path` into weights, optimizer, scheduler and RNGs; returns its state (position, log...)."""
     tensors, state = checkpoint.load(path)
     _check_compatible(path, state, settings, digest, params, tensors)
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[f"weight/{name}"])
+            p.copy_(distributed.shard_like(tensors[f"weight/{name}"], p))
+    order = [p for group in optimizer.param_groups for p in group["params"]]
+    for key, value in list(tensors.items()):  # FSDP: the moments of a sharded parameter are sharded like it
+        if key.startswith("optimizer/"):
+            p = order[int(key.split("/")[1])]
+            if distributed.is_sharded(p) and tuple(value.shape) == tuple(p.shape):
+                tensors[key] = distributed.shard_like(value, p)
     checkpoint.load_optimizer_state(optimizer, tensors, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    checkpoint.set_rng_state(tensors, state["rng"])
+    checkpoint.set_rng_state(tensors, state["rng"], all_cuda=distributed.world() == 1)
+    if distributed.world() > 1:
+        _restore_rank_rng(tensors, device, seed, state["step"])
     return state
 
 
