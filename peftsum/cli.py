@@ -69,10 +69,13 @@ def _launch(cfg, fsdp_flag: bool = False) -> bool:
     several processes, join their group. Returns whether FSDP is asked for."""
     from . import distributed
 
-    precision = distributed.accelerate_precision()
-    if precision is not None and cfg.model.precision == "auto":
-        cfg.model.precision = precision
-    distributed.init(distributed.device_choice(cfg.model.device))
+    try:
+        if cfg.model.precision == "auto":
+            cfg.model.precision = distributed.accelerate_precision() or "auto"
+        distributed.init(distributed.device_choice(cfg.model.device))
+    except UserError as exc:  # the same on every rank: rank 0 says it
+        exc.from_main = _rank() != 0
+        raise
     return distributed.fsdp_requested(fsdp_flag)
 
 
@@ -150,7 +153,7 @@ def cmd_train(args) -> int:
 
     fsdp = _launch(cfg, args.fsdp)
     if fsdp:
-        check_fsdp(cfg)
+        distributed.on_main(check_fsdp, cfg)
     if distributed.on_main(prepare_train_folder, folder, args.resume, args.overwrite):
         print(f"{folder} already holds a finished run; nothing to resume")
         return 0
@@ -263,9 +266,15 @@ PARALLEL = ("compare", "train", "evaluate")
 
 def _rank() -> int:
     """This process's rank as its launcher set it (0 when started as one process)."""
+    from .distributed import launch_rank
+
+    return launch_rank()
+
+
+def _launched() -> bool:
     from .distributed import launched
 
-    return int(os.environ.get("RANK", "0")) if launched() else 0
+    return launched()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,16 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     rank = _rank()
     # Rank 0 speaks for all: the other processes print nothing but their own errors.
     quiet = open(os.devnull, "w") if rank else None
+    finished = False
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
-            if args.command not in PARALLEL and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise UserError(f"peftsum {args.command} runs as one process: start it without torchrun or "
-                                f"accelerate launch")
+            if args.command not in PARALLEL and _launched():
+                refusal = UserError(f"peftsum {args.command} runs as one process: start it without torchrun or "
+                                    f"accelerate launch")
+                refusal.from_main = rank != 0  # every rank refuses; rank 0 says it
+                raise refusal
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()  # keep the terminal for our progress bars and messages
             hf_logging.disable_progress_bar()
-            return args.handler(args) if hasattr(args, "handler") else COMMANDS[args.command](args)
+            code = args.handler(args) if hasattr(args, "handler") else COMMANDS[args.command](args)
+            finished = code == 0
+            return code
     except UserError as exc:
         if not getattr(exc, "from_main", False):  # an error rank 0 reported for everyone is printed once, by rank 0
             print(f"peftsum: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr)
@@ -296,3 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if quiet:
             quiet.close()
+        if "torch" in sys.modules:  # joined a process group only if torch was ever imported
+            from .distributed import shutdown
+
+            shutdown(wait=finished)  # after a failure, others may never arrive: leave at once

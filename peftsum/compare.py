@@ -269,9 +269,9 @@ def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwri
     """
     started = time.perf_counter()
     out = Path(cfg.out)
-    if fsdp:
-        check_fsdp(cfg)
     distributed.init(distributed.device_choice(cfg.model.device))
+    if fsdp:
+        distributed.on_main(check_fsdp, cfg)
     distributed.on_main(prepare_compare_folder, out, cfg, resume, overwrite)
     splits = load_data(cfg.data, seed=cfg.train.seed)  # before the model: bad data is refused in seconds
     note = skipped_note(splits.info)
@@ -296,7 +296,7 @@ def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwri
     if cfg.eval.before:
         scores = out / "baseline" / METRICS
         if distributed.broadcast_object(scores.is_file()):  # rank 0 decides: every rank must take the same branch
-            results["baseline"] = read_json(scores)
+            results["baseline"] = read_json(scores) if main else None  # only rank 0 needs results (and the folder)
             print(f"untouched model: scores read back from {scores}")
         else:
             results["baseline"] = score_splits(session, untouched(base_copy(session), session.dtype), splits,
@@ -307,7 +307,7 @@ def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwri
     for method in cfg.methods:
         folder = out / method
         if distributed.broadcast_object((folder / METRICS).is_file()):
-            results["methods"][method] = read_json(folder / METRICS)
+            results["methods"][method] = read_json(folder / METRICS) if main else None
             print(f"{method}: finished earlier; results read back from {folder / METRICS}")
         else:
             adapted, training = train_method(session, method, splits, folder)

@@ -14,22 +14,36 @@ from __future__ import annotations
 import contextlib
 import os
 
-import torch
-import torch.distributed as dist
-
 from .errors import UserError
 
-_device: torch.device | None = None
+# torch is imported inside the functions that use it: the command line reads the launcher's environment (rank, world
+# size) before torch is loaded, and one-process commands that never need torch start without it.
+_device = None  # this process's torch.device, once it has joined the group
+_local_rank = 0  # its rank on its own machine
+
+
+def _from_env(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return default
 
 
 def launched() -> bool:
-    """True in a process started by a launcher with several processes in all."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True in a process started by a launcher (torchrun, accelerate launch, mpirun) with several processes in all."""
+    return _from_env(("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"), 1) > 1
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher set it, before the group is joined (0 in a single process)."""
+    return _from_env(("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"), 0) if launched() else 0
 
 
 def init(device: str = "auto") -> torch.device | None:
     """Join the process group (once, when launched); returns this process's device, or None for a single process."""
-    global _device
+    global _device, _local_rank
+    import torch
+
     if not launched():
         return None
     if _device is None:
@@ -42,7 +56,21 @@ def init(device: str = "auto") -> torch.device | None:
 
         state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
         _device = torch.device("cpu") if state.device.type == "cpu" else state.device
+        _local_rank = state.local_process_index
     return _device
+
+
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group, after the others reach this point too (`wait`, on success). Exiting without this
+    can abort the process (gloo's threads still running); exiting alone can abort a peer still at work."""
+    global _device
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+    _device = None
 
 
 def device_choice(device: str) -> str:
@@ -63,10 +91,14 @@ def accelerate_precision() -> str | None:
 
 
 def world() -> int:
+    import torch.distributed as dist
+
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:
+    import torch.distributed as dist
+
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -75,6 +107,8 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
+    import torch.distributed as dist
+
     if world() > 1:
         dist.barrier()
 
@@ -86,16 +120,27 @@ def shard(items) -> list[int]:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` across ranks, in place; returns it."""
+    import torch.distributed as dist
+
     if world() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter], bucket: int = 1 << 25) -> None:
-    """Sum each parameter's gradient across ranks (a missing one counts as zeros), in buckets of `bucket` values."""
+    """Sum each parameter's gradient across ranks, in buckets of up to `bucket` values. A gradient missing on some
+    ranks counts as zeros there; one missing on every rank stays missing (AdamW then skips it, as in one process)."""
+    import torch
+    import torch.distributed as dist
+
     if world() == 1:
         return
     unique = list({id(p): p for p in params}.values())
+    if not unique:
+        return
+    present = torch.tensor([p.grad is not None for p in unique], dtype=torch.float32, device=unique[0].device)
+    dist.all_reduce(present, op=dist.ReduceOp.SUM)
+    unique = [p for p, count in zip(unique, present.tolist()) if count > 0]
     for p in unique:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -112,8 +157,21 @@ def all_reduce_grads(params: list[torch.nn.Parameter], bucket: int = 1 << 25) ->
         start = end
 
 
+def broadcast_params(params: list[torch.nn.Parameter]) -> None:
+    """Rank 0's values of `params` on every rank: replicas start identical whatever each rank initialised."""
+    import torch
+    import torch.distributed as dist
+
+    if world() > 1:
+        with torch.no_grad():
+            for p in {id(p): p for p in params}.values():
+                dist.broadcast(p.data, src=0)
+
+
 def gather_objects(items: list) -> list:
     """Every rank's `items` (picklable), concatenated in rank order, on every rank."""
+    import torch.distributed as dist
+
     if world() == 1:
         return list(items)
     gathered: list = [None] * world()
@@ -123,6 +181,8 @@ def gather_objects(items: list) -> list:
 
 def broadcast_object(obj):
     """Rank 0's `obj`, on every rank."""
+    import torch.distributed as dist
+
     if world() == 1:
         return obj
     box = [obj if is_main() else None]
@@ -150,13 +210,15 @@ def on_main(fn, *args, **kwargs):
 
 @contextlib.contextmanager
 def main_first():
-    """Rank 0 runs the block first (filling caches: converted models, downloads), then the other ranks."""
-    if not is_main():
+    """Rank 0 runs the block first, then the first process of each other machine, then the rest: caches (converted
+    model, downloads) are filled once per machine, shared file system or not, before the others read them."""
+    turn = 0 if is_main() else 1 if _local_rank == 0 else 2
+    for _ in range(turn):
         barrier()
     try:
         yield
     finally:
-        if is_main():
+        for _ in range(turn, 2):
             barrier()
 
 
@@ -168,7 +230,7 @@ def fsdp_requested(flag: bool = False) -> bool:
 
 
 def fully_shard_model(model: torch.nn.Module, blocks, device: torch.device) -> None:
-    """Shard `model` (in place, torch FSDP2) over all ranks: one unit per block, the rest (embeddings, head) in the root.
+    """Shard `model` in place (torch FSDP2) over all ranks: a unit per block, the rest (embeddings, head) in the root.
 
     Gradients are summed, not averaged, across ranks, as in `all_reduce_grads`: the loss is already normalised by the
     summary tokens of the global batch.
@@ -189,6 +251,8 @@ def fully_shard_model(model: torch.nn.Module, blocks, device: torch.device) -> N
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
+    if world() == 1:  # FSDP runs only across processes
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)

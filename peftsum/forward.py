@@ -32,9 +32,7 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 def model_inputs(adapted: Adapted, input_ids, attention_mask, labels=None):
     """Embeddings (with virtual tokens inserted), mask, position ids and labels for the model."""
-    # A trainable (fp32) embedding feeds frozen bf16 blocks: the activations take the frozen weights' dtype, since
-    # some CPU kernels (layer_norm) refuse fp32 input with bf16 parameters.
-    embeds = adapted.model.get_input_embeddings()(input_ids).to(adapted.frozen_dtype)
+    embeds = adapted.model.get_input_embeddings()(input_ids)
     if adapted.soft_prompt is not None:
         embeds, attention_mask, labels = adapted.soft_prompt.insert(embeds, attention_mask, labels)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -217,6 +217,8 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
         step, rows, epochs = state["step"], state["log"], state["epochs"]
         epoch, position, tally = state["epoch"], state["position"], state["tally"]
         print(f"resuming {adapted.method} from {resumed_from} (step {step} of {total_steps})")
+    if not fsdp:
+        distributed.broadcast_params(adapted.trainable)  # a no-op in one process
     last_saved, resumed_step = resumed_from, step if resumed_from else None
 
     def save(epoch: int, position: int, tally: dict) -> Path | None:

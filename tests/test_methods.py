@@ -177,3 +177,14 @@ def test_length_grouped_batches_cover_every_example_once_and_pad_less():
     shuffled = epoch_batches(lengths, 8, seed=0, epoch=1, group=1)  # group of one batch: no sorting
     padding_plain = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in shuffled)
     assert padding < padding_plain / 3
+
+
+def test_bf16_generation_with_a_trainable_tied_embedding(tokenizer):
+    """GPT-2 ties its head to the embeddings: generate() embeds new tokens with the fp32 trainable table."""
+    cfg = RunConfig()
+    cfg.model.precision = "bf16"
+    adapted = adapt(tiny_model("gpt2", tokenizer), tokenizer, "finetune", cfg)
+    kwargs = dict(max_new_tokens=4, num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        texts = generate_batch(adapted, tokenizer, [tokenizer("the council said")["input_ids"]], **kwargs)
+    assert len(texts) == 1 and isinstance(texts[0], str)

@@ -61,6 +61,11 @@ def adapt(model: nn.Module, tokenizer, method: str, cfg: RunConfig) -> Adapted:
     adapted = _apply(model, tokenizer, method, cfg)
     device = next(model.parameters()).device
     adapted.frozen_dtype = store_frozen_in(model, compute_dtype(cfg.model.precision, device))
+    embedding = model.get_input_embeddings()
+    if embedding.weight.requires_grad and embedding.weight.dtype != adapted.frozen_dtype:
+        # A trainable (fp32) embedding feeds frozen bf16 blocks, also for the tokens generate() embeds itself:
+        # its output takes the frozen weights' dtype, since some CPU kernels (layer_norm) refuse mixed inputs.
+        embedding.register_forward_hook(lambda module, args, output: output.to(adapted.frozen_dtype))
     return adapted
 
 
