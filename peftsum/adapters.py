@@ -18,7 +18,6 @@ from transformers.pytorch_utils import Conv1D
 from .errors import UserError
 from .files import atomic_write, write_json
 from .methods import Adapted, lora
-from .methods.prompt import SoftPrompt
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -18,7 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import METHODS, flag_names, load_config
+from .config import METHODS, config_from_args, flag_names
 from .errors import UserError
 
 ALIASES = {  # flag -> config key
@@ -57,11 +57,6 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsdp", action="store_true",
                         help="full fine-tuning sharded over the processes (torch FSDP), under torchrun or accelerate "
                              "launch; `accelerate launch --use_fsdp` selects it too")
-
-
-def _config(args: argparse.Namespace, base: str | None = None):
-    overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("methods", "out")}
-    return load_config(args.config or base, overrides)
 
 
 def _launch(cfg, fsdp_flag: bool = False) -> bool:
@@ -120,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_compare(args) -> int:
     from .compare import compare, open_session, plan
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     fsdp = _launch(cfg, args.fsdp)
     if args.dry_run:
         result = plan(open_session(cfg, progress=False))
@@ -141,7 +136,7 @@ def cmd_compare(args) -> int:
 def cmd_train(args) -> int:
     from .data import load_data, skipped_note
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     cfg.methods = [args.method]
     folder = Path(cfg.out) if "out" in vars(args) else Path(cfg.out) / args.method
     splits = load_data(cfg.data, seed=cfg.train.seed)  # before torch is even imported: bad data is refused at once
@@ -186,7 +181,7 @@ def cmd_evaluate(args) -> int:
         raise UserError("give --run or --adapter, not both")
     if run is not None and not (run / RUN_CONFIG).is_file():
         raise UserError(f"{run} is not a trained run folder (no {RUN_CONFIG})")
-    cfg = _config(args, base=str(run / RUN_CONFIG) if run else None)
+    cfg = config_from_args(args, base=str(run / RUN_CONFIG) if run else None)
     _launch(cfg)
     if args.adapter:  # an adapter made by peft (or peftsum): base model from the adapter or --model
         from .use import adapted_from_adapter_dir

@@ -197,6 +197,12 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return cfg
 
 
+def config_from_args(args, base: str | Path | None = None) -> RunConfig:
+    """Defaults, then --config FILE (else `base`, e.g. a run's saved config.yaml), then every config flag given."""
+    overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("methods", "out")}
+    return load_config(getattr(args, "config", None) or base, overrides)
+
+
 def flag_names() -> list[tuple[str, object]]:
     """Every settable key as ('section.field', type), for building command-line flags."""
     out = []

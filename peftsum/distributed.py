@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 # torch is imported inside the functions that use it: the command line reads the launcher's environment (rank, world
 # size) before torch is loaded, and one-process commands that never need torch start without it.

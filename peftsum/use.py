@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import adapters
 from .methods import lora
-from .config import load_config, validate
+from .config import config_from_args, validate
 from .errors import UserError
 
 SUPPORTED_PEFT_TYPES = ("LORA", "PROMPT_TUNING")
@@ -75,12 +75,6 @@ def _add_source_flags(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--adapter", metavar="DIR",
                         help="an adapter folder (adapter_config.json + adapter_model.safetensors) made by peft or "
                              "peftsum; base model: --model, else the adapter's base_model_name_or_path")
-
-
-def _flag_config(args: argparse.Namespace, base: Path | None = None):
-    """Defaults, then --config FILE or the run's config.yaml, then the flags (as cli's other commands do)."""
-    overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("methods", "out")}
-    return load_config(args.config or (str(base) if base else None), overrides)
 
 
 # ---------------------------------------------------------------- loading a result
@@ -204,17 +198,17 @@ def open_result(args, progress: bool = True):
     """(cfg, session, adapted) for --run, --adapter, or neither (the untouched base model)."""
     if args.run:
         run = Path(args.run)
-        cfg = _flag_config(args, base=_run_config_path(run))
+        cfg = config_from_args(args, base=_run_config_path(run))
         session, adapted = load_run(cfg, run, progress)
     elif args.adapter:
-        cfg = _flag_config(args)
+        cfg = config_from_args(args)
         session, adapted = adapted_from_adapter_dir(cfg, Path(args.adapter), model_given="model.name" in vars(args),
                                                     progress=progress)
     else:
         from .compare import open_session
         from .methods import untouched
 
-        cfg = _flag_config(args)
+        cfg = config_from_args(args)
         session = open_session(cfg, progress)
         adapted = untouched(session.loaded.model, session.dtype)
     return cfg, session, adapted
@@ -373,7 +367,7 @@ def cmd_export(args) -> int:
     if out.resolve() == source.resolve():
         raise UserError(f"--merged {out} is the {flag} folder itself; choose a new folder")
     if args.run:
-        cfg = _flag_config(args, base=_run_config_path(source))
+        cfg = config_from_args(args, base=_run_config_path(source))
         if cfg.methods[0] == "prompt":  # refused before loading anything
             raise _prompt_refusal(source, flag)
     elif adapters.read_adapter_config(source).get("peft_type") == "PROMPT_TUNING":

