@@ -47,6 +47,17 @@ def _run_config(targets=None, init="random") -> RunConfig:
     return cfg
 
 
+def load_in_peft(base, folder):
+    """PeftModel.from_pretrained, asserting that peft warned about no missing or unexpected keys."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = peft.PeftModel.from_pretrained(base, str(folder)).eval()
+    key_warnings = [str(w.message) for w in caught if "missing" in str(w.message).lower()
+                    or "unexpected" in str(w.message).lower()]
+    assert key_warnings == []
+    return peft_model
+
+
 def _peft_lora_config(kind: str, targets: list[str]) -> peft.LoraConfig:
     return peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(targets),
                            fan_in_fan_out=(kind == "gpt2"), task_type="CAUSAL_LM")
@@ -165,12 +176,7 @@ def test_lora_saved_by_peftsum_loads_in_peft(kind, tokenizer, tmp_path):
     assert config.fan_in_fan_out == (kind == "gpt2")
     assert sorted(config.target_modules) == sorted(lora.chosen_targets(adapted.model, None))
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        peft_model = peft.PeftModel.from_pretrained(fresh, str(folder)).eval()
-    key_warnings = [str(w.message) for w in caught if "missing" in str(w.message).lower()
-                    or "unexpected" in str(w.message).lower()]
-    assert key_warnings == []
+    peft_model = load_in_peft(fresh, folder)
     # Loading once more through load_adapter exposes the key check directly.
     result = peft_model.load_adapter(str(folder), adapter_name="again")
     assert [k for k in result.missing_keys if "lora_" in k] == []
@@ -316,12 +322,7 @@ def test_soft_prompt_saved_by_peftsum_loads_in_peft(kind, init, tokenizer, tmp_p
     assert isinstance(config, peft.PromptTuningConfig)
     assert config.num_virtual_tokens == N_VIRTUAL
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        peft_model = peft.PeftModel.from_pretrained(fresh, str(folder)).eval()
-    key_warnings = [str(w.message) for w in caught if "missing" in str(w.message).lower()
-                    or "unexpected" in str(w.message).lower()]
-    assert key_warnings == []
+    peft_model = load_in_peft(fresh, folder)
     assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight, adapted.soft_prompt.embeddings)
 
     ids = torch.tensor([tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]])
