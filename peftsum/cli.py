@@ -27,7 +27,8 @@ ALIASES = {  # flag -> config key
     "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--max-steps": "train.max_steps",
     "--seed": "train.seed", "--train-size": "data.train_size", "--eval-size": "data.eval_size",
     "--max-length": "data.max_length", "--template": "data.template", "--precision": "model.precision",
-    "--device": "model.device",
+    "--device": "model.device", "--seeds": "seeds", "--budget-seconds": "train.budget_seconds",
+    "--budget-tokens": "train.budget_tokens",
 }
 
 

@@ -75,6 +75,10 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
+    # Equal budgets: train until this much training wall-clock (or real tokens) is spent, however many epochs that
+    # takes (train.epochs is then ignored); the schedule's warmup and decay follow the share of the budget spent.
+    budget_seconds: float = 0.0
+    budget_tokens: int = 0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     schedule: str = "linear"  # linear | cosine | constant (after warmup)
@@ -100,6 +104,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: int = 1  # train each method this many times (seeds train.seed, train.seed + 1, ...); report mean ± std
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -199,7 +204,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 def config_from_args(args, base: str | Path | None = None) -> RunConfig:
     """Defaults, then --config FILE (else `base`, e.g. a run's saved config.yaml), then every config flag given."""
-    overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("methods", "out")}
+    overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("methods", "out", "seeds")}
     return load_config(getattr(args, "config", None) or base, overrides)
 
 
@@ -254,6 +259,11 @@ def validate(cfg: RunConfig) -> None:
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
     _check(t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}")
+    _check(t.budget_seconds >= 0, f"train.budget_seconds must be >= 0 (0 = no time budget), got {t.budget_seconds}")
+    _check(t.budget_tokens >= 0, f"train.budget_tokens must be >= 0 (0 = no token budget), got {t.budget_tokens}")
+    _check(not (t.budget_seconds and t.budget_tokens),
+           "give one budget: train.budget_seconds or train.budget_tokens, not both")
+    _check(cfg.seeds >= 1, f"seeds must be >= 1, got {cfg.seeds}")
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     _check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     _check(t.schedule in ("linear", "cosine", "constant"), f"train.schedule must be linear, cosine or constant, got {t.schedule!r}")
