@@ -1,4 +1,4 @@
-"""The one command line: `peftsum compare | train | evaluate | score | summarize | export`.
+"""The one command line: `peftsum compare | train | evaluate | score | sweep | summarize | export`.
 
 Every config key is a flag (`--train.epochs 2`, `--lora.rank 16`), applied over `--config FILE` over the defaults;
 the common ones have short aliases (`--model`, `--data`, `--methods`, `--out`, `--epochs`...). Mistakes a user can
@@ -104,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--reference-field", metavar="NAME")
     score.add_argument("--samples", type=int, default=1000, help="bootstrap resamples for the 95%% interval")
     score.add_argument("--json", action="store_true")
+
+    sweep = commands.add_parser("sweep", help="vary a method's setting; chart trainable parameters against ROUGE")
+    _add_config_flags(sweep)
+    sweep.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2,...",
+                       help="a method's config key and its values, e.g. lora.rank=1,4,16 (repeatable); "
+                            "methods without one run once at their configured settings")
+    sweep.add_argument("--metric", choices=("rouge1", "rouge2", "rougeL", "rougeLsum"), default="rougeL",
+                       help="the eval ROUGE score charted against trainable parameters (default rougeL)")
+    group = sweep.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="read back finished points, continue the rest")
+    group.add_argument("--overwrite", action="store_true", help="replace the points already in the output folder")
 
     from .use import add_commands
 
@@ -231,7 +242,20 @@ def cmd_score(args) -> int:
     return 0
 
 
-COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score}
+def cmd_sweep(args) -> int:
+    from .sweep import parse_varies, run_sweep, sweep_table
+
+    cfg = config_from_args(args)
+    varies = parse_varies(args.vary, cfg.methods)
+    _launch(cfg)
+    sweep = run_sweep(cfg, varies, args.metric, resume=args.resume, overwrite=args.overwrite)
+    print("\n".join(sweep_table(sweep["points"], args.metric)))
+    print(f"sweep: {Path(cfg.out) / 'sweep.md'}, {Path(cfg.out) / 'pareto.png'}")
+    return 0
+
+
+COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,
+            "sweep": cmd_sweep}
 
 
 def resume_command(argv: list[str]) -> str:
@@ -248,7 +272,7 @@ def resume_command(argv: list[str]) -> str:
 
 
 def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
-    if args.command not in ("compare", "train"):
+    if args.command not in ("compare", "train", "sweep"):
         return "peftsum: interrupted"
     saved = ""
     if getattr(exc, "saved", None) is not None:  # train.TrainingInterrupted: a checkpoint was written

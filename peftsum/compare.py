@@ -19,6 +19,7 @@ import datetime as dt
 import platform
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from .files import make_folder, read_json, write_json, write_text
 from .methods import Adapted, adapt, untouched
 from .models import (LoadedModel, compute_dtype, count_parameters, load_model, pick_device, ties_embeddings,
                      transformer_blocks)
-from .report import write_report
+from .report import seed_summary, write_report
 from .train import train
 
 RUN_CONFIG = "config.yaml"
@@ -214,6 +215,8 @@ def clear_method(folder: Path) -> None:
     checkpoint.remove(folder)
     for name in METHOD_FILES:
         (folder / name).unlink(missing_ok=True)
+    for seed_folder in folder.glob("seed-*"):  # the runs of a multi-seed comparison
+        clear_method(seed_folder)
 
 
 def _refuse(what: str) -> UserError:
@@ -258,6 +261,42 @@ def prepare_compare_folder(out: Path, cfg: RunConfig, resume: bool, overwrite: b
     finished = set(cfg.methods) <= done and (previous.get("baseline") is not None or not cfg.eval.before)
     if finished and not resume:
         raise _refuse(f"{out} already holds a finished comparison ({RESULTS})")
+
+
+def run_method(session: Session, method: str, splits: Splits, out: Path, folder_name: str) -> dict | None:
+    """Train and score `method` into out/folder_name, or read back its scores if that folder finished earlier.
+
+    Returns the method's results (None on ranks other than 0 when read back: only rank 0 writes results).
+    """
+    folder = out / folder_name
+    if distributed.broadcast_object((folder / METRICS).is_file()):  # rank 0 decides: all ranks take one branch
+        print(f"{folder_name}: finished earlier; results read back from {folder / METRICS}")
+        return read_json(folder / METRICS) if distributed.is_main() else None
+    adapted, training = train_method(session, method, splits, folder)
+    after = score_splits(session, adapted, splits, folder, folder_name)
+    result = {"params": adapted.parameter_counts(), "training": training, "after": after, "dir": folder_name}
+    if distributed.is_main():
+        write_json(folder / METRICS, result)
+        checkpoint.remove(folder)  # the final weights and scores are on disk: nothing left to resume
+    return result
+
+
+def run_seeds(session: Session, method: str, splits: Splits, out: Path) -> dict | None:
+    """`method` trained once per seed (train.seed, train.seed + 1, ...) into out/method/seed-S, each from its own
+    initialisation and batch order on the same data; the first seed's run stands for the method, with the runs of
+    every seed (`seed_runs`) and their mean and spread (`across_seeds`) beside it."""
+    base = session.cfg.train.seed
+    runs = []
+    for seed in range(base, base + session.cfg.seeds):
+        cfg = copy.deepcopy(session.cfg)
+        cfg.train.seed = seed  # the data subset stays drawn with the base seed: every seed sees the same examples
+        result = run_method(dataclasses.replace(session, cfg=cfg), method, splits, out, f"{method}/seed-{seed}")
+        runs.append(result and {"seed": seed, **result})
+    if not distributed.is_main():
+        return None
+    first = runs[0]
+    return {"params": first["params"], "training": first["training"], "after": first["after"], "dir": first["dir"],
+            "seed_runs": runs, "across_seeds": seed_summary(runs)}
 
 
 def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwrite: bool = False,
@@ -305,19 +344,10 @@ def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwri
                 write_json(scores, results["baseline"])
         publish()
     for method in cfg.methods:
-        folder = out / method
-        if distributed.broadcast_object((folder / METRICS).is_file()):
-            results["methods"][method] = read_json(folder / METRICS) if main else None
-            print(f"{method}: finished earlier; results read back from {folder / METRICS}")
+        if cfg.seeds == 1:
+            results["methods"][method] = run_method(session, method, splits, out, method)
         else:
-            adapted, training = train_method(session, method, splits, folder)
-            after = score_splits(session, adapted, splits, folder, method)
-            results["methods"][method] = {"params": adapted.parameter_counts(), "training": training, "after": after,
-                                          "dir": method}
-            if main:
-                write_json(folder / METRICS, results["methods"][method])
-                checkpoint.remove(folder)  # the final weights and scores are on disk: nothing left to resume
-            del adapted
+            results["methods"][method] = run_seeds(session, method, splits, out)
         publish()
     distributed.barrier()  # every file is written before any process returns
     return results

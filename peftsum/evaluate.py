@@ -21,7 +21,7 @@ from .data import Example, encode_example, encode_prompt, prompt_budget
 from .files import write_jsonl
 from .forward import autocast, collate, generate_batch, summary_loss
 from .methods import Adapted
-from .metrics import rouge_summary
+from .metrics import ROUGE_KEYS, rouge_intervals, rouge_per_document
 
 
 def _by_length(items: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -74,22 +74,37 @@ def generate(adapted: Adapted, tokenizer, documents: list[str], data_cfg: DataCo
     return predictions
 
 
+def _rouge_scores(predictions: list[str], references: list, samples: int, seed: int) -> tuple[dict, dict]:
+    """ROUGE intervals and the per-document scores they come from, scored once.
+
+    The intervals use the exact scores; the stored per-document ones are rounded to 3 decimals, which keeps
+    results.json small and is far below any difference a paired test could resolve.
+    """
+    per_document = rouge_per_document(predictions, references)
+    rounded = {key: [round(v, 3) for v in per_document[key]] for key in ROUGE_KEYS}
+    return rouge_intervals(per_document, samples, seed), rounded
+
+
 def evaluate(adapted: Adapted, tokenizer, examples: list[Example], data_cfg: DataConfig, eval_cfg: EvalConfig,
              device: torch.device, dtype: torch.dtype, predictions_path: Path | None = None, seed: int = 0,
              progress: bool = False, desc: str = "evaluate") -> dict | None:
-    """{"loss", "n", "tokens", "rouge"} for the examples (None when there are none); predictions saved as JSONL."""
+    """{"loss", "n", "tokens", "rouge", "per_document"} for the examples (None when there are none).
+
+    "per_document" holds each example's ROUGE F1 x 100 per key, in input order, for paired tests between models.
+    Predictions are saved as JSONL.
+    """
     if not examples:
         return None
     loss, tokens = mean_loss(adapted, tokenizer, examples, data_cfg, eval_cfg.batch_size, device, dtype)
     predictions = generate(adapted, tokenizer, [e.document for e in examples], data_cfg, eval_cfg, device, dtype,
                            progress=progress, desc=desc)
     references = [e.references or e.summary for e in examples]
-    rouge = None
+    scores = None
     if distributed.is_main():
-        rouge = rouge_summary(predictions, references, samples=eval_cfg.bootstrap_samples, seed=seed)
-    rouge = distributed.broadcast_object(rouge)
+        scores = _rouge_scores(predictions, references, eval_cfg.bootstrap_samples, seed)
+    rouge, per_document = distributed.broadcast_object(scores)
     if predictions_path is not None and distributed.is_main():
         write_jsonl(predictions_path, [{"id": e.id, "prediction": p, "reference": e.summary,
                                         **({"references": e.references} if e.references else {})}
                                        for e, p in zip(examples, predictions)])
-    return {"loss": loss, "n": len(examples), "tokens": tokens, "rouge": rouge}
+    return {"loss": loss, "n": len(examples), "tokens": tokens, "rouge": rouge, "per_document": per_document}

@@ -144,7 +144,13 @@ def rouge_summary(
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Mean ROUGE with a 95% bootstrap interval per key: {"rouge1": {"mean", "low", "high"}, ...}."""
-    per_document = rouge_per_document(predictions, references)
+    return rouge_intervals(rouge_per_document(predictions, references), samples, seed)
+
+
+def rouge_intervals(
+    per_document: dict[str, Sequence[float]], samples: int = 1000, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """`rouge_summary` from scores already computed by `rouge_per_document`, so callers that keep them score once."""
     return {key: bootstrap_interval(per_document[key], samples, seed) for key in ROUGE_KEYS}
 
 

@@ -109,10 +109,38 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gr
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def plan_steps(n: int, cfg: TrainConfig) -> int:
+def plan_steps(n: int, cfg: TrainConfig) -> int | None:
+    """Optimizer steps the run will take; None under a budget with no step cap (it ends when the budget does)."""
+    if budget_of(cfg) is not None:
+        return cfg.max_steps or None
     per_epoch = math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum)
     total = per_epoch * cfg.epochs
     return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def budget_of(cfg: TrainConfig) -> dict | None:
+    """The run's equal-budget limit, {"kind": "seconds" | "tokens", "limit": ...}, or None for an epoch-bound run."""
+    if cfg.budget_seconds:
+        return {"kind": "seconds", "limit": cfg.budget_seconds}
+    if cfg.budget_tokens:
+        return {"kind": "tokens", "limit": cfg.budget_tokens}
+    return None
+
+
+def budget_factor(schedule: str, warmup_ratio: float, progress: float, per_step: float) -> float:
+    """The learning-rate factor at `progress` (share of the budget spent) when the number of steps is not known.
+
+    Warmup and decay are shares of the budget, as warmup_ratio and the decay are shares of the steps otherwise.
+    `per_step` (the mean share one step spends so far) makes warmup end on the step that reaches warmup_ratio.
+    """
+    if progress < warmup_ratio:
+        return (progress + per_step) / (warmup_ratio + per_step)
+    rest = min(1.0, (progress - warmup_ratio) / max(1e-12, 1.0 - warmup_ratio))
+    if schedule == "linear":
+        return max(0.0, 1.0 - rest)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * rest))
+    return 1.0
 
 
 # ---------------------------------------------------------------- what a checkpoint holds
@@ -198,9 +226,14 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
     params = named_trainable(adapted)
     loss_of = whole_model_loss if fsdp else summary_loss
     optimizer = torch.optim.AdamW(adapted.trainable, lr=lr, weight_decay=cfg.weight_decay)
-    total_steps = plan_steps(len(examples), cfg)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, total_steps))
+    total_steps, budget = plan_steps(len(examples), cfg), budget_of(cfg)
+    spent = {"progress": 0.0, "per_step": 0.0}  # under a budget: what the schedule follows instead of the step
+    if budget is None:
+        factor = lr_lambda(cfg.schedule, int(cfg.warmup_ratio * total_steps), total_steps)
+    else:
+        def factor(_step: int) -> float:
+            return budget_factor(cfg.schedule, cfg.warmup_ratio, spent["progress"], spent["per_step"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     settings, digest = _training_settings(cfg, run_config, adapted.method), data_digest(examples)
     # What `summary_loss` counts in each example, in whatever batch (and on whatever rank) it lands.
     targets = [sum(label != IGNORE for label in e.labels[1:]) for e in examples]
@@ -216,7 +249,8 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
         state = _restore(resumed_from, params, optimizer, scheduler, settings, digest, device, cfg.seed)
         step, rows, epochs = state["step"], state["log"], state["epochs"]
         epoch, position, tally = state["epoch"], state["position"], state["tally"]
-        print(f"resuming {adapted.method} from {resumed_from} (step {step} of {total_steps})")
+        print(f"resuming {adapted.method} from {resumed_from} (step {step}"
+              f"{f' of {total_steps}' if total_steps else ''})")
     if not fsdp:
         distributed.broadcast_params(adapted.trainable)  # a no-op in one process
     last_saved, resumed_step = resumed_from, step if resumed_from else None
@@ -262,16 +296,34 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
             agreed["stop"] = bool(distributed.all_reduce_sum(flag).item())
         return agreed["stop"]
 
+    def budget_spent(elapsed: float, tokens: int) -> float:
+        """The share of the budget spent: finished epochs plus the current one's `elapsed` seconds or `tokens`."""
+        key = "seconds" if budget["kind"] == "seconds" else "tokens"
+        done = sum(e[key] for e in epochs) + (elapsed if key == "seconds" else tokens)
+        if key == "seconds" and world > 1:  # clocks differ: all processes follow rank 0's, so they stop together
+            done = distributed.broadcast_object(done)
+        return done / budget["limit"]
+
+    def out_of_steps() -> bool:
+        if cfg.max_steps and step >= cfg.max_steps:
+            return True
+        return budget is not None and spent["progress"] >= 1.0
+
     reset_peak_memory(device)
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=f"train {adapted.method}", disable=not progress or not main,
                dynamic_ncols=True)
     try:
         with _sigint_deferred() as stop:
-            for epoch in range(epoch, cfg.epochs + 1):
+            # Under a budget, epochs go on until the budget is spent, the last one usually partial.
+            while budget is not None or epoch <= cfg.epochs:
                 batches = epoch_batches([len(e.input_ids) for e in examples], cfg.batch_size, cfg.seed, epoch)
                 started = time.perf_counter() - tally["seconds"]
-                while position < len(batches) and not (cfg.max_steps and step >= cfg.max_steps):
+                if budget is not None:
+                    spent["progress"] = budget_spent(tally["seconds"], tally["tokens"])
+                if out_of_steps():
+                    break
+                while position < len(batches) and not out_of_steps():
                     if stop_requested(stop):
                         tally["seconds"] = time.perf_counter() - started
                         raise TrainingInterrupted(step, save(epoch, position, tally))
@@ -309,6 +361,9 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
                             _stop_non_finite(f"the gradient norm ({float(norm)})", step + 1, epoch, adapted.method,
                                              last_saved, dtype)
                     optimizer.step()
+                    if budget is not None:  # the next step's learning rate follows the share spent so far
+                        spent["progress"] = budget_spent(time.perf_counter() - started, tally["tokens"] + step_tokens)
+                        spent["per_step"] = spent["progress"] / (step + 1)
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step, position = step + 1, position + len(group)
@@ -318,7 +373,8 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
                     rows.append({"step": step, "epoch": epoch, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
                     elapsed = time.perf_counter() - started
                     bar.set_postfix(epoch=epoch, loss=f"{step_loss:.3f}",
-                                    tok_s=f"{tally['tokens'] / max(elapsed, 1e-9):.0f}")
+                                    tok_s=f"{tally['tokens'] / max(elapsed, 1e-9):.0f}",
+                                    **({"budget": f"{min(1.0, spent['progress']):.0%}"} if budget else {}))
                     bar.update()
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and position < len(batches):
                         pause = time.perf_counter()
@@ -329,9 +385,11 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
                 if tally["steps"]:
                     epochs.append({"epoch": epoch, "seconds": seconds, "tokens": tally["tokens"],
                                    "tokens_per_s": tally["tokens"] / seconds,
-                                   "mean_loss": tally["loss"] / tally["steps"]})
+                                   "mean_loss": tally["loss"] / tally["steps"],
+                                   "batches": position, "of_batches": len(batches)})
                 position, tally = 0, {"seconds": 0.0, "tokens": 0, "loss": 0.0, "steps": 0}
-                save(epoch + 1, position, tally)
+                epoch += 1
+                save(epoch, position, tally)
             if stop_requested(stop, now=True):  # Ctrl-C during the last step: all is saved, but the user asked to stop
                 raise TrainingInterrupted(step, last_saved)
     finally:
@@ -341,7 +399,8 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
         write_jsonl(log_path, rows)
     seconds = sum(e["seconds"] for e in epochs)
     tokens = sum(e["tokens"] for e in epochs)
-    result = {"epochs": epochs, "steps": step, "seconds": seconds, "tokens": tokens,
+    result = {"epochs": epochs, "steps": step, "seconds": seconds, "tokens": tokens, "budget": budget,
+              "epochs_completed": sum(e.get("batches", 1) / e.get("of_batches", 1) for e in epochs),
               "tokens_per_s": tokens / seconds if seconds else 0.0, "peak_memory_mb": peak_memory_mb(device),
               "loss_curve": [[r["step"], r["loss"]] for r in rows],
               "resumed_from_step": resumed_step}

@@ -12,6 +12,7 @@ from peftsum.metrics import (
     format_table,
     paired_bootstrap,
     read_summaries,
+    rouge_intervals,
     rouge_per_document,
     rouge_summary,
     split_sentences,
@@ -98,6 +99,21 @@ def test_rouge_summary_shape_and_mean():
     for key in ROUGE_KEYS:
         assert summary[key]["mean"] == pytest.approx(np.mean(per_doc[key]))
         assert summary[key]["low"] <= summary[key]["mean"] <= summary[key]["high"]
+
+
+def test_per_document_scores_give_the_same_intervals_as_before():
+    # evaluate() now scores each document once and keeps the scores; its intervals must not change.
+    from peftsum.evaluate import _rouge_scores
+
+    predictions = ["the cat sat", "a dog ran home", "nothing matches", "the mat"]
+    references = ["the cat sat on the mat", "a dog ran home", "completely different", ["a mat", "the cat"]]
+    per_doc = rouge_per_document(predictions, references)
+    expected = rouge_summary(predictions, references, samples=200, seed=1)
+    assert rouge_intervals(per_doc, samples=200, seed=1) == expected
+    rouge, stored = _rouge_scores(predictions, references, samples=200, seed=1)
+    assert rouge == expected
+    assert stored == {key: [round(v, 3) for v in per_doc[key]] for key in ROUGE_KEYS}
+    assert stored["rouge1"][0] == 66.667
 
 
 # --- sentence splitting --------------------------------------------------------

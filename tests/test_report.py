@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 
-from peftsum.report import render_markdown, write_report
+from peftsum.metrics import ROUGE_KEYS, bootstrap_interval, paired_bootstrap
+from peftsum.report import render_markdown, seed_summary, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOTAL = 134_515_008
@@ -19,6 +21,23 @@ def _split(r1: float, half: float = 2.0, loss: float = 2.5, n: int = 32) -> dict
         return {"mean": mean, "low": mean - half, "high": mean + half}
     return {"loss": loss, "n": n, "tokens": n * 40,
             "rouge": {"rouge1": score(r1), "rouge2": score(r1 / 3), "rougeL": score(r1 * 0.7), "rougeLsum": score(r1 * 0.8)}}
+
+
+def _split_from_documents(rouge1: np.ndarray, loss: float = 2.5) -> dict:
+    """A SPLIT with per-document scores, as evaluate() now returns it: every key gets the same scores, rounded."""
+    scores = [round(float(v), 3) for v in rouge1]
+    return {"loss": loss, "n": len(scores), "tokens": len(scores) * 40,
+            "rouge": {k: bootstrap_interval(scores, 200) for k in ROUGE_KEYS},
+            "per_document": {k: scores for k in ROUGE_KEYS}}
+
+
+def with_documents(results: dict, scores: dict[str, np.ndarray], baseline: np.ndarray) -> dict:
+    """results with per-document eval scores for the given methods and the untouched model."""
+    for name, values in scores.items():
+        results["methods"][name]["after"]["eval"] = _split_from_documents(values)
+    results["baseline"]["eval"] = _split_from_documents(baseline, loss=3.1)
+    results["data"]["eval_examples"] = len(baseline)
+    return results
 
 
 def _method(trainable: int, description: str, after_eval: dict | None, tokens_per_s: float, floor: float) -> dict:
@@ -86,7 +105,7 @@ def test_sections_in_order_and_tables():
 def test_resources_format():
     md = render_markdown(make_results())
     assert "| lora | 134,975,808 | 460,800 | 0.3426 |" in md
-    assert "| finetune | 134,515,008 | 28,311,552 | 21.05 | 31.5 | 3,900 | – |" in md
+    assert "| finetune | 134,515,008 | 28,311,552 | 21.05 | 120 | 2.00 | 31.5 | 3,900 | – |" in md
     assert "| prompt | 134,520,768 | 5,760 | 0.004282 |" in md  # tiny share: no scientific notation
     assert "LM head (tied to the input embeddings)" in md
 
@@ -153,3 +172,135 @@ def test_config_yaml_block():
     assert config.startswith("model:\n  name: smollm2-135m\n")
     assert "Runs are deterministic for a given seed, configuration and machine." in md
     assert "article` → `highlights`" in md and "3 rows skipped" in md
+
+
+# ---------------------------------------------------------------- paired tests
+
+
+def _documents(seed: int, n: int = 80) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(10, 40, size=n)
+
+
+def test_paired_test_finds_no_difference_between_noisy_twins():
+    base, rng = _documents(0), np.random.default_rng(1)
+    lora, prompt = base + 8 + rng.normal(0, 4, base.size), base + 8 + rng.normal(0, 4, base.size)
+    results = with_documents(make_results(2), {"lora": lora, "prompt": prompt}, base)
+    md = render_markdown(results)
+    leader, other = ("lora", "prompt") if lora.mean() > prompt.mean() else ("prompt", "lora")
+    test = paired_bootstrap([round(v, 3) for v in (lora if leader == "lora" else prompt)],
+                            [round(v, 3) for v in (prompt if leader == "lora" else lora)])
+    assert test["p_value"] > 0.05  # the fixture itself must be a "no difference" case
+    line = next(x for x in md.splitlines() if x.startswith(f"- {leader} leads {other} on ROUGE-1"))
+    assert line.endswith("): **no significant difference**.") and f"p = {test['p_value']:.2f}" in line
+    assert "a difference is significant when p < 0.05" in md and md.count("p < 0.05") == 1
+    assert f"| {leader} − {other} | ROUGE-1 |" in md and "| not significant |" in md
+    assert "lora improved eval ROUGE-1 over the untouched model (difference +" in md  # both clearly beat the baseline
+
+
+def test_paired_test_finds_clear_difference():
+    base, rng = _documents(2), np.random.default_rng(3)
+    lora, prompt = base + 6 + rng.normal(0, 1, base.size), base + rng.normal(0, 1, base.size)
+    md = render_markdown(with_documents(make_results(2), {"lora": lora, "prompt": prompt}, base))
+    verdict = md.split("## Results")[0]
+    diff = np.mean(np.round(lora, 3) - np.round(prompt, 3))
+    assert f"- **lora** leads prompt on ROUGE-1 by {diff:+.1f} (95% CI +" in verdict
+    assert "over the same 80 eval documents" in verdict
+    leads = [line for line in verdict.splitlines() if " leads prompt on " in line]
+    assert len(leads) == 3 and all(line.endswith("p < 0.001): significant at the 5% level.") for line in leads)
+    assert "prompt improved eval ROUGE-1 over the untouched model (difference +0.1" in verdict  # prompt = base + noise
+    assert verdict.count("**no significant difference**") == 1
+    section = md.split("## Significance")[1].split("## Resources")[0]
+    rows = [r for r in section.splitlines() if r.startswith("| lora − prompt |")]
+    assert [r.split(" | ")[1] for r in rows] == ["ROUGE-1", "ROUGE-2", "ROUGE-L"]
+    assert all(r.endswith("| < 0.001 | significant |") for r in rows)
+    assert "| prompt − untouched model | ROUGE-1 |" in section and "| not significant |" in section
+    assert ["## Verdict", "## Results", "## Significance", "## Resources"] == \
+        sorted(["## Verdict", "## Results", "## Significance", "## Resources"], key=md.index)
+
+
+def test_old_results_fall_back_to_intervals():
+    md = render_markdown(make_results())
+    assert "No paired tests" in md and "wins on ROUGE-1" in md and "p < 0.05" not in md
+
+
+def test_no_resamples_means_no_test():
+    base = _documents(4)
+    results = with_documents(make_results(2), {"lora": base + 5, "prompt": base}, base)
+    results["config"]["eval"] = {"bootstrap_samples": 0}
+    md = render_markdown(results)
+    assert "No significance tests: eval.bootstrap_samples is 0" in md
+    assert "lora leads prompt on ROUGE-1 by +5.0 (not tested)." in md and "| not tested |" in md
+
+
+# ---------------------------------------------------------------- seeds
+
+
+def _seed_run(seed: int, loss: float, rouge1: float, documents: np.ndarray | None = None) -> dict:
+    split = _split(rouge1, loss=loss) if documents is None else _split_from_documents(documents, loss)
+    return {"seed": seed, "dir": f"lora/seed-{seed}",
+            "training": {"epochs": [{"epoch": 1, "seconds": 9.0, "tokens": 36_000, "tokens_per_s": 4_000.0,
+                                     "mean_loss": 2.0, "batches": 40, "of_batches": 50}],
+                         "steps": 100 + seed, "seconds": 9.0, "tokens_per_s": 4_000.0, "peak_memory_mb": None,
+                         "loss_curve": [[1, 3.0], [2, 2.5]]},
+            "after": {"train": None, "eval": split}}
+
+
+def with_seeds(results: dict, name: str, runs: list[dict]) -> dict:
+    results["methods"][name]["seed_runs"] = runs
+    results["methods"][name]["training"], results["methods"][name]["after"] = runs[0]["training"], runs[0]["after"]
+    results["config"]["seeds"] = len(runs)
+    return results
+
+
+def test_seed_summary_matches_numpy():
+    losses, r1 = [2.0, 2.3, 2.9], [30.0, 27.5, 31.25]
+    runs = [_seed_run(s, l, r) for s, l, r in zip((7, 8, 9), losses, r1)]
+    summary = seed_summary(runs)
+    assert summary["n"] == 3 and summary["train"] is None
+    assert summary["eval"]["loss"]["mean"] == pytest.approx(np.mean(losses))
+    assert summary["eval"]["loss"]["std"] == pytest.approx(np.std(losses, ddof=1))
+    assert summary["eval"]["rouge1"]["mean"] == pytest.approx(np.mean(r1))
+    assert summary["eval"]["rouge1"]["std"] == pytest.approx(np.std(r1, ddof=1))
+    assert summary["eval"]["rouge2"]["std"] == pytest.approx(np.std(np.array(r1) / 3, ddof=1))
+    assert set(summary["eval"]) == {"loss", *ROUGE_KEYS}
+    assert seed_summary(runs[:1])["eval"]["loss"] == {"mean": 2.0, "std": None}
+
+
+def test_seeds_in_tables_and_paired_test_uses_seed_means():
+    losses, r1 = [2.0, 2.3, 2.9], [30.0, 27.5, 31.25]
+    runs = [_seed_run(s, l, r) for s, l, r in zip((7, 8, 9), losses, r1)]
+    md = render_markdown(with_seeds(make_results(), "lora", runs))
+    mean, std = np.mean(r1), np.std(r1, ddof=1)
+    assert "### lora (3 seeds)" in md and "seeds 7–9" in md and "- **Seeds**: 7–9;" in md
+    assert f"| after / eval | {np.mean(losses):.3f} ± {np.std(losses, ddof=1):.3f} | {mean:.1f} ± {std:.1f} |" in md
+    assert f"| lora (3 seeds) | {np.mean(losses):.3f} ± " in md and "sample standard deviation (ddof=1)" in md
+    assert "| lora | 8 | 2.300 | 27.5 | 9.2 | 19.2 | 108 | 0.80 |" in md  # per-seed table: 40 of 50 batches
+
+    base, rng = _documents(5), np.random.default_rng(6)
+    seeds = [base + shift + rng.normal(0, 1, base.size) for shift in (-1, 6, 6)]  # seed 7 alone trails prompt
+    results = with_seeds(make_results(2), "lora", [_seed_run(7 + i, 2.0, 0, d) for i, d in enumerate(seeds)])
+    results = with_documents(results, {"prompt": base}, base)
+    before = copy.deepcopy(results)
+    md = render_markdown(results)
+    assert results == before and render_markdown(results) == md  # still pure and deterministic
+    expected = paired_bootstrap(np.mean(np.round(seeds, 3), axis=0), np.round(base, 3))
+    assert f"| lora − prompt | ROUGE-1 | {expected['diff']:+.1f} |" in md and expected["diff"] > 3
+    assert f"- **lora** leads prompt on ROUGE-1 by {expected['diff']:+.1f}" in md
+    assert "For lora (several seeds), each document's score is the mean of its seeds' scores" in md
+
+
+# ---------------------------------------------------------------- budgets
+
+
+def test_budget_line_and_training_amount():
+    results = make_results()
+    results["config"]["train"]["budget_seconds"] = 800.0
+    results["methods"]["lora"]["training"]["epochs"][1].update(batches=21, of_batches=50)
+    md = render_markdown(results)
+    budget = "Equal budget: 800 s of training wall-clock per method."
+    assert md.split("\n")[2].endswith(budget) and md.split("## Resources")[1].lstrip().startswith(budget)
+    assert "| Method | Total params | Trainable params | % trainable | Steps | Epochs | Time per epoch (s) |" in md
+    assert "| lora | 134,975,808 | 460,800 | 0.3426 | 120 | 1.42 | 44.4 |" in md  # (31 + 32) s over 1.42 epochs
+    results["config"]["train"] = {"seed": 7, "budget_seconds": 0.0, "budget_tokens": 250_000}
+    assert "Equal budget: 250,000 training tokens per method." in render_markdown(results)
+    assert "Equal budget" not in render_markdown(make_results())
