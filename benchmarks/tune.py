@@ -55,17 +55,17 @@ TRIALS = [
      {"finetune.lr": 2e-4, "finetune.last_blocks": 2, "finetune.head": False}),
     ("Fine-tuning: what to unfreeze and learning rate", "finetune-last4-1e-4", "finetune",
      {"finetune.lr": 1e-4, "finetune.last_blocks": 4, "finetune.head": False}),
-    ("Template and context", "lora-all-1e-3-instruction", "lora",
-     {"lora.lr": 1e-3, "lora.targets": ALL_LINEAR, "data.template": INSTRUCTION, "eval.before": True}),
-    ("Template and context", "lora-all-1e-3-len512", "lora",
-     {"lora.lr": 1e-3, "lora.targets": ALL_LINEAR, "data.max_length": 512}),
+    ("Template and context", "lora-all-5e-4-instruction", "lora",
+     {"lora.lr": 5e-4, "lora.targets": ALL_LINEAR, "data.template": INSTRUCTION, "eval.before": True}),
+    ("Template and context", "lora-all-5e-4-len512", "lora",
+     {"lora.lr": 5e-4, "lora.targets": ALL_LINEAR, "data.max_length": 512}),
 ]
 # (trial name, trained trial it re-scores, eval overrides)
 DECODING = [
-    ("decode-beam4", "lora-all-1e-3", {"eval.num_beams": 4}),
-    ("decode-no-ngram-block", "lora-all-1e-3", {"eval.no_repeat_ngram_size": 0}),
-    ("decode-repetition-1.3", "lora-all-1e-3", {"eval.no_repeat_ngram_size": 0, "eval.repetition_penalty": 1.3}),
-    ("decode-beam4-prompt", "prompt-text-1e-1", {"eval.num_beams": 4}),
+    ("decode-beam4", "lora-all-5e-4", {"eval.num_beams": 4}),
+    ("decode-no-ngram-block", "lora-all-5e-4", {"eval.no_repeat_ngram_size": 0}),
+    ("decode-repetition-1.3", "lora-all-5e-4", {"eval.no_repeat_ngram_size": 0, "eval.repetition_penalty": 1.3}),
+    ("decode-beam4-prompt", "prompt-text-3e-1", {"eval.num_beams": 4}),
     ("decode-beam4-untouched", None, {"eval.num_beams": 4}),
 ]
 
