@@ -104,17 +104,18 @@ def run_trial(args, question: str, name: str, method: str, overrides: dict, firs
 
 def run_decoding(args, name: str, trained: str | None, overrides: dict) -> dict:
     started = time.perf_counter()
-    if trained is None:
+    run = Path(args.out) / trained / trained.split("-")[0] if trained else None  # <trial>/<method>, as compare wrote it
+    if run is None:
         cfg = load_config(None, {**base_overrides(args), "methods": ["lora"], **overrides})
     else:
-        cfg = load_config(Path(args.out) / trained / trained.split("-")[0] / RUN_CONFIG,
+        cfg = load_config(run / RUN_CONFIG,
                           {"eval.batch_size": args.eval_batch_size, "model.device": args.device, **overrides})
     session = open_session(cfg, progress=False)
-    if trained is None:
+    if run is None:
         adapted = untouched(session.loaded.model, session.dtype)
     else:
         adapted = adapt(session.loaded.model, session.loaded.tokenizer, cfg.methods[0], cfg)
-        adapters.load_into(adapted, Path(args.out) / trained / trained.split("-")[0])
+        adapters.load_into(adapted, run)
     splits = load_data(cfg.data, seed=cfg.train.seed)
     result = evaluate(adapted, session.loaded.tokenizer, splits.eval, cfg.data, cfg.eval, session.device,
                       session.dtype)

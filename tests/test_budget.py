@@ -15,6 +15,9 @@ TINY = ["--random-init", "--precision", "fp32", "--data.max_length", "64", "--da
         "--train.batch_size", "4", "--data.train_eval_size", "0", "--eval-size", "0", "--train.checkpoint_every", "0"]
 
 
+MAX_STEP_TOKENS = 4 * 64  # an upper bound of one step's real tokens: 4 examples of at most 64 tokens
+
+
 def log_rows(folder):
     return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
 
@@ -60,16 +63,11 @@ def test_a_token_budget_is_deterministic_and_reported(tiny_model_dirs, tiny_data
         a, b = runs[0]["methods"][method]["training"], runs[1]["methods"][method]["training"]
         assert a["budget"] == {"kind": "tokens", "limit": 1800}
         assert a["steps"] == b["steps"] and a["loss_curve"] == b["loss_curve"]
-        assert a["tokens"] >= 1800 > a["tokens"] - max_step_tokens(a)
+        assert a["tokens"] >= 1800 > a["tokens"] - MAX_STEP_TOKENS
         assert 1.0 < a["epochs_completed"] < 3.0
         last = a["epochs"][-1]
         assert last["batches"] <= last["of_batches"] == 6
     assert max_diff(trained_weights(tmp_path / "a" / "lora"), trained_weights(tmp_path / "b" / "lora")) == 0
-
-
-def max_step_tokens(training: dict) -> int:
-    """An upper bound of one step's real tokens: 4 examples of at most 64 tokens."""
-    return 4 * 64
 
 
 def test_a_time_budget_stops_near_its_limit(tiny_model_dirs, tiny_data, tmp_path, monkeypatch):
