@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def run_peftsum(args) -> dict:
     import torch
 
     from peftsum.compare import Session, fresh_adapted
+    from peftsum.compiled import compiled_blocks
     from peftsum.forward import autocast, collate, summary_loss
     from peftsum.models import compute_dtype, pick_device
 
@@ -77,18 +79,21 @@ def run_peftsum(args) -> dict:
     adapted = fresh_adapted(session, args.method)
     optimizer = torch.optim.AdamW(adapted.trainable, lr=cfg.method_lr(args.method))
     adapted.model.train()
-    tokens, seconds = 0, 0.0
-    for step, indices in enumerate(batches):
-        batch = collate([train[i] for i in indices], loaded.tokenizer.pad_token_id)
-        started = time.perf_counter()
-        with autocast(device, dtype):
-            loss_sum, count = summary_loss(adapted, batch)
-        (loss_sum / count).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step >= args.warmup_steps:
-            seconds += time.perf_counter() - started
-            tokens += int(batch["attention_mask"].sum())
+    tokens, seconds, first_step = 0, 0.0, 0.0
+    with compiled_blocks(adapted.model, device, args.max_length, enabled=args.compile):
+        for step, indices in enumerate(batches):
+            batch = collate([train[i] for i in indices], loaded.tokenizer.pad_token_id)
+            started = time.perf_counter()
+            with autocast(device, dtype):
+                loss_sum, count = summary_loss(adapted, batch)
+            (loss_sum / count).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step == 0:
+                first_step = time.perf_counter() - started  # with --compile, this holds the compilation
+            if step >= args.warmup_steps:
+                seconds += time.perf_counter() - started
+                tokens += int(batch["attention_mask"].sum())
     adapted.model.eval()
     total, count = 0.0, 0
     with torch.no_grad(), autocast(device, dtype):
@@ -96,7 +101,7 @@ def run_peftsum(args) -> dict:
             loss_sum, n = summary_loss(adapted, collate(held_out[i:i + args.batch_size], loaded.tokenizer.pad_token_id))
             total, count = total + loss_sum.item(), count + n
     return {"tokens_per_s": tokens / seconds, "eval_loss": total / count, "peak_rss_mb": peak_rss_mb(),
-            "params": adapted.parameter_counts()}
+            "params": adapted.parameter_counts(), "first_step_s": first_step}
 
 
 def run_peer(args) -> dict:
@@ -140,13 +145,15 @@ def run_peer(args) -> dict:
         return loss, int((labels[:, 1:] != -100).sum())
 
     model.train()
-    tokens, seconds = 0, 0.0
+    tokens, seconds, first_step = 0, 0.0, 0.0
     for step, indices in enumerate(batches):
         started = time.perf_counter()
         loss, _ = mean_loss([train[i] for i in indices])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            first_step = time.perf_counter() - started
         if step >= args.warmup_steps:
             seconds += time.perf_counter() - started
             tokens += sum(len(train[i].input_ids) for i in indices)
@@ -156,7 +163,8 @@ def run_peer(args) -> dict:
         for i in range(0, len(held_out), args.batch_size):
             loss, n = mean_loss(held_out[i:i + args.batch_size])
             total, count = total + loss.item() * n, count + n
-    return {"tokens_per_s": tokens / seconds, "eval_loss": total / count, "peak_rss_mb": peak_rss_mb()}
+    return {"tokens_per_s": tokens / seconds, "eval_loss": total / count, "peak_rss_mb": peak_rss_mb(),
+            "first_step_s": first_step}
 
 
 def run_generation(args) -> dict:
@@ -242,9 +250,12 @@ def worker_main(args) -> None:
 def spawn(side: str, what: str, method: str, args) -> dict:
     command = [sys.executable, __file__, "--worker", "--side", side, "--what", what, "--method", method,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--warmup-steps", str(args.warmup_steps), "--max-new-tokens", str(args.max_new_tokens)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+               "--warmup-steps", str(args.warmup_steps), "--max-new-tokens", str(args.max_new_tokens),
+               "--compile" if args.compile else "--no-compile"]
+    with tempfile.TemporaryDirectory() as cache:
+        # An empty inductor cache per run: the first step's time is a cold compile, as on a new machine.
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TORCHINDUCTOR_CACHE_DIR": cache}
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode != 0 or not lines:
         raise SystemExit(f"{side} {what} {method} failed:\n{result.stderr[-3000:]}")
@@ -260,6 +271,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--no-generation", action="store_true")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="peftsum with --compile (train.compile), as the shipped configs run it")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", help=argparse.SUPPRESS)
@@ -282,7 +295,8 @@ def main() -> None:
         rows.append(f"| {method} | {peer['tokens_per_s']:.0f} | {ours['tokens_per_s']:.0f} | "
                     f"**{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x** | {peer['eval_loss']:.4f} | "
                     f"{ours['eval_loss']:.4f} | {'yes' if agree else 'NO'} | {peer['peak_rss_mb']:.0f} | "
-                    f"{ours['peak_rss_mb']:.0f} | {100 * mfu:.1f}% |")
+                    f"{ours['peak_rss_mb']:.0f} | {100 * mfu:.1f}% | {peer['first_step_s']:.1f} | "
+                    f"{ours['first_step_s']:.1f} |")
         print(rows[-1], flush=True)
     generation = ""
     if not args.no_generation:
@@ -301,8 +315,8 @@ def main() -> None:
         f"## Training ({args.steps} steps of batch {args.batch_size}, max length {args.max_length}, first "
         f"{args.warmup_steps} steps untimed)\n\n"
         "| method | peer tokens/s | peftsum tokens/s | ratio | peer eval loss | peftsum eval loss | loss within 2% | "
-        "peer peak RSS (MB) | peftsum peak RSS (MB) | peftsum MFU |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+        "peer peak RSS (MB) | peftsum peak RSS (MB) | peftsum MFU | peer first step (s) | peftsum first step (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     from peftsum.compare import cpu_name
 
     machine = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__}, "

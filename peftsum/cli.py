@@ -41,6 +41,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML file with config sections (flags override it)")
     parser.add_argument("--random-init", dest="model.random_init", action="store_const", const="true",
                         default=argparse.SUPPRESS, help="build the model from its configuration with random weights")
+    parser.add_argument("--compile", dest="train.compile", action="store_const", const="true",
+                        default=argparse.SUPPRESS, help="torch.compile the transformer blocks for training (faster "
+                                                         "steps after a one-off compile; see BENCHMARKS.md)")
     for flag, key in ALIASES.items():
         parser.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="VALUE", help=f"= --{key}")
     group = parser.add_argument_group("every config key (section.field)")

@@ -86,6 +86,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50  # optimizer steps between checkpoints (0 = only at the end of each epoch)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept
+    # torch.compile each transformer block for training (compiled.py): ~1.8x faster steps on a CPU, after a one-off
+    # compile of ~40 s (seconds once cached on disk); worth it for runs longer than a few minutes.
+    compile: bool = False
 
 
 @dataclass

@@ -60,6 +60,10 @@ def summary_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torc
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
 
 
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
+
+
 @torch.no_grad()
 def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, num_beams: int,
                    no_repeat_ngram_size: int, repetition_penalty: float) -> list[str]:
@@ -67,7 +71,12 @@ def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max
     device = adapted.model.get_input_embeddings().weight.device
     batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts], tokenizer.pad_token_id)
     embeds, mask, _, _ = model_inputs(adapted, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-    with warnings.catch_warnings():
+    # transformers applies the LM head to the last position as a strided slice, hidden[:, -1:, :]; torch.matmul then
+    # broadcasts the head's weight over the batch in a copy (16 x 576 x 49152 for SmolLM2: ~1 s per prefill, ~200x
+    # the product itself). A contiguous input takes the plain matmul.
+    head = adapted.model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
+    with warnings.catch_warnings(), contextlib.ExitStack() as cleanup:
+        cleanup.callback(head.remove)
         # transformers warns that with inputs_embeds the n-gram ban covers generated tokens only: that is what we
         # want, since a summary may well repeat phrases of its document.
         warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")

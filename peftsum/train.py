@@ -38,11 +38,13 @@ from .config import TrainConfig
 from .data import IGNORE, Encoded
 from .errors import UserError
 from .files import write_jsonl
+from .compiled import compiled_blocks
 from .forward import autocast, collate, summary_loss
 from .methods import Adapted
 
 # Settings that change how often state is saved, not what is trained: a run may resume with other values.
-NOT_TRAINING = ("checkpoint_every", "keep_checkpoints")
+# `compile` is one of them: it changes how fast, and the float rounding of fused kernels, not what is trained.
+NOT_TRAINING = ("checkpoint_every", "keep_checkpoints", "compile")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -313,8 +315,9 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=f"train {adapted.method}", disable=not progress or not main,
                dynamic_ncols=True)
+    longest = max((len(e.input_ids) for e in examples), default=0)
     try:
-        with _sigint_deferred() as stop:
+        with _sigint_deferred() as stop, compiled_blocks(model, device, longest, enabled=cfg.compile and not fsdp):
             # Under a budget, epochs go on until the budget is spent, the last one usually partial.
             while budget is not None or epoch <= cfg.epochs:
                 batches = epoch_batches([len(e.input_ids) for e in examples], cfg.batch_size, cfg.seed, epoch)

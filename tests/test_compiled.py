@@ -1,0 +1,56 @@
+"""`--compile`: the transformer blocks compiled for training give the same training as the plain model (fp32, tiny
+Llama, so only float reassociation differs), and the model is plain again afterwards."""
+
+import pytest
+import torch
+
+from peftsum.cli import main
+from peftsum.compiled import compiled_blocks
+from peftsum.errors import UserError
+from peftsum.models import transformer_blocks
+
+from conftest import max_diff, step_losses, tiny_model, trained_weights
+
+TINY = ["--random-init", "--precision", "fp32", "--data.max_length", "64", "--data.max_summary_tokens", "12",
+        "--train.batch_size", "4", "--data.train_eval_size", "0", "--eval-size", "0", "--train.checkpoint_every", "0",
+        "--max-steps", "3", "--prompt.num_virtual_tokens", "4"]
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_compiled_training_matches_the_plain_loop(method, tiny_model_dirs, tiny_data, tmp_path):
+    from torch._dynamo.utils import counters
+
+    runs, graphs = {}, {}
+    for name, extra in (("plain", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        before = counters["stats"]["unique_graphs"]
+        assert main(["train", "--method", method, "--model", str(tiny_model_dirs["llama"]), "--data", str(tiny_data),
+                     "--out", str(out), *TINY, *extra]) == 0
+        runs[name], graphs[name] = out, counters["stats"]["unique_graphs"] - before
+    assert graphs == {"plain": 0, "compiled": graphs["compiled"]} and graphs["compiled"] >= 1
+    plain, compiled = step_losses(runs["plain"]), step_losses(runs["compiled"])
+    assert len(plain) == len(compiled) == 3
+    assert compiled == pytest.approx(plain, rel=1e-4)
+    weights = trained_weights(runs["plain"])
+    assert max_diff(weights, trained_weights(runs["compiled"])) < 1e-4
+    assert max_diff(weights, {k: torch.zeros_like(v) for k, v in weights.items()}) > 1e-3  # they did train
+
+
+def test_the_model_is_plain_again_after_the_compiled_block(tokenizer):
+    model = tiny_model("llama", tokenizer)
+    model.set_attn_implementation("sdpa")
+    with compiled_blocks(model, torch.device("cpu"), max_length=64):
+        assert model.config._attn_implementation == "eager"  # the fused formulation on the CPU
+        assert all(block._compiled_call_impl is not None for block in transformer_blocks(model))
+    assert model.config._attn_implementation == "sdpa"
+    assert all(block._compiled_call_impl is None for block in transformer_blocks(model))
+    with compiled_blocks(model, torch.device("cpu"), max_length=2048):  # long sequences keep SDPA (memory)
+        assert model.config._attn_implementation == "sdpa"
+
+
+def test_compile_without_a_cpp_compiler_is_a_clear_error(tokenizer, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    model = tiny_model("llama", tokenizer)
+    with pytest.raises(UserError, match="C\\+\\+ compiler"):
+        with compiled_blocks(model, torch.device("cpu"), max_length=64):
+            pass
