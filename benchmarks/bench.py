@@ -28,6 +28,7 @@ DATA = ROOT.parent / "shared" / "data" / "xsum"
 LR = {"lora": 5e-4, "prompt": 3e-2, "finetune": 5e-5}
 PROMPT_TEXT = "Summarize the following article in one or two sentences:"
 START, END = "<!-- measured: start -->", "<!-- measured: end -->"
+PEER_EVAL_BATCH = 16
 
 
 # ---------------------------------------------------------------- shared set-up (worker side)
@@ -178,9 +179,11 @@ def run_generation(args) -> dict:
     from peftsum.metrics import rouge_summary
     from peftsum.models import compute_dtype, load_model
 
-    cfg = load_config(None, {"data.source": str(DATA), "data.train_eval_size": "0", "data.eval_size": "64",
-                             "eval.max_new_tokens": str(args.max_new_tokens), "eval.batch_size": "16",
-                             "eval.no_repeat_ngram_size": "0"})
+    overrides = {"data.source": str(DATA), "data.train_eval_size": "0", "data.eval_size": "64",
+                 "eval.max_new_tokens": str(args.max_new_tokens), "eval.no_repeat_ngram_size": "0"}
+    if args.eval_batch_size:  # else peftsum's default
+        overrides["eval.batch_size"] = str(args.eval_batch_size)
+    cfg = load_config(None, overrides)
     loaded = load_model(cfg.model)
     examples = load_data(cfg.data, seed=0).eval
     documents, references = [e.document for e in examples], [e.summary for e in examples]
@@ -197,8 +200,9 @@ def run_generation(args) -> dict:
         prompts = [encode_prompt(tokenizer, d, cfg.data.template, budget) for d in documents]
         predictions = []
         started = time.perf_counter()
-        for i in range(0, len(prompts), 16):  # data-set order, as a plain loop over a DataLoader would
-            chunk = prompts[i:i + 16]
+        size = cfg.eval.batch_size
+        for i in range(0, len(prompts), size):  # data-set order, as a plain loop over a DataLoader would
+            chunk = prompts[i:i + size]
             batch = tokenizer.pad({"input_ids": chunk}, return_tensors="pt")  # left padding
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                 output = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
@@ -209,6 +213,7 @@ def run_generation(args) -> dict:
     out["summaries_per_s"] = len(documents) / seconds
     out["rouge1"] = rouge_summary(predictions, references, samples=1000)["rouge1"]
     out["peak_rss_mb"] = peak_rss_mb()
+    out["batch_size"] = cfg.eval.batch_size
     return out
 
 
@@ -247,11 +252,11 @@ def worker_main(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def spawn(side: str, what: str, method: str, args) -> dict:
+def spawn(side: str, what: str, method: str, args, eval_batch_size: int = 0) -> dict:
     command = [sys.executable, __file__, "--worker", "--side", side, "--what", what, "--method", method,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--warmup-steps", str(args.warmup_steps), "--max-new-tokens", str(args.max_new_tokens),
-               "--compile" if args.compile else "--no-compile"]
+               "--compile" if args.compile else "--no-compile", "--eval-batch-size", str(eval_batch_size)]
     with tempfile.TemporaryDirectory() as cache:
         # An empty inductor cache per run: the first step's time is a cold compile, as on a new machine.
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TORCHINDUCTOR_CACHE_DIR": cache}
@@ -278,6 +283,7 @@ def main() -> None:
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--what", default="train", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="lora", help=argparse.SUPPRESS)
+    parser.add_argument("--eval-batch-size", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker_main(args)
@@ -300,16 +306,22 @@ def main() -> None:
         print(rows[-1], flush=True)
     generation = ""
     if not args.no_generation:
-        ours, peer = spawn("peftsum", "generate", "none", args), spawn("peer", "generate", "none", args)
+        # The peer at the batch size of the usual loop; peftsum at its default and, like for like, at the peer's.
+        peer = spawn("peer", "generate", "none", args, eval_batch_size=PEER_EVAL_BATCH)
+        ours = spawn("peftsum", "generate", "none", args)
+        ours_same = spawn("peftsum", "generate", "none", args, eval_batch_size=PEER_EVAL_BATCH)
         r = lambda x: f"{x['rouge1']['mean']:.1f} [{x['rouge1']['low']:.1f}, {x['rouge1']['high']:.1f}]"  # noqa: E731
+
+        def row(name, x):
+            return (f"| {name} | {x['batch_size']} | {x['summaries_per_s']:.2f} | "
+                    f"**{x['summaries_per_s'] / peer['summaries_per_s']:.2f}x** | {r(x)} | {x['peak_rss_mb']:.0f} |\n")
         generation = (
-            "\n### Evaluation generation (untouched model, 64 XSum validation documents, batch 16, greedy, "
+            "\n### Evaluation generation (untouched model, 64 XSum validation documents, greedy, "
             f"max {args.max_new_tokens} new tokens)\n\n"
-            "| | summaries/s | ratio | ROUGE-1 [95% CI] | peak RSS (MB) |\n|---|---|---|---|---|\n"
-            f"| peer: `generate`, data-set order, fp32 weights + bf16 autocast | {peer['summaries_per_s']:.2f} | 1.00x | "
-            f"{r(peer)} | {peer['peak_rss_mb']:.0f} |\n"
-            f"| peftsum: length-sorted batches, bf16 weights | {ours['summaries_per_s']:.2f} | "
-            f"**{ours['summaries_per_s'] / peer['summaries_per_s']:.2f}x** | {r(ours)} | {ours['peak_rss_mb']:.0f} |\n")
+            "| | batch | summaries/s | ratio | ROUGE-1 [95% CI] | peak RSS (MB) |\n|---|---|---|---|---|---|\n"
+            + row("peer: `generate`, data-set order, fp32 weights + bf16 autocast", peer)
+            + row("peftsum (default batch): length-sorted batches, bf16 weights, own greedy loop", ours)
+            + row("peftsum at the peer's batch", ours_same))
         print(generation)
     table = (
         f"## Training ({args.steps} steps of batch {args.batch_size}, max length {args.max_length}, first "

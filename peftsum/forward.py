@@ -56,8 +56,27 @@ def summary_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torc
                                       use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    logits = adapted.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+    return head_loss(adapted.model.get_output_embeddings(), hidden[:, :-1][keep], targets[keep]), int(keep.sum())
+
+
+HEAD_ROWS = 256  # positions per LM-head chunk: 256 x 49,152 fp32 logits = 50 MB for SmolLM2
+
+
+def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropy of `head(hidden)` against `targets`, in chunks of exactly HEAD_ROWS positions.
+
+    The number of summary positions changes with every batch; vocabulary-sized logits of a new size every step
+    fragmented the C heap (peak RSS grew by ~2 GB over 20 steps of compiled training). Fixed-size chunks, the last
+    one padded with ignored positions, allocate the same blocks every step.
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(hidden), HEAD_ROWS):
+        rows, wanted = hidden[start:start + HEAD_ROWS], targets[start:start + HEAD_ROWS]
+        if len(rows) < HEAD_ROWS:
+            rows = torch.cat([rows, rows.new_zeros(HEAD_ROWS - len(rows), rows.shape[1])])
+            wanted = torch.cat([wanted, wanted.new_full((HEAD_ROWS - len(wanted),), IGNORE)])
+        total = total + F.cross_entropy(head(rows).float(), wanted, reduction="sum", ignore_index=IGNORE)
+    return total
 
 
 def _contiguous_input(module, args):
@@ -75,16 +94,72 @@ def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max
     # broadcasts the head's weight over the batch in a copy (16 x 576 x 49152 for SmolLM2: ~1 s per prefill, ~200x
     # the product itself). A contiguous input takes the plain matmul.
     head = adapted.model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
-    with warnings.catch_warnings(), contextlib.ExitStack() as cleanup:
-        cleanup.callback(head.remove)
+    try:
+        if num_beams == 1:
+            output = greedy(adapted.model, embeds, mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                            no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
+        else:
+            output = _hf_generate(adapted.model, tokenizer, embeds, mask, max_new_tokens=max_new_tokens,
+                                  num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
+                                  repetition_penalty=repetition_penalty)
+    finally:
+        head.remove()
+    return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+
+def _hf_generate(model, tokenizer, embeds, mask, **settings) -> torch.Tensor:
+    with warnings.catch_warnings():
         # transformers warns that with inputs_embeds the n-gram ban covers generated tokens only: that is what we
         # want, since a summary may well repeat phrases of its document.
         warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
-        output = adapted.model.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-            do_sample=False, temperature=None, top_p=None, top_k=None,
-            no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-    # With inputs_embeds, generate returns only the new tokens.
-    return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
+        # With inputs_embeds, generate returns only the new tokens.
+        return model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, temperature=None, top_p=None,
+                              top_k=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              **settings)
+
+
+def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos_token_id: int,
+           no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0) -> list[list[int]]:
+    """Greedy decoding from left-padded prompt embeddings: the new tokens of each row, up to and including its EOS.
+
+    What `generate(num_beams=1)` computes, token for token (tests/test_use.py checks it), with one difference in
+    the work: a row that has ended leaves the batch and its key/value cache, where `generate` keeps computing it
+    until the last row ends. The n-gram ban and the repetition penalty see the generated tokens only, as `generate`'s
+    do when it starts from embeddings.
+    """
+    from transformers import DynamicCache
+    from transformers.generation.logits_process import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
+                                                        RepetitionPenaltyLogitsProcessor)
+
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    rows = embeds.shape[0]
+    cache = DynamicCache(config=model.config)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    alive = torch.arange(rows)  # the rows still decoding, in batch order
+    position = positions[:, -1]
+    history = torch.empty((rows, 0), dtype=torch.long, device=embeds.device)  # alive rows' new tokens
+    made: list[list[int]] = [[] for _ in range(rows)]
+    for step in range(max_new_tokens):
+        tokens = processors(history, logits).argmax(-1)
+        for row, token in zip(alive.tolist(), tokens.tolist()):
+            made[row].append(token)
+        history = torch.cat([history, tokens[:, None]], dim=1)
+        going = tokens != eos_token_id
+        if step == max_new_tokens - 1 or not bool(going.any()):
+            break
+        if not bool(going.all()):  # drop the rows that ended, from the batch and from the cache
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            alive, tokens, history, mask, position = (alive[keep.cpu()], tokens[keep], history[keep], mask[keep],
+                                                      position[keep])
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+        position = position + 1
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1].float()
+    return made
