@@ -119,6 +119,9 @@ def _hf_generate(model, tokenizer, embeds, mask, **settings) -> torch.Tensor:
                               **settings)
 
 
+PREFILL_ROWS = 16
+
+
 class ReservedLayer(DynamicLayer):
     """A key/value cache layer that makes room for `reserve` new tokens once, at the prompt, and writes each new token
     in place. transformers' DynamicLayer concatenates the whole cache at every token: with 64 prompts of ~250 tokens
@@ -148,6 +151,13 @@ class ReservedLayer(DynamicLayer):
         rows, heads, length, dim = states.shape
         return states.new_empty((rows, heads, length + self.reserve, dim))
 
+    def append_rows(self, others: list["ReservedLayer"]) -> None:
+        """Take the rows of other layers that hold the same positions (prompts prefilled in parts) after this one's."""
+        if others:
+            self.key_buffer = torch.cat([self.key_buffer] + [o.key_buffer for o in others])
+            self.value_buffer = torch.cat([self.value_buffer] + [o.value_buffer for o in others])
+            self.keys, self.values = self.key_buffer[..., :self.length, :], self.value_buffer[..., :self.length, :]
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized and self.length:
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
@@ -172,11 +182,23 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
     if no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
     rows = embeds.shape[0]
-    cache = DynamicCache(config=model.config)
-    cache.layers = [ReservedLayer(max_new_tokens) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    # The prompts go through the model PREFILL_ROWS at a time: a whole batch of 64 makes activations of ~40 MB, which
+    # the C allocator maps fresh from the OS (and page-faults in) at every use; decoding then runs on all rows at once.
+    reservable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers or [None])
+    chunk = PREFILL_ROWS if reservable else rows  # other cache layouts (sliding windows...): transformers' own cache
+    caches, logits = [], []
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        cache = DynamicCache(config=model.config)
+        if reservable:
+            cache.layers = [ReservedLayer(max_new_tokens) for _ in cache.layers]
+        logits.append(model(inputs_embeds=embeds[part], attention_mask=mask[part], position_ids=positions[part],
+                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float())
+        caches.append(cache)
+    cache, logits = caches[0], torch.cat(logits)
+    for layer, *others in zip(cache.layers, *(c.layers for c in caches[1:])):
+        layer.append_rows(others)
     alive = torch.arange(rows)  # the rows still decoding, in batch order
     position = positions[:, -1]
     history = torch.empty((rows, 0), dtype=torch.long, device=embeds.device)  # alive rows' new tokens

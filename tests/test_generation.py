@@ -31,7 +31,9 @@ def hf_tokens(model, embeds, mask, eos: int, **settings) -> list[list[int]]:
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("settings", [{}, {"no_repeat_ngram_size": 2}, {"repetition_penalty": 1.3}])
-def test_greedy_equals_generate(kind, settings, tokenizer):
+@pytest.mark.parametrize("prefill_rows", [16, 4])  # the whole batch at once, or in parts joined in one cache
+def test_greedy_equals_generate(kind, settings, prefill_rows, tokenizer, monkeypatch):
+    monkeypatch.setattr("peftsum.forward.PREFILL_ROWS", prefill_rows)
     model = tiny_model(kind, tokenizer)
     with torch.no_grad():  # a random model's logits are near-uniform: sharpen them, so float noise cannot flip a tie
         model.get_output_embeddings().weight.mul_(20)
