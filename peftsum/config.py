@@ -94,7 +94,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     # Decoding one token costs a pass over all the weights whatever the batch, so wider batches amortise it:
-    # SmolLM2-135M on a 2-core CPU made 4.5 summaries/s at 16, 6.6 at 64 (BENCHMARKS.md), with less memory than
+    # SmolLM2-135M on a 2-core CPU made 4.8 summaries/s at 16, 7.0 at 64 (BENCHMARKS.md), with less memory than
     # transformers' generate at 16.
     batch_size: int = 64
     max_new_tokens: int = 64
