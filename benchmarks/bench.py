@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--no-generation", action="store_true")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="peftsum with --compile (train.compile), as the shipped configs run it")
+                        help="peftsum with --compile (train.compile), which pays off for runs of more than a minute or two")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", help=argparse.SUPPRESS)

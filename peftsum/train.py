@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
+from .compiled import compiled_blocks
 from .config import TrainConfig
 from .data import IGNORE, Encoded
 from .errors import UserError
 from .files import write_jsonl
-from .compiled import compiled_blocks
 from .forward import autocast, collate, summary_loss
 from .methods import Adapted
 
@@ -315,12 +315,13 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=f"train {adapted.method}", disable=not progress or not main,
                dynamic_ncols=True)
-    longest = max((len(e.input_ids) for e in examples), default=0)
+    lengths = [len(e.input_ids) for e in examples]
     try:
-        with _sigint_deferred() as stop, compiled_blocks(model, device, longest, enabled=cfg.compile and not fsdp):
+        with _sigint_deferred() as stop, compiled_blocks(model, device, max(lengths, default=0),
+                                                         enabled=cfg.compile and not fsdp):
             # Under a budget, epochs go on until the budget is spent, the last one usually partial.
             while budget is not None or epoch <= cfg.epochs:
-                batches = epoch_batches([len(e.input_ids) for e in examples], cfg.batch_size, cfg.seed, epoch)
+                batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
                 started = time.perf_counter() - tally["seconds"]
                 if budget is not None:
                     spent["progress"] = budget_spent(tally["seconds"], tally["tokens"])
