@@ -57,14 +57,19 @@ def summary_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torc
                                       use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    return head_loss(adapted.model.get_output_embeddings(), hidden[:, :-1][keep], targets[keep]), int(keep.sum())
+    # Gemma 2 caps its logits with tanh inside the causal-LM forward, which this loss bypasses (Gemma 3: no cap).
+    softcap = getattr(adapted.model.config, "final_logit_softcapping", None)
+    return (head_loss(adapted.model.get_output_embeddings(), hidden[:, :-1][keep], targets[keep], softcap),
+            int(keep.sum()))
 
 
-HEAD_ROWS = 256  # positions per LM-head chunk: 256 x 49,152 fp32 logits = 50 MB for SmolLM2
+HEAD_ROWS = 256  # positions per LM-head chunk: 256 x 49,152 fp32 logits = 50 MB for SmolLM2, 268 MB for Gemma 3
 
 
-def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of cross-entropy of `head(hidden)` against `targets`, in chunks of exactly HEAD_ROWS positions.
+def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+              softcap: float | None = None) -> torch.Tensor:
+    """Sum of cross-entropy of `head(hidden)` (capped to +-softcap by tanh, if given) against `targets`, in chunks of
+    exactly HEAD_ROWS positions.
 
     The number of summary positions changes with every batch; vocabulary-sized logits of a new size every step
     fragmented the C heap (peak RSS grew by ~2 GB over 20 steps of compiled training). Fixed-size chunks, the last
@@ -76,7 +81,10 @@ def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
         if len(rows) < HEAD_ROWS:
             rows = torch.cat([rows, rows.new_zeros(HEAD_ROWS - len(rows), rows.shape[1])])
             wanted = torch.cat([wanted, wanted.new_full((HEAD_ROWS - len(wanted),), IGNORE)])
-        total = total + F.cross_entropy(head(rows).float(), wanted, reduction="sum", ignore_index=IGNORE)
+        logits = head(rows).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        total = total + F.cross_entropy(logits, wanted, reduction="sum", ignore_index=IGNORE)
     return total
 
 
@@ -198,8 +206,9 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float())
         caches.append(cache)
     cache, logits = caches[0], torch.cat(logits)
-    for layer, *others in zip(cache.layers, *(c.layers for c in caches[1:])):
-        layer.append_rows(others)
+    if len(caches) > 1:  # prompts prefilled in parts: one cache holds them all
+        for layer, *others in zip(cache.layers, *(c.layers for c in caches[1:])):
+            layer.append_rows(others)
     alive = torch.arange(rows)  # the rows still decoding, in batch order
     position = positions[:, -1]
     history = torch.empty((rows, 0), dtype=torch.long, device=embeds.device)  # alive rows' new tokens

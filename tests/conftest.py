@@ -1,4 +1,5 @@
-"""Shared fixtures: a tokenizer trained on the fly, tiny random-init GPT-2 and Llama folders, tiny summarization data.
+"""Shared fixtures: a tokenizer trained on the fly, tiny random-init GPT-2, Llama and Gemma 3 folders, tiny
+summarization data.
 
 Nothing here touches the network. Tests marked `slow` use the real embedded model and ../shared/data and are
 skipped where either is absent.
@@ -40,12 +41,23 @@ def tokenizer():
     return make_tokenizer()
 
 
+KINDS = ("gpt2", "llama", "gemma3")
+
+
 def tiny_config(kind: str, vocab_size: int):
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig
 
     if kind == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=32, n_layer=2, n_head=2,
                           bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    if kind == "gemma3":
+        # Gemma 3's layout in miniature: scaled and tied embeddings, q/k norms, sliding-window layers around a
+        # full-attention one. The window (6 tokens) is shorter than the test prompts, so it really slides.
+        return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                                max_position_embeddings=256, sliding_window=6,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                bos_token_id=1, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
     return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                        bos_token_id=1, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
@@ -60,10 +72,11 @@ def tiny_model(kind: str, tokenizer, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    """{'gpt2': folder, 'llama': folder}, each with config.json and tokenizer files (use with random_init)."""
+    """{'gpt2': folder, 'llama': folder, 'gemma3': folder}, each with config.json and tokenizer files (use with
+    random_init)."""
     root = tmp_path_factory.mktemp("models")
     dirs = {}
-    for kind in ("gpt2", "llama"):
+    for kind in KINDS:
         folder = root / kind
         tiny_config(kind, len(tokenizer)).save_pretrained(folder)
         tokenizer.save_pretrained(folder)

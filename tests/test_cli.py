@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import KINDS
 from peftsum.cli import main
 
 FAST = ["--train.epochs", "2", "--train.batch_size", "4", "--data.train_eval_size", "4", "--eval-size", "4",
@@ -13,7 +14,7 @@ FAST = ["--train.epochs", "2", "--train.batch_size", "4", "--data.train_eval_siz
         "--data.max_summary_tokens", "12", "--prompt.num_virtual_tokens", "4", "--precision", "fp32"]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_compare_writes_a_complete_report(kind, tiny_model_dirs, tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["compare", "--model", str(tiny_model_dirs[kind]), "--random-init", "--data", str(tiny_data),

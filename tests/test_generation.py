@@ -29,7 +29,7 @@ def hf_tokens(model, embeds, mask, eos: int, **settings) -> list[list[int]]:
     return rows
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3"])
 @pytest.mark.parametrize("settings", [{}, {"no_repeat_ngram_size": 2}, {"repetition_penalty": 1.3}])
 @pytest.mark.parametrize("prefill_rows", [16, 4])  # the whole batch at once, or in parts joined in one cache
 def test_greedy_equals_generate(kind, settings, prefill_rows, tokenizer, monkeypatch):

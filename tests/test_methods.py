@@ -1,4 +1,5 @@
-"""The three methods on tiny random-init models, and the reference study's parameter counts on GPT-2 small."""
+"""The three methods on tiny random-init models (GPT-2, Llama, Gemma 3), and the reference study's parameter counts on
+GPT-2 small."""
 
 import copy
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import KINDS, tiny_model
 from peftsum.config import RunConfig
 from peftsum.data import IGNORE, Encoded
 from peftsum.forward import collate, generate_batch, summary_loss
@@ -49,7 +50,7 @@ def test_reference_study_parameter_counts_on_gpt2_small():
     assert "tied to the input embeddings" in counts["finetune"]["description"]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_lora_starts_as_the_base_model_and_merge_round_trips(kind, tokenizer):
     base = tiny_model(kind, tokenizer)
     batch = batch_for(tokenizer, ["the council said on monday", "new rules"])
@@ -69,7 +70,7 @@ def test_lora_starts_as_the_base_model_and_merge_round_trips(kind, tokenizer):
     assert all(torch.allclose(p, weights[n], atol=1e-6) for n, p in adapted.model.named_parameters() if "lora" not in n)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_only_the_method_parameters_train(kind, tokenizer):
     cfg = fp32_config()
     cfg.finetune.head, cfg.finetune.last_blocks = False, 1
@@ -86,7 +87,7 @@ def test_only_the_method_parameters_train(kind, tokenizer):
         assert all(p.grad is None for p in adapted.model.parameters() if not p.requires_grad)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_summary_loss_covers_labelled_tokens_only(kind, tokenizer):
     model = tiny_model(kind, tokenizer)
     batch = batch_for(tokenizer, ["the council said on monday that", "new rules for city buses will start"], 4)
@@ -99,7 +100,7 @@ def test_summary_loss_covers_labelled_tokens_only(kind, tokenizer):
     assert torch.allclose(loss_sum, reference, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_soft_prompt_changes_loss_and_generation(kind, tokenizer):
     base = tiny_model(kind, tokenizer)
     cfg = fp32_config()
@@ -128,7 +129,7 @@ def test_soft_prompt_sits_right_before_the_real_tokens():
     assert new_labels.tolist() == [[-100, -100, -100, -100, 1, 2], [-100, -100, 3, 4, 5, 6]]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_batched_generation_equals_one_at_a_time(kind, tokenizer):
     """Left padding must not change what any method generates (the soft prompt included)."""
     base = tiny_model(kind, tokenizer)
@@ -145,7 +146,7 @@ def test_batched_generation_equals_one_at_a_time(kind, tokenizer):
         assert batched == alone
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", ["lora", "prompt", "finetune"])
 def test_bf16_frozen_weights_train_every_method(kind, method, tokenizer):
     """Frozen weights stored in bf16 next to fp32 trainable ones (a trainable tied embedding, trainable norms)."""
@@ -188,3 +189,73 @@ def test_bf16_generation_with_a_trainable_tied_embedding(tokenizer):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         texts = generate_batch(adapted, tokenizer, [tokenizer("the council said")["input_ids"]], **kwargs)
     assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+# ---------------------------------------------------------------- Gemma 3: scaled embeddings, tied head, logit cap
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("init", ["text", "vocab", "random"])
+def test_soft_prompt_starts_at_the_scale_of_the_embedding_output(kind, init, tokenizer):
+    """Gemma multiplies its table by sqrt(hidden size); the prompt must start beside real token embeddings, not raw
+    rows. For GPT-2 and Llama (plain nn.Embedding) the output is the row itself, so nothing changes there."""
+    from peftsum.methods.prompt import initial_embeddings
+
+    model = tiny_model(kind, tokenizer)
+    module, table = model.get_input_embeddings(), model.get_input_embeddings().weight.detach()
+    cfg = fp32_config().prompt
+    cfg.init, cfg.num_virtual_tokens = init, 7
+    got = initial_embeddings(model, tokenizer, cfg, torch.Generator().manual_seed(0))
+    scale = model.config.hidden_size ** 0.5 if kind == "gemma3" else 1.0
+    if init == "random":
+        raw_std = float(table.std())
+        same = initial_embeddings(model, tokenizer, cfg, torch.Generator().manual_seed(0))
+        assert torch.equal(got, same)  # seeded
+        noise = torch.randn(7, table.shape[1], generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(got, noise * raw_std * scale, rtol=1e-4)
+        return
+    if init == "text":
+        ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+        ids = (ids * 7)[:7]
+    else:
+        ids = torch.randint(0, min(len(table), 5000), (7,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        assert torch.equal(got, module(torch.tensor(ids)))
+    if kind == "gemma3":
+        assert torch.allclose(got, table[ids] * scale, rtol=1e-6)
+    else:
+        assert torch.equal(got, table[ids])  # unchanged for plain embeddings: the raw rows
+
+
+def test_gemma_head_is_tied_and_its_size_is_stated(tokenizer):
+    from peftsum.models import ties_embeddings
+
+    model = tiny_model("gemma3", tokenizer)
+    assert ties_embeddings(model)
+    adapted = adapt(model, tokenizer, "finetune", fp32_config())
+    vocab, hidden = len(tokenizer), model.config.hidden_size
+    counts = adapted.parameter_counts()
+    assert counts["trainable"] == vocab * hidden  # the one shared table, counted once
+    assert f"tied to the input embeddings: {vocab:,} x {hidden:,} = {vocab * hidden:,} parameters" in \
+        counts["description"]
+
+
+def test_summary_loss_applies_the_models_logit_cap(tokenizer):
+    """Gemma 2-style final_logit_softcapping: the chunked head loss caps the logits as the model's forward does."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("gemma3", len(tokenizer))
+    config.final_logit_softcapping = 0.5  # far below the logits of a sharpened head: the cap changes the loss
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    batch = batch_for(tokenizer, ["the council said on monday that", "new rules for city buses will start"], 4)
+    loss_sum, _ = summary_loss(untouched(model), batch)
+    full = logits(model, batch)[:, :-1]
+    assert full.abs().max() <= 0.5
+    targets = batch["labels"][:, 1:]
+    reference = F.cross_entropy(full.reshape(-1, full.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                                reduction="sum")
+    assert torch.allclose(loss_sum, reference, atol=1e-4)

@@ -1,4 +1,5 @@
-"""Numerical parity with the real Hugging Face `peft` package (0.21.x) on tiny random-init GPT-2 and Llama models.
+"""Numerical parity with the real Hugging Face `peft` package (0.21.x) on tiny random-init GPT-2, Llama and Gemma 3
+models.
 
 Everything runs in fp32 on CPU and never touches the network. Each check prints its measured max abs difference
 (run `pytest -s tests/test_peft_parity.py` to see them).
@@ -9,7 +10,7 @@ What is checked:
     including a peft adapter on a subset of the default targets.
   * LoRA merge/unmerge: merged outputs == hooked outputs; unmerge restores the base weights.
   * Soft prompt on unpadded input == peft prompt tuning (logits of the real tokens), and the saved prompt adapter
-    loads in peft with the same logits.
+    loads in peft with the same logits; the text init equals peft's TEXT init (Gemma's scaled embeddings included).
   * Placement: with peftsum, left padding does not change a row's logits (peft's layout does; printed only).
 """
 
@@ -30,10 +31,10 @@ from peftsum.forward import model_inputs
 from peftsum.methods import adapt, lora
 from peftsum.methods.lora import LoRA
 
-KINDS = ["gpt2", "llama"]
+KINDS = ["gpt2", "llama", "gemma3"]
 RANK, ALPHA = 4, 8.0
 N_VIRTUAL = 5
-SUBSET_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+SUBSET_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "gemma3": ["q_proj", "v_proj"]}
 
 
 # ---------------------------------------------------------------- helpers
@@ -303,6 +304,24 @@ def test_soft_prompt_matches_peft_unpadded(kind, tokenizer):
     with torch.no_grad():
         plain = tiny_model(kind, tokenizer, seed=0)(input_ids=ids, attention_mask=mask).logits
     assert (a[:, N_VIRTUAL:] - plain).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_text_init_matches_peft(kind, tokenizer, tmp_path):
+    """peft's TEXT init embeds the text with the model's embedding module, as peftsum does: for Gemma that output
+    is the table row times sqrt(hidden size), not the raw row."""
+    base = tiny_model(kind, tokenizer, seed=0)
+    peft_base = copy.deepcopy(base)
+    cfg = _run_config(init="text")
+    adapted = adapt(base, tokenizer, "prompt", cfg)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, prompt_tuning_init="TEXT",
+                                     prompt_tuning_init_text=cfg.prompt.init_text,
+                                     tokenizer_name_or_path=str(tmp_path / "tokenizer"))
+    theirs = peft.get_peft_model(peft_base, config).prompt_encoder["default"].embedding.weight
+    diff = (adapted.soft_prompt.embeddings - theirs).abs().max().item()
+    _report("soft prompt text init vs peft TEXT init", kind, diff)
+    assert diff < 1e-6
 
 
 @pytest.mark.parametrize("init", ["random", "text"])

@@ -37,8 +37,21 @@ def describe(model: nn.Module, cfg: FinetuneConfig) -> str:
         return "all parameters"
     parts = []
     if cfg.head:
-        parts.append("LM head (tied to the input embeddings)" if ties_embeddings(model) else "LM head")
+        parts.append(_head(model))
     if cfg.last_blocks:
         total = len(transformer_blocks(model))
         parts.append(f"last {cfg.last_blocks} of {total} blocks and the final norm")
     return " + ".join(parts)
+
+
+def _head(model: nn.Module) -> str:
+    """The head and its size, which a large vocabulary makes the bulk of a small model (Gemma 3 270M: 262,144 x 640
+    = 167.8M of its 268.1M parameters); tied, it is the input embedding table too. Trained in fp32 with AdamW it
+    needs 16 bytes a parameter: the weight, its gradient and two moments."""
+    rows, columns = model.get_output_embeddings().weight.shape
+    size = rows * columns
+    tied = "tied to the input embeddings: " if ties_embeddings(model) else ""
+    memory = size * 16
+    memory_text = f"{memory / 1e9:.1f} GB" if memory >= 1e9 else f"{memory / 1e6:.3g} MB"
+    return (f"LM head ({tied}{rows:,} x {columns:,} = {size:,} parameters; {memory_text} in training as fp32 "
+            f"weight, gradient and AdamW moments)")

@@ -22,6 +22,7 @@ from ..errors import UserError
 DEFAULT_TARGETS = {
     "gpt2": ["attn.c_attn", "attn.c_proj"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],  # Gemma 3's text-only model (Gemma3ForCausalLM)
 }
 FALLBACK_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value", "out_proj"]
 

@@ -9,6 +9,8 @@ study. Generation receives the prompt through `inputs_embeds`, so it sits in the
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -54,18 +56,43 @@ class SoftPrompt(nn.Module):
 
 def initial_embeddings(model: nn.Module, tokenizer, cfg: PromptConfig, generator: torch.Generator) -> torch.Tensor:
     """Start from a task text's token embeddings (repeated to length), sampled vocabulary rows, or random noise
-    at the scale of the real embeddings (unit-variance noise, PEFT's RANDOM, is ~30x too large for most models)."""
-    table = model.get_input_embeddings().weight.detach()
+    at the scale of the real embeddings (unit-variance noise, PEFT's RANDOM, is ~30x too large for most models).
+
+    Embeddings are what the embedding module outputs, which is what the soft prompt sits beside: Gemma multiplies
+    its table by sqrt(hidden size) (25.3 for Gemma 3 270M), so raw table rows would start the prompt that much too
+    small. For a plain nn.Embedding (GPT-2, Llama) the output is the row itself.
+    """
+    module = model.get_input_embeddings()
+    vocab_size = module.weight.shape[0]
     n = cfg.num_virtual_tokens
     if cfg.init == "text":
         ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-        ids = (ids * (n // len(ids) + 1))[:n]
-        return table[torch.tensor(ids)].clone()
+        return _embedded(module, (ids * (n // len(ids) + 1))[:n])
     if cfg.init == "vocab":
         # Common tokens come first in BPE vocabularies; rare rows are often untrained.
-        pool = min(table.shape[0], 5000)
-        return table[torch.randint(0, pool, (n,), generator=generator)].clone()
-    return torch.randn(n, table.shape[1], generator=generator) * table.float().std()
+        pool = min(vocab_size, 5000)
+        return _embedded(module, torch.randint(0, pool, (n,), generator=generator).tolist())
+    return torch.randn(n, module.weight.shape[1], generator=generator) * _output_std(module, vocab_size)
+
+
+@torch.no_grad()
+def _embedded(module: nn.Module, ids: list[int]) -> torch.Tensor:
+    return module(torch.tensor(ids, device=module.weight.device)).float().cpu()
+
+
+@torch.no_grad()
+def _output_std(module: nn.Module, vocab_size: int, rows: int = 16384) -> float:
+    """Standard deviation of the embedding module's output over the whole vocabulary, in chunks of `rows` tokens
+    (Gemma's 262k x 640 table at once would be a 0.7 GB temporary), accumulated in float64."""
+    total = squares = 0.0
+    count = 0
+    for start in range(0, vocab_size, rows):
+        ids = torch.arange(start, min(start + rows, vocab_size), device=module.weight.device)
+        out = module(ids).double()
+        total += float(out.sum())
+        squares += float((out * out).sum())
+        count += out.numel()
+    return math.sqrt(max(squares - total * total / count, 0.0) / (count - 1))
 
 
 def apply(model: nn.Module, tokenizer, cfg: PromptConfig, seed: int = 0) -> SoftPrompt:
