@@ -1,6 +1,6 @@
 """Using a result: `summarize` (runs, peft-made adapters, files, stdin, JSONL) and `export` of a merged model.
 
-Everything runs on tiny random-init GPT-2 and Llama models in fp32 on CPU, offline. The runs are random-init, so
+Everything runs on tiny random-init GPT-2, Llama and Gemma 3 models in fp32 on CPU, offline. The runs are random-init, so
 `summarize --run` reproducing their predictions also checks that the base weights are rebuilt from the run's seed.
 Parity figures are printed (`pytest -s tests/test_use.py`).
 """
@@ -26,14 +26,15 @@ from peftsum.data import encode_prompt, prompt_budget
 from peftsum.forward import model_inputs
 from peftsum.use import adapted_from_adapter_dir, load_run
 
-KINDS = ["gpt2", "llama"]
+KINDS = ["gpt2", "llama", "gemma3"]
 FAST = ["--train.max_steps", "3", "--train.batch_size", "4", "--data.train_eval_size", "2", "--eval-size", "4",
         "--eval.max_new_tokens", "8", "--eval.bootstrap_samples", "10", "--data.max_length", "64",
         "--data.max_summary_tokens", "12", "--prompt.num_virtual_tokens", "4", "--precision", "fp32",
         "--eval.before", "false", "--lora.lr", "1e-2", "--finetune.lr", "1e-2"]
 NO_NGRAM = ["--eval.no_repeat_ngram_size", "0"]  # plain `generate(input_ids)` bans n-grams of the prompt too
 NEW_TOKENS = 10
-SUBSET_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj", "down_proj"]}
+SUBSET_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj", "down_proj"],
+                  "gemma3": ["q_proj", "v_proj", "down_proj"]}
 
 
 def _report(what: str, value: float) -> None:
@@ -286,8 +287,8 @@ def test_pickled_weights_are_refused_not_loaded(runs, tiny_model_dirs, tmp_path,
 
 # ---------------------------------------------------------------- export
 
-@pytest.mark.parametrize("kind, method", [("gpt2", "lora"), ("llama", "lora"), ("gpt2", "finetune"),
-                                          ("llama", "finetune")])
+@pytest.mark.parametrize("kind, method", [("gpt2", "lora"), ("llama", "lora"), ("gemma3", "lora"), ("gpt2", "finetune"),
+                                          ("llama", "finetune"), ("gemma3", "finetune")])
 def test_export_is_a_plain_model_that_generates_like_the_run(kind, method, runs, documents, tmp_path, capsys):
     run, out = runs[kind] / method, tmp_path / "merged"
     capsys.readouterr()
