@@ -220,7 +220,7 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{adapted.method} on {result['n']} {args.split} examples: loss {result['loss']:.4f}")
+        print(f"{adapted.name} on {result['n']} {args.split} examples: loss {result['loss']:.4f}")
         print(format_table(result["rouge"]))
     return 0
 

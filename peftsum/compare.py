@@ -32,7 +32,7 @@ from .data import Splits, encode_example, load_data, skipped_note
 from .errors import UserError
 from .evaluate import evaluate
 from .files import make_folder, read_json, write_json, write_text
-from .methods import Adapted, adapt, untouched
+from .methods import REGISTRY, Adapted, adapt, untouched
 from .models import (LoadedModel, compute_dtype, count_parameters, load_model, pick_device, ties_embeddings,
                      transformer_blocks)
 from .report import seed_summary, write_report
@@ -202,7 +202,7 @@ def gathered(session: Session, method: str, sharded: Adapted) -> Adapted:
 
 # What peftsum writes into a method folder (and nothing else is deleted by --overwrite).
 METHOD_FILES = (METRICS, RUN_CONFIG, "train_log.jsonl", "predictions_train.jsonl", "predictions_eval.jsonl",
-                adapters.ADAPTER_WEIGHTS, adapters.ADAPTER_CONFIG, adapters.FINETUNED_WEIGHTS)
+                adapters.ADAPTER_CONFIG, *dict.fromkeys(m.weights_file for m in REGISTRY.values()))
 RUN_FILES = (RESULTS, "report.md", "loss_curves.png", "rouge.png")
 # Settings that may differ when a comparison resumes: where it goes, which methods run, how often it checkpoints.
 RESUMABLE_CHANGES = ("out", "methods", "train.checkpoint_every", "train.keep_checkpoints")
@@ -225,7 +225,7 @@ def _refuse(what: str) -> UserError:
 
 def trained_weights(folder: Path) -> Path | None:
     """The final weights of a finished `train` run in `folder`, if any (checkpoints left means not finished)."""
-    for name in (adapters.ADAPTER_WEIGHTS, adapters.FINETUNED_WEIGHTS):
+    for name in dict.fromkeys(m.weights_file for m in REGISTRY.values()):
         if (folder / name).is_file() and checkpoint.latest(folder) is None:
             return folder / name
     return None

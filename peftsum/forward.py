@@ -31,13 +31,22 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: counted from each row's first real token (padding sits at 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def model_inputs(adapted: Adapted, input_ids, attention_mask, labels=None):
-    """Embeddings (with virtual tokens inserted), mask, position ids and labels for the model."""
+    """Embeddings (with the method's own inputs, e.g. virtual tokens, placed in), mask, position ids and labels."""
     embeds = adapted.model.get_input_embeddings()(input_ids)
-    if adapted.soft_prompt is not None:
-        embeds, attention_mask, labels = adapted.soft_prompt.insert(embeds, attention_mask, labels)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return embeds, attention_mask, position_ids, labels
+    embeds, attention_mask, labels = adapted.method.prepare_inputs(adapted, embeds, attention_mask, labels)
+    return embeds, attention_mask, positions(attention_mask), labels
+
+
+def summary_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, keep): the next-token targets of every position but the last, and where they are summary tokens."""
+    targets = labels[:, 1:]
+    return targets, targets != IGNORE
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -52,12 +61,28 @@ def summary_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torc
     The LM head runs only at positions that predict a summary token: on a 256-token example with a 40-token
     summary that skips ~85% of the head's work and its (vocab-sized) logits.
     """
-    embeds, mask, positions, labels = model_inputs(adapted, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    hidden = adapted.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+    embeds, mask, position_ids, labels = model_inputs(adapted, batch["input_ids"], batch["attention_mask"],
+                                                      batch["labels"])
+    hidden = adapted.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                       use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
+    targets, keep = summary_targets(labels)
     return head_loss(adapted.model.get_output_embeddings(), hidden[:, :-1][keep], targets[keep]), int(keep.sum())
+
+
+def whole_model_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """`summary_loss` through the model's own forward, which FSDP needs (its hooks run on the root module).
+
+    In a left-padded batch every summary ends the row, so the LM head runs over the last columns only: from the first
+    column that predicts a summary token in any row. (Full fine-tuning has no method inputs to place in.)
+    """
+    labels, mask = batch["labels"], batch["attention_mask"]
+    targets, keep = summary_targets(labels)
+    columns = keep.any(0).nonzero()
+    first = int(columns[0]) if len(columns) else targets.shape[1] - 1
+    logits = adapted.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions(mask),
+                           use_cache=False, logits_to_keep=labels.shape[1] - first).logits[:, :-1]
+    keep = keep[:, first:]
+    return F.cross_entropy(logits[keep].float(), targets[:, first:][keep], reduction="sum"), int(keep.sum())
 
 
 HEAD_ROWS = 256  # positions per LM-head chunk: 256 x 49,152 fp32 logits = 50 MB for SmolLM2
@@ -183,7 +208,7 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
     if no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
     rows = embeds.shape[0]
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = positions(mask)
     # The prompts go through the model PREFILL_ROWS at a time: a whole batch of 64 makes activations of ~40 MB, which
     # the C allocator maps fresh from the OS (and page-faults in) at every use; decoding then runs on all rows at once.
     reservable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers or [None])
@@ -194,14 +219,14 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
         cache = DynamicCache(config=model.config)
         if reservable:
             cache.layers = [ReservedLayer(max_new_tokens) for _ in cache.layers]
-        logits.append(model(inputs_embeds=embeds[part], attention_mask=mask[part], position_ids=positions[part],
+        logits.append(model(inputs_embeds=embeds[part], attention_mask=mask[part], position_ids=position_ids[part],
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float())
         caches.append(cache)
     cache, logits = caches[0], torch.cat(logits)
     for layer, *others in zip(cache.layers, *(c.layers for c in caches[1:])):
         layer.append_rows(others)
     alive = torch.arange(rows)  # the rows still decoding, in batch order
-    position = positions[:, -1]
+    position = position_ids[:, -1]
     history = torch.empty((rows, 0), dtype=torch.long, device=embeds.device)  # alive rows' new tokens
     made: list[list[int]] = [[] for _ in range(rows)]
     for step in range(max_new_tokens):

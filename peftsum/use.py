@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import adapters
-from .methods import lora
+from .methods import method_named
 from .config import config_from_args, validate
 from .errors import UserError
 
@@ -96,7 +96,7 @@ def load_run(cfg, run: Path, progress: bool = True):
     from .methods import adapt
 
     method = cfg.methods[0]
-    adapters.weights_path(run, method)  # refuse a missing or pickled-only weights file before loading the model
+    adapters.weights_path(run, method_named(method))  # refuse a missing or pickled-only weights file before loading the model
     session = open_session(cfg, progress)
     adapted = adapt(session.loaded.model, session.loaded.tokenizer, method, cfg)
     adapters.load_into(adapted, run)
@@ -174,7 +174,7 @@ def adapted_from_adapter_dir(cfg, folder: Path, model_given: bool = False, progr
             raise UserError(f"adapter folder not found: {folder}")
         raise UserError(f"{folder} is not an adapter folder (no {adapters.ADAPTER_CONFIG})")
     method = apply_adapter_config(cfg, adapters.read_adapter_config(folder), folder, model_given)
-    adapters.weights_path(folder, method)  # before the (possibly long) model load
+    adapters.weights_path(folder, method_named(method))  # before the (possibly long) model load
     try:
         session = open_session(cfg, progress)
     except UserError as exc:
@@ -185,11 +185,8 @@ def adapted_from_adapter_dir(cfg, folder: Path, model_given: bool = False, progr
     adapters.load_into(adapted, folder)
     unused = adapters.unused_keys(adapted, folder)
     if unused:
-        raise UserError(f"{folder / adapters.ADAPTER_WEIGHTS}: {len(unused)} tensors belong to layers peftsum does not "
+        raise UserError(f"{adapters.weights_path(folder, adapted.method)}: {len(unused)} tensors belong to layers peftsum does not "
                         f"adapt (LoRA on linear/Conv1D layers only), e.g. {unused[0]}")
-    if method == "lora" and adapters.read_adapter_config(folder).get("use_rslora"):
-        for module in adapters._lora_modules(adapted.model).values():
-            module.scale = cfg.lora.alpha / math.sqrt(cfg.lora.rank)  # rank-stabilised scaling, as peft
     adapted.model.eval()  # the new LoRA modules start in training mode (dropout on)
     return session, adapted
 
@@ -374,19 +371,17 @@ def cmd_export(args) -> int:
         raise _prompt_refusal(source, flag)
     setattr(args, "model.precision", "fp32")  # merge into, and write, full-precision weights
     cfg, session, adapted = open_result(args)
-    if adapted.method not in ("lora", "finetune"):
+    if not adapted.method.can_merge:
         raise _prompt_refusal(source, flag)
-    model = adapted.model
-    if adapted.method == "lora":
-        lora.remove(model)
+    model = adapted.method.merge_for_export(adapted)
     leftovers = [k for k in model.state_dict() if ".lora." in k or "lora_A" in k or "lora_B" in k]
     if leftovers:
         raise RuntimeError(f"LoRA tensors left in the merged state dict: {leftovers[:3]}")
     model.to("cpu")
     model.requires_grad_(False)
-    note = yaml.safe_dump({"exported_from": str(source), "method": adapted.method, **cfg.to_dict()}, sort_keys=False)
+    note = yaml.safe_dump({"exported_from": str(source), "method": adapted.name, **cfg.to_dict()}, sort_keys=False)
     write_model(model, session.loaded.tokenizer, out, note)
-    what = "LoRA merged into the base weights" if adapted.method == "lora" else "fine-tuned weights"
+    what = "LoRA merged into the base weights" if adapted.name == "lora" else "fine-tuned weights"
     print(f"exported {source} ({what}) to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r}); "
           f"prompt it with the template {cfg.data.template!r}")
     return 0

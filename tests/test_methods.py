@@ -110,7 +110,7 @@ def test_soft_prompt_changes_loss_and_generation(kind, tokenizer):
     plain = untouched(copy.deepcopy(base))
     prompted = adapt(copy.deepcopy(base), tokenizer, "prompt", cfg)
     with torch.no_grad():
-        prompted.soft_prompt.embeddings.mul_(50)  # random tiny-model outputs are flat; make the prompt matter
+        prompted.prompt_encoder.embeddings.mul_(50)  # random tiny-model outputs are flat; make the prompt matter
     assert not torch.allclose(summary_loss(plain, batch)[0], summary_loss(prompted, batch)[0])
     assert generate_batch(plain, tokenizer, prompts, **kwargs) != generate_batch(prompted, tokenizer, prompts, **kwargs)
 

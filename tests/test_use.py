@@ -220,7 +220,7 @@ def test_peft_made_adapter_summarizes_like_peft(kind, method, tokenizer, documen
     if model_flag:
         cfg.model.name = str(base_dir)
     _, adapted = adapted_from_adapter_dir(cfg, folder, model_given=bool(model_flag), progress=False)
-    assert adapted.method == method
+    assert adapted.name == method
     n = adapted.virtual_tokens
     with torch.no_grad():
         embeds, mask, positions, _ = model_inputs(adapted, x, torch.ones_like(x))
