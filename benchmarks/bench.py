@@ -68,7 +68,7 @@ def peak_rss_mb() -> float:
 def run_peftsum(args) -> dict:
     import torch
 
-    from peftsum.compare import Session, fresh_adapted
+    from peftsum.session import Session, fresh_adapted
     from peftsum.compiled import compiled_blocks
     from peftsum.forward import autocast, collate, summary_loss
     from peftsum.models import compute_dtype, pick_device
@@ -329,7 +329,7 @@ def main() -> None:
         "| method | peer tokens/s | peftsum tokens/s | ratio | peer eval loss | peftsum eval loss | loss within 2% | "
         "peer peak RSS (MB) | peftsum peak RSS (MB) | peftsum MFU | peer first step (s) | peftsum first step (s) |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    from peftsum.compare import cpu_name
+    from peftsum.session import cpu_name
 
     machine = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__}, "
                f"threads {torch.get_num_threads()}; measured bf16 matmul peak {peak:.2f} TFLOP/s (best over four "

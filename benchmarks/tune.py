@@ -23,7 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peftsum import adapters  # noqa: E402
-from peftsum.compare import RUN_CONFIG, compare, open_session  # noqa: E402
+from peftsum.compare import compare  # noqa: E402
+from peftsum.runs import RUN_CONFIG  # noqa: E402
+from peftsum.session import open_session  # noqa: E402
 from peftsum.config import load_config  # noqa: E402
 from peftsum.data import load_data  # noqa: E402
 from peftsum.evaluate import evaluate  # noqa: E402

@@ -1,5 +1,7 @@
-"""Turn a run's results dict (the content of results.json) into report.md plus two PNG charts.
+"""Turn a run's results (the content of results.json) into report.md plus two PNG charts.
 
+Rendering only: the statistics (ranking, paired tests, seed summaries) come computed in the results
+(analysis.py, results.py); results from older peftsum versions are brought up to date by `analysis.upgrade` first.
 `render_markdown` is pure, so the text can be tested and diffed; `write_report` adds the charts and the file writes.
 Every number that may be missing (a skipped split, no baseline, no GPU memory on CPU) renders as "–".
 """
@@ -14,17 +16,16 @@ import yaml
 # A Figure without pyplot renders headless and leaves the user's global matplotlib backend alone.
 from matplotlib.figure import Figure
 
+from .analysis import ALPHA, BEFORE, eval_after, samples_of, seed_runs, significant
 from .files import atomic_write, write_text
-from .metrics import ROUGE_KEYS, paired_bootstrap
+from .results import PairedTest, Results
+from .runs import LOSS_PLOT, REPORT, ROUGE_PLOT
 
-__all__ = ["render_markdown", "seed_summary", "write_report"]
+__all__ = ["render_markdown", "write_report"]
 
 DASH = "–"
 MINUS = "−"
 ROUGE = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))
-BEFORE = "untouched model"
-ALPHA = 0.05  # significance threshold of the paired tests
-DEFAULT_SAMPLES = 1000  # EvalConfig's default, for results written before the config recorded it
 
 
 # ---------------------------------------------------------------- small formatting helpers
@@ -72,10 +73,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _eval_after(method: dict) -> dict | None:
-    return (method.get("after") or {}).get("eval")
-
-
 def _signed(x: float) -> str:
     return f"{x:+.1f}".replace("-", MINUS)
 
@@ -96,51 +93,15 @@ def _p_value(p: float, samples: int) -> str:
 # ---------------------------------------------------------------- seeds, budgets, paired tests
 
 
-def seed_summary(seed_runs: list[dict]) -> dict:
-    """Mean and sample standard deviation (ddof=1) over seeds of the after-training scores.
-
-    Returns {"n": N, "eval": {"loss": {"mean", "std"}, "rouge1": {"mean", "std"}, ...}, "train": same}; ROUGE keys
-    are those of metrics.ROUGE_KEYS, each seed contributing its mean F1 x 100. A split no seed scored is None; with
-    a single scored seed the std is None (undefined), not 0.
-    """
-    after = [run.get("after") or {} for run in seed_runs]
-    return {"n": len(seed_runs), "eval": _across_seeds([a.get("eval") for a in after]),
-            "train": _across_seeds([a.get("train") for a in after])}
-
-
-def _across_seeds(splits: list[dict | None]) -> dict | None:
-    splits = [s for s in splits if s is not None]
-    if not splits:
-        return None
-    columns = {"loss": [s["loss"] for s in splits]}
-    columns.update({k: [s["rouge"][k]["mean"] for s in splits] for k in ROUGE_KEYS})
-    return {key: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None}
-            for key, v in columns.items()}
-
-
 def _seeds(cfg: dict) -> str:
     """"seed 7", or "seeds 7–9" when each method was trained with seeds train.seed, train.seed + 1, ..."""
     seed, n = (cfg.get("train") or {}).get("seed"), cfg.get("seeds") or 1
     return f"seeds {seed}–{seed + n - 1}" if n > 1 and seed is not None else f"seed {_fmt(seed, '')}"
 
 
-def _seed_runs(method: dict) -> list[dict]:
-    """The method's runs when it was trained with several seeds, else [] (one seed reports as before)."""
-    runs = method.get("seed_runs") or []
-    return runs if len(runs) > 1 else []
-
-
 def _label(name: str, method: dict) -> str:
-    runs = _seed_runs(method)
+    runs = seed_runs(method)
     return f"{name} ({len(runs)} seeds)" if runs else name
-
-
-def _eval_mean(method: dict, key: str) -> float:
-    """Eval loss or ROUGE mean that ranks the method: over its seeds when it has several."""
-    if _seed_runs(method):
-        return seed_summary(method["seed_runs"])["eval"][key]["mean"]
-    split = _eval_after(method)
-    return split["loss"] if key == "loss" else split["rouge"][key]["mean"]
 
 
 def _epochs_done(training: dict) -> float:
@@ -157,67 +118,21 @@ def _budget(results: dict) -> str | None:
     return None
 
 
-def _samples(results: dict) -> int:
-    samples = (results["config"].get("eval") or {}).get("bootstrap_samples")
-    return DEFAULT_SAMPLES if samples is None else int(samples)
+def _tests(results: Results) -> dict[tuple[str, str, str], PairedTest]:
+    """The stored paired tests by (a, b, ROUGE key)."""
+    return {(t["a"], t["b"], t["metric"]): t for t in results["analysis"]["tests"]}
 
 
-def _per_document(split: dict | None, key: str) -> list[float] | None:
-    return ((split or {}).get("per_document") or {}).get(key)
-
-
-def _method_scores(method: dict, key: str) -> list[float] | None:
-    """Per-document eval scores; with several seeds, each document's mean over the seeds."""
-    runs = _seed_runs(method)
-    splits = [(r.get("after") or {}).get("eval") for r in runs] if runs else [_eval_after(method)]
-    scores = [_per_document(s, key) for s in splits]
-    if any(s is None for s in scores) or len({len(s) for s in scores}) != 1:
-        return None
-    return list(np.mean(scores, axis=0))
-
-
-def _scored(results: dict) -> list[str]:
-    """Methods with eval scores after training, in run order."""
-    return [n for n, m in results["methods"].items() if _eval_after(m) is not None]
-
-
-def _ranked(results: dict, key: str) -> list[str]:
-    """Scored methods, best first: highest eval mean of a ROUGE key, or lowest eval loss for key "loss"."""
-    sign = 1 if key == "loss" else -1
-    return sorted(_scored(results), key=lambda n: sign * _eval_mean(results["methods"][n], key))
-
-
-def _pairs(results: dict) -> list[tuple[str, str, str]]:
-    """(a, b, key) for every test the report states: leader vs each other method, and each method vs untouched."""
-    pairs = []
-    for key, _ in ROUGE:
-        ranked = _ranked(results, key)
-        pairs += [(ranked[0], other, key) for other in ranked[1:]] + [(n, BEFORE, key) for n in ranked]
-    return pairs
-
-
-def _paired_tests(results: dict) -> dict[tuple[str, str, str], dict]:
-    """Paired bootstrap of a - b per pair, where both sides have per-document scores on the same documents."""
-    baseline = (results.get("baseline") or {}).get("eval")
-    samples, tests = _samples(results), {}
-    for a, b, key in _pairs(results):
-        xs = _method_scores(results["methods"][a], key)
-        ys = _per_document(baseline, key) if b == BEFORE else _method_scores(results["methods"][b], key)
-        if xs is not None and ys is not None and len(xs) == len(ys):
-            tests[(a, b, key)] = paired_bootstrap(xs, ys, samples=samples, seed=0)
-    return tests
-
-
-def _significant(test: dict) -> bool:
-    return test["p_value"] < ALPHA  # False for NaN, i.e. when no test was run
+def _eval_mean(results: Results, name: str, key: str) -> float:
+    return results["analysis"]["eval_means"][name][key]
 
 
 def _test_text(test: dict, samples: int, prefix: str = "") -> str:
     """"(95% CI −0.4 to +4.6, p = 0.10): **no significant difference**", or "(not tested)" without resamples."""
-    if math.isnan(test["p_value"]):
+    if test["p_value"] is None:
         return f"({prefix}not tested)"
     interval = f"95% CI {_signed(test['low'])} to {_signed(test['high'])}, p {_p_value(test['p_value'], samples)}"
-    return f"({prefix}{interval}): " + ("significant at the 5% level" if _significant(test)
+    return f"({prefix}{interval}): " + ("significant at the 5% level" if significant(test)
                                         else "**no significant difference**")
 
 
@@ -226,19 +141,19 @@ def _test_text(test: dict, samples: int, prefix: str = "") -> str:
 
 def _leader_lines(results: dict, tests: dict) -> list[str]:
     """Per ROUGE key: the leader by eval mean against each other method, by paired test or else by intervals."""
-    methods, samples = results["methods"], _samples(results)
+    methods, samples = results["methods"], samples_of(results)
     lines = []
     for key, label in ROUGE:
-        first, *others = _ranked(results, key)
+        first, *others = results["analysis"]["ranking"][key]
         for other in others:
             test = tests.get((first, other, key))
             if test is not None:
-                leader = f"**{first}**" if _significant(test) else first
+                leader = f"**{first}**" if significant(test) else first
                 lines.append(f"- {leader} leads {other} on {label} by {_signed(test['diff'])} "
                              f"{_test_text(test, samples)}.")
                 continue
             # Older results have no per-document scores: only the intervals can be compared.
-            a, b = _eval_after(methods[first])["rouge"][key], _eval_after(methods[other])["rouge"][key]
+            a, b = eval_after(methods[first])["rouge"][key], eval_after(methods[other])["rouge"][key]
             if _overlap(a, b):
                 lines.append(f"- {first} leads on {label} ({_ci(a)}) but its interval overlaps {other}'s "
                              f"({_ci(b)}): no clear winner.")
@@ -254,15 +169,15 @@ def _baseline_lines(results: dict, tests: dict) -> list[str]:
         return ["- The untouched model was not scored on the eval split, so there is no before/after comparison."]
     before, lines = baseline_eval["rouge"]["rouge1"], []
     for name, m in results["methods"].items():
-        if _eval_after(m) is None:
+        if eval_after(m) is None:
             lines.append(f"- {name}: no eval scores after training.")
             continue
-        after, test = _eval_after(m)["rouge"]["rouge1"], tests.get((name, BEFORE, "rouge1"))
-        change = "improved" if _eval_mean(m, "rouge1") > before["mean"] else "did not improve"
+        after, test = eval_after(m)["rouge"]["rouge1"], tests.get((name, BEFORE, "rouge1"))
+        change = "improved" if _eval_mean(results, name, "rouge1") > before["mean"] else "did not improve"
         if test is not None:
             difference = f"difference {_signed(test['diff'])}, "
             lines.append(f"- {name} {change} eval ROUGE-1 over the untouched model "
-                         f"{_test_text(test, _samples(results), difference)}.")
+                         f"{_test_text(test, samples_of(results), difference)}.")
             continue
         noise = "the intervals overlap, so the change is within noise" if _overlap(before, after) \
             else "the intervals do not overlap"
@@ -274,11 +189,11 @@ def _baseline_lines(results: dict, tests: dict) -> list[str]:
 def _method_note(results: dict, tests: dict) -> list[str]:
     if not tests:
         return []
-    if _samples(results) == 0:
+    if samples_of(results) == 0:
         return ["- No significance tests: eval.bootstrap_samples is 0, so differences are stated untested."]
     n = results["data"]["eval_examples"]
     return [f"- Differences are mean F1 × 100 over the same {n} eval documents, tested with a paired bootstrap "
-            f"({_samples(results):,} resamples, seed 0); a difference is significant when p < {ALPHA}."]
+            f"({samples_of(results):,} resamples, seed 0); a difference is significant when p < {ALPHA}."]
 
 
 def _verdict(results: dict, tests: dict) -> list[str]:
@@ -288,12 +203,12 @@ def _verdict(results: dict, tests: dict) -> list[str]:
     lines = _method_note(results, tests)
     if len(methods) == 1:
         lines.append(f"- Only one method was run ({next(iter(methods))}), so there is nothing to rank it against.")
-    elif len(_scored(results)) < 2:
+    elif len(results["analysis"]["ranking"]["loss"]) < 2:
         lines.append("- Fewer than two methods have eval scores, so there is no ranking on the eval split.")
     else:
-        by_loss = _ranked(results, "loss")
-        others = ", ".join(f"{n} {_eval_mean(methods[n], 'loss'):.3f}" for n in by_loss[1:])
-        lines.append(f"- **{by_loss[0]}** has the lowest eval loss ({_eval_mean(methods[by_loss[0]], 'loss'):.3f}; "
+        by_loss = results["analysis"]["ranking"]["loss"]
+        others = ", ".join(f"{n} {_eval_mean(results, n, 'loss'):.3f}" for n in by_loss[1:])
+        lines.append(f"- **{by_loss[0]}** has the lowest eval loss ({_eval_mean(results, by_loss[0], 'loss'):.3f}; "
                      f"{others}).")
         lines += _leader_lines(results, tests)
     lines += _baseline_lines(results, tests)
@@ -321,9 +236,9 @@ def _seed_cells(stats: dict | None, keys: list[str]) -> list[str]:
 
 
 def _after_cells(method: dict, split: str, keys: list[str]) -> list[str]:
-    runs = _seed_runs(method)
+    runs = seed_runs(method)
     if runs:
-        return _seed_cells(seed_summary(runs)[split], keys)
+        return _seed_cells(method["across_seeds"][split], keys)
     return _cells((method.get("after") or {}).get(split), keys)
 
 
@@ -336,7 +251,7 @@ def _per_seed_cells(split: dict | None) -> list[str]:
 def _per_seed(results: dict) -> list[str]:
     rows = [[name, str(run["seed"]), *_per_seed_cells((run.get("after") or {}).get("eval")),
              _fmt(run["training"].get("steps"), ","), f"{_epochs_done(run['training']):.2f}"]
-            for name, m in results["methods"].items() for run in _seed_runs(m)]
+            for name, m in results["methods"].items() for run in seed_runs(m)]
     if not rows:
         return []
     header = ["Method", "Seed", "Eval loss", "ROUGE-1", "ROUGE-2", "ROUGE-L", "Steps", "Epochs"]
@@ -353,7 +268,7 @@ def _results(results: dict) -> list[str]:
         lines += [f"### {_label(name, m)}", "", *_table(["", "Loss", "ROUGE-1", "ROUGE-2", "ROUGE-L"], rows), ""]
     lines += ["ROUGE: F1 × 100 as mean ± half the width of the 95% bootstrap interval. Loss: mean cross-entropy "
               "(nats) per summary token. \"before\" is the untouched base model, shared by all methods.", ""]
-    if any(_seed_runs(m) for m in results["methods"].values()):
+    if any(seed_runs(m) for m in results["methods"].values()):
         lines += ["For a method trained with several seeds, \"after\" shows loss and ROUGE as mean ± sample standard "
                   "deviation (ddof=1) over its seeds instead.", ""]
     keys += ["rougeLsum"]
@@ -371,15 +286,15 @@ def _significance(results: dict, tests: dict) -> list[str]:
         return ["No paired tests: they need per-document eval scores for two models (the untouched one counts), "
                 "which these results do not have (results from older peftsum versions never do). The Verdict "
                 "compares 95% intervals instead."]
-    samples, labels = _samples(results), dict(ROUGE)
+    samples, labels = samples_of(results), dict(ROUGE)
     rows = [[f"{a} − {b}", labels[key], _signed(t["diff"]), f"{_signed(t['low'])} to {_signed(t['high'])}",
-             DASH if math.isnan(t["p_value"]) else _p_value(t["p_value"], samples).removeprefix("= "),
-             "not tested" if math.isnan(t["p_value"]) else "significant" if _significant(t) else "not significant"]
+             DASH if t["p_value"] is None else _p_value(t["p_value"], samples).removeprefix("= "),
+             "not tested" if t["p_value"] is None else "significant" if significant(t) else "not significant"]
             for (a, b, key), t in tests.items()]
     lines = [*_table(["Pair", "Metric", "Difference", "95% interval", "p-value", "Verdict"], rows), "",
              "Difference: first minus second, in mean F1 × 100 on the eval split; interval and p-value (two-sided) "
              "from the paired bootstrap described in the Verdict."]
-    multi = [n for n, m in results["methods"].items() if _seed_runs(m)]
+    multi = [n for n, m in results["methods"].items() if seed_runs(m)]
     if multi:
         lines.append(f"For {', '.join(multi)} (several seeds), each document's score is the mean of its seeds' scores "
                      "for that document.")
@@ -423,21 +338,19 @@ def _configuration(results: dict) -> list[str]:
     ]
 
 
-def render_markdown(results: dict) -> str:
-    """Return the full report text for a results dict; pure and deterministic (same dict, same text).
-
-    The paired bootstrap tests are seeded (seed 0), so they too give the same text every time.
-    """
+def render_markdown(results: Results) -> str:
+    """Return the full report text for results at the current schema; pure and deterministic (same dict, same
+    text)."""
     data = results["data"]
     head = (f"Model **{results['model']['name']}** on **{data['source']}**: {data['train_examples']:,} train / "
             f"{data['eval_examples']:,} eval examples, {_seeds(results['config'])}, "
             f"wall time {_duration(results['wall_seconds'])}.")
     budget = _budget(results)
-    tests = _paired_tests(results)
+    tests = _tests(results)
     lines = ["# peftsum comparison", "", head + (f" {budget}" if budget else ""), "",
              "## Verdict", "", *_verdict(results, tests), "", "## Results", "", *_results(results), "",
              "## Significance", "", *_significance(results, tests), "", "## Resources", "", *_resources(results), "",
-             "## Plots", "", "![training loss](loss_curves.png)", "", "![ROUGE before and after](rouge.png)", "",
+             "## Plots", "", f"![training loss]({LOSS_PLOT})", "", f"![ROUGE before and after]({ROUGE_PLOT})", "",
              "## Configuration", "", *_configuration(results)]
     return "\n".join(lines) + "\n"
 
@@ -475,7 +388,7 @@ def _plot_loss(results: dict, path: Path) -> None:
 
 def _plot_rouge(results: dict, path: Path) -> None:
     base = (results.get("baseline") or {}).get("eval")
-    bars = [(BEFORE, base, "0.6")] + [(n, _eval_after(m), f"C{i}") for i, (n, m) in enumerate(results["methods"].items())]
+    bars = [(BEFORE, base, "0.6")] + [(n, eval_after(m), f"C{i}") for i, (n, m) in enumerate(results["methods"].items())]
     bars = [b for b in bars if b[1] is not None]
     fig = Figure(figsize=(8, 4.8), layout="constrained")
     ax = fig.subplots()
@@ -501,13 +414,13 @@ def _plot_rouge(results: dict, path: Path) -> None:
     fig.savefig(path, format="png", dpi=120)
 
 
-def write_report(results: dict, out_dir: Path) -> Path:
+def write_report(results: Results, out_dir: Path) -> Path:
     """Write report.md, loss_curves.png and rouge.png into out_dir (created if needed); return the report's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "loss_curves.png", lambda p: _plot_loss(results, p))
-    atomic_write(out_dir / "rouge.png", lambda p: _plot_rouge(results, p))
-    report = out_dir / "report.md"
+    atomic_write(out_dir / LOSS_PLOT, lambda p: _plot_loss(results, p))
+    atomic_write(out_dir / ROUGE_PLOT, lambda p: _plot_rouge(results, p))
+    report = out_dir / REPORT
     text = render_markdown(results)
     write_text(report, text)
     return report

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, requires_real
-from peftsum.compare import fresh_adapted, open_session
+from peftsum.session import fresh_adapted, open_session
 from peftsum.config import load_config
 from peftsum.data import encode_example, load_data
 from peftsum.evaluate import evaluate, mean_loss

@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 
 from peftsum.metrics import ROUGE_KEYS, bootstrap_interval, paired_bootstrap
-from peftsum.report import render_markdown, seed_summary, write_report
+from peftsum.analysis import seed_summary
+from peftsum.report import render_markdown, write_report
+from peftsum.analysis import upgrade
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOTAL = 134_515_008
 
+
+
+def report_of(results: dict) -> str:
+    """The report of synthetic results, with their statistics computed as compare computes them."""
+    return render_markdown(upgrade(copy.deepcopy(results)))
 
 def _split(r1: float, half: float = 2.0, loss: float = 2.5, n: int = 32) -> dict:
     """A SPLIT whose ROUGE-1 is r1 ± half; the other scores are derived so every key is present."""
@@ -80,7 +87,7 @@ def make_results(n_methods: int = 3) -> dict:
 
 
 def test_write_report_files(tmp_path):
-    path = write_report(make_results(), tmp_path / "out")
+    path = write_report(upgrade(make_results()), tmp_path / "out")
     assert path == tmp_path / "out" / "report.md" and path.read_text().startswith("# peftsum comparison")
     for name in ("loss_curves.png", "rouge.png"):
         data = (tmp_path / "out" / name).read_bytes()
@@ -89,7 +96,7 @@ def test_write_report_files(tmp_path):
 
 
 def test_sections_in_order_and_tables():
-    md = render_markdown(make_results())
+    md = report_of(make_results())
     heads = ["## Verdict", "## Results", "## Resources", "## Plots", "## Configuration"]
     assert [md.index(h) for h in heads] == sorted(md.index(h) for h in heads)
     for name in ("lora", "prompt", "finetune"):
@@ -103,7 +110,7 @@ def test_sections_in_order_and_tables():
 
 
 def test_resources_format():
-    md = render_markdown(make_results())
+    md = report_of(make_results())
     assert "| lora | 134,975,808 | 460,800 | 0.3426 |" in md
     assert "| finetune | 134,515,008 | 28,311,552 | 21.05 | 120 | 2.00 | 31.5 | 3,900 | – |" in md
     assert "| prompt | 134,520,768 | 5,760 | 0.004282 |" in md  # tiny share: no scientific notation
@@ -111,7 +118,7 @@ def test_resources_format():
 
 
 def test_verdict_winners_and_noise():
-    verdict = render_markdown(make_results()).split("## Verdict")[1].split("## Results")[0]
+    verdict = report_of(make_results()).split("## Verdict")[1].split("## Results")[0]
     assert "**lora** has the lowest eval loss" in verdict
     assert "**lora** wins on ROUGE-1 (31.2 [29.2, 33.2]), clear of prompt (24.0 [22.0, 26.0])" in verdict
     assert "lora leads on ROUGE-2 (10.4 [8.4, 12.4]) but its interval overlaps prompt's (10.0 [8.5, 11.5]): " \
@@ -125,12 +132,12 @@ def test_verdict_winners_and_noise():
 def test_verdict_no_improvement_within_noise():
     results = make_results()
     results["baseline"]["eval"] = _split(23.0)
-    verdict = render_markdown(results).split("## Results")[0]
+    verdict = report_of(results).split("## Results")[0]
     assert "finetune did not improve eval ROUGE-1" in verdict and "within noise" in verdict
 
 
 def test_single_method():
-    md = render_markdown(make_results(1))
+    md = report_of(make_results(1))
     assert "Only one method was run (lora)" in md and "Fastest training" not in md
     assert "lora improved eval ROUGE-1" in md
 
@@ -139,11 +146,11 @@ def test_null_eval_split_and_null_baseline(tmp_path):
     results = make_results()
     results["baseline"] = None
     results["methods"]["prompt"]["after"]["eval"] = None
-    md = render_markdown(results)
+    md = report_of(results)
     assert "| before / eval | – | – | – | – |" in md
     assert "| prompt | – | – | – | – | – |" in md
     assert "no before/after comparison" in md
-    write_report(results, tmp_path)  # charts must cope with the gaps too
+    write_report(upgrade(results), tmp_path)  # charts must cope with the gaps too
 
 
 def test_all_eval_missing(tmp_path):
@@ -152,22 +159,22 @@ def test_all_eval_missing(tmp_path):
     for m in results["methods"].values():
         m["after"]["eval"] = None
         m["training"]["loss_curve"] = []
-    assert "Fewer than two methods have eval scores" in render_markdown(results)
+    assert "Fewer than two methods have eval scores" in report_of(results)
     assert (tmp_path / "rouge.png").exists() is False
-    write_report(results, tmp_path)
+    write_report(upgrade(results), tmp_path)
     assert (tmp_path / "rouge.png").read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_deterministic_and_pure(n):
-    results = make_results(n)
+    results = upgrade(make_results(n))
     before = copy.deepcopy(results)
     assert render_markdown(results) == render_markdown(copy.deepcopy(results))
     assert results == before  # rendering must not mutate its input
 
 
 def test_config_yaml_block():
-    md = render_markdown(make_results())
+    md = report_of(make_results())
     config = md.split("```yaml\n")[1].split("```")[0]
     assert config.startswith("model:\n  name: smollm2-135m\n")
     assert "Runs are deterministic for a given seed, configuration and machine." in md
@@ -185,7 +192,7 @@ def test_paired_test_finds_no_difference_between_noisy_twins():
     base, rng = _documents(0), np.random.default_rng(1)
     lora, prompt = base + 8 + rng.normal(0, 4, base.size), base + 8 + rng.normal(0, 4, base.size)
     results = with_documents(make_results(2), {"lora": lora, "prompt": prompt}, base)
-    md = render_markdown(results)
+    md = report_of(results)
     leader, other = ("lora", "prompt") if lora.mean() > prompt.mean() else ("prompt", "lora")
     test = paired_bootstrap([round(v, 3) for v in (lora if leader == "lora" else prompt)],
                             [round(v, 3) for v in (prompt if leader == "lora" else lora)])
@@ -200,7 +207,7 @@ def test_paired_test_finds_no_difference_between_noisy_twins():
 def test_paired_test_finds_clear_difference():
     base, rng = _documents(2), np.random.default_rng(3)
     lora, prompt = base + 6 + rng.normal(0, 1, base.size), base + rng.normal(0, 1, base.size)
-    md = render_markdown(with_documents(make_results(2), {"lora": lora, "prompt": prompt}, base))
+    md = report_of(with_documents(make_results(2), {"lora": lora, "prompt": prompt}, base))
     verdict = md.split("## Results")[0]
     diff = np.mean(np.round(lora, 3) - np.round(prompt, 3))
     assert f"- **lora** leads prompt on ROUGE-1 by {diff:+.1f} (95% CI +" in verdict
@@ -219,7 +226,7 @@ def test_paired_test_finds_clear_difference():
 
 
 def test_old_results_fall_back_to_intervals():
-    md = render_markdown(make_results())
+    md = report_of(make_results())
     assert "No paired tests" in md and "wins on ROUGE-1" in md and "p < 0.05" not in md
 
 
@@ -227,7 +234,7 @@ def test_no_resamples_means_no_test():
     base = _documents(4)
     results = with_documents(make_results(2), {"lora": base + 5, "prompt": base}, base)
     results["config"]["eval"] = {"bootstrap_samples": 0}
-    md = render_markdown(results)
+    md = report_of(results)
     assert "No significance tests: eval.bootstrap_samples is 0" in md
     assert "lora leads prompt on ROUGE-1 by +5.0 (not tested)." in md and "| not tested |" in md
 
@@ -269,7 +276,7 @@ def test_seed_summary_matches_numpy():
 def test_seeds_in_tables_and_paired_test_uses_seed_means():
     losses, r1 = [2.0, 2.3, 2.9], [30.0, 27.5, 31.25]
     runs = [_seed_run(s, l, r) for s, l, r in zip((7, 8, 9), losses, r1)]
-    md = render_markdown(with_seeds(make_results(), "lora", runs))
+    md = report_of(with_seeds(make_results(), "lora", runs))
     mean, std = np.mean(r1), np.std(r1, ddof=1)
     assert "### lora (3 seeds)" in md and "seeds 7–9" in md and "- **Seeds**: 7–9;" in md
     assert f"| after / eval | {np.mean(losses):.3f} ± {np.std(losses, ddof=1):.3f} | {mean:.1f} ± {std:.1f} |" in md
@@ -281,8 +288,8 @@ def test_seeds_in_tables_and_paired_test_uses_seed_means():
     results = with_seeds(make_results(2), "lora", [_seed_run(7 + i, 2.0, 0, d) for i, d in enumerate(seeds)])
     results = with_documents(results, {"prompt": base}, base)
     before = copy.deepcopy(results)
-    md = render_markdown(results)
-    assert results == before and render_markdown(results) == md  # still pure and deterministic
+    md = report_of(results)
+    assert results == before and report_of(results) == md  # still pure and deterministic
     expected = paired_bootstrap(np.mean(np.round(seeds, 3), axis=0), np.round(base, 3))
     assert f"| lora − prompt | ROUGE-1 | {expected['diff']:+.1f} |" in md and expected["diff"] > 3
     assert f"- **lora** leads prompt on ROUGE-1 by {expected['diff']:+.1f}" in md
@@ -296,11 +303,11 @@ def test_budget_line_and_training_amount():
     results = make_results()
     results["config"]["train"]["budget_seconds"] = 800.0
     results["methods"]["lora"]["training"]["epochs"][1].update(batches=21, of_batches=50)
-    md = render_markdown(results)
+    md = report_of(results)
     budget = "Equal budget: 800 s of training wall-clock per method."
     assert md.split("\n")[2].endswith(budget) and md.split("## Resources")[1].lstrip().startswith(budget)
     assert "| Method | Total params | Trainable params | % trainable | Steps | Epochs | Time per epoch (s) |" in md
     assert "| lora | 134,975,808 | 460,800 | 0.3426 | 120 | 1.42 | 44.4 |" in md  # (31 + 32) s over 1.42 epochs
     results["config"]["train"] = {"seed": 7, "budget_seconds": 0.0, "budget_tokens": 250_000}
-    assert "Equal budget: 250,000 training tokens per method." in render_markdown(results)
-    assert "Equal budget" not in render_markdown(make_results())
+    assert "Equal budget: 250,000 training tokens per method." in report_of(results)
+    assert "Equal budget" not in report_of(make_results())

@@ -24,7 +24,7 @@ from peftsum.cli import main
 from peftsum.config import load_config
 from peftsum.data import encode_prompt, prompt_budget
 from peftsum.forward import model_inputs
-from peftsum.use import adapted_from_adapter_dir, load_run
+from peftsum.session import load_adapter, load_run
 
 KINDS = ["gpt2", "llama"]
 FAST = ["--train.max_steps", "3", "--train.batch_size", "4", "--data.train_eval_size", "2", "--eval-size", "4",
@@ -219,7 +219,7 @@ def test_peft_made_adapter_summarizes_like_peft(kind, method, tokenizer, documen
     cfg.model.precision = "fp32"
     if model_flag:
         cfg.model.name = str(base_dir)
-    _, adapted = adapted_from_adapter_dir(cfg, folder, model_given=bool(model_flag), progress=False)
+    _, adapted = load_adapter(cfg, folder, model_given=bool(model_flag), progress=False)
     assert adapted.name == method
     n = adapted.virtual_tokens
     with torch.no_grad():

@@ -1,0 +1,104 @@
+"""The commands that train and write a run folder: `compare`, `train`, `sweep`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import METHODS, config_from_args
+from .flags import add_config_flags, add_run_flags, launch
+
+
+def add_compare(parser) -> None:
+    add_config_flags(parser)
+    parser.add_argument("--dry-run", action="store_true", help="print the resource plan (parameter counts) only")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    add_run_flags(parser)
+
+
+def compare(args) -> int:
+    from ..compare import compare, plan
+    from ..session import open_session
+
+    cfg = config_from_args(args)
+    fsdp = launch(cfg, args.fsdp)
+    if args.dry_run:
+        result = plan(open_session(cfg, progress=False))
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            m = result["model"]
+            print(f"model {m['name']} ({m['architecture']}, {m['total_params']:,} parameters)")
+            for method, counts in result["methods"].items():
+                print(f"  {method:<9} trainable {counts['trainable']:>12,} of {counts['total']:>12,} "
+                      f"({counts['trainable_percent']:.4f}%)  {counts['description']}")
+        return 0
+    results = compare(cfg, resume=args.resume, overwrite=args.overwrite, fsdp=fsdp)
+    print(f"report: {Path(cfg.out) / 'report.md'}  (wall time {results['wall_seconds']:.0f} s)")
+    return 0
+
+
+def add_train(parser) -> None:
+    add_config_flags(parser)
+    parser.add_argument("--method", required=True, choices=METHODS)
+    add_run_flags(parser)
+
+
+def train(args) -> int:
+    from ..data import load_data, skipped_note
+
+    cfg = config_from_args(args)
+    cfg.methods = [args.method]
+    folder = Path(cfg.out) if "out" in vars(args) else Path(cfg.out) / args.method
+    splits = load_data(cfg.data, seed=cfg.train.seed)  # before the model loads: bad data is refused at once
+
+    from .. import checkpoint, distributed, runs
+    from ..compare import train_method
+    from ..evaluate import mean_loss
+    from ..files import make_folder
+    from ..session import check_fsdp, open_session
+
+    fsdp = launch(cfg, args.fsdp)
+    if fsdp:
+        distributed.on_main(check_fsdp, cfg)
+    if distributed.on_main(runs.prepare_train_folder, folder, args.resume, args.overwrite):
+        print(f"{folder} already holds a finished run; nothing to resume")
+        return 0
+    distributed.on_main(make_folder, folder)
+    note = skipped_note(splits.info)
+    if note:
+        print(note)
+    session = open_session(cfg, fsdp=fsdp)
+    adapted, training = train_method(session, args.method, splits, folder)
+    if distributed.is_main():
+        checkpoint.remove(folder)  # the final weights are saved: nothing left to resume
+    print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; saved to {folder}")
+    if splits.eval:
+        loss, _ = mean_loss(adapted, session.tokenizer, splits.eval, cfg.data, cfg.eval.batch_size,
+                            session.device, session.dtype)
+        print(f"eval loss {loss:.4f} on {len(splits.eval)} examples")
+    return 0
+
+
+def add_sweep(parser) -> None:
+    add_config_flags(parser)
+    parser.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2,...",
+                        help="a method's config key and its values, e.g. lora.rank=1,4,16 (repeatable); "
+                             "methods without one run once at their configured settings")
+    parser.add_argument("--metric", choices=("rouge1", "rouge2", "rougeL", "rougeLsum"), default="rougeL",
+                        help="the eval ROUGE score charted against trainable parameters (default rougeL)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="read back finished points, continue the rest")
+    group.add_argument("--overwrite", action="store_true", help="replace the points already in the output folder")
+
+
+def sweep(args) -> int:
+    from ..sweep import parse_varies, run_sweep, sweep_table
+
+    cfg = config_from_args(args)
+    varies = parse_varies(args.vary, cfg.methods)
+    launch(cfg)
+    result = run_sweep(cfg, varies, args.metric, resume=args.resume, overwrite=args.overwrite)
+    print("\n".join(sweep_table(result["points"], args.metric)))
+    print(f"sweep: {Path(cfg.out) / 'sweep.md'}, {Path(cfg.out) / 'pareto.png'}")
+    return 0
