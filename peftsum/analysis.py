@@ -117,12 +117,28 @@ def significant(test: PairedTest, alpha: float = ALPHA) -> bool:
 
 
 def upgrade(results: dict) -> Results:
-    """`results` at the current schema: an older file gains its statistics (computed now), in place."""
+    """`results` at the current schema: an older file gains its statistics (computed now), and the settings that
+    did not exist when it was written read as their defaults (which keep the old behaviour); in place."""
+    from .config import RunConfig
+
+    _fill_missing(results["config"], RunConfig().to_dict())
     for method in results["methods"].values():
         method.setdefault("after", {"train": None, "eval": None})
+        for run in [method, *(method.get("seed_runs") or [])]:
+            for epoch in run["training"]["epochs"]:  # before budgets, every epoch was whole
+                epoch.setdefault("batches", 1)
+                epoch.setdefault("of_batches", 1)
         if len(method.get("seed_runs") or []) > 1 and "across_seeds" not in method:
             method["across_seeds"] = seed_summary(method["seed_runs"])
     if results.get("schema_version") != SCHEMA_VERSION or "analysis" not in results:
         results["analysis"] = analyze(results)
         results["schema_version"] = SCHEMA_VERSION
     return results
+
+
+def _fill_missing(config: dict, defaults: dict) -> None:
+    for key, value in defaults.items():
+        if key not in config:
+            config[key] = value
+        elif isinstance(value, dict) and isinstance(config[key], dict):
+            _fill_missing(config[key], value)

@@ -95,7 +95,7 @@ def _p_value(p: float, samples: int) -> str:
 
 def _seeds(cfg: dict) -> str:
     """"seed 7", or "seeds 7–9" when each method was trained with seeds train.seed, train.seed + 1, ..."""
-    seed, n = (cfg.get("train") or {}).get("seed"), cfg.get("seeds") or 1
+    seed, n = cfg["train"]["seed"], cfg["seeds"]
     return f"seeds {seed}–{seed + n - 1}" if n > 1 and seed is not None else f"seed {_fmt(seed, '')}"
 
 
@@ -106,14 +106,14 @@ def _label(name: str, method: dict) -> str:
 
 def _epochs_done(training: dict) -> float:
     """Epochs as a decimal: a partial last epoch (a budget ran out) counts by its share of batches."""
-    return sum(e["batches"] / e["of_batches"] if e.get("of_batches") else 1.0 for e in training.get("epochs") or [])
+    return sum(e["batches"] / e["of_batches"] for e in training["epochs"])
 
 
 def _budget(results: dict) -> str | None:
-    train = results["config"].get("train") or {}
-    if train.get("budget_seconds"):
+    train = results["config"]["train"]
+    if train["budget_seconds"]:
         return f"Equal budget: {_number(train['budget_seconds'])} s of training wall-clock per method."
-    if train.get("budget_tokens"):
+    if train["budget_tokens"]:
         return f"Equal budget: {_number(train['budget_tokens'])} training tokens per method."
     return None
 
@@ -164,7 +164,7 @@ def _leader_lines(results: dict, tests: dict) -> list[str]:
 
 def _baseline_lines(results: dict, tests: dict) -> list[str]:
     """Each method against the untouched model on ROUGE-1 ("before training" is the same model for every method)."""
-    baseline_eval = (results.get("baseline") or {}).get("eval")
+    baseline_eval = (results["baseline"] or {}).get("eval")
     if baseline_eval is None:
         return ["- The untouched model was not scored on the eval split, so there is no before/after comparison."]
     before, lines = baseline_eval["rouge"]["rouge1"], []
@@ -239,7 +239,7 @@ def _after_cells(method: dict, split: str, keys: list[str]) -> list[str]:
     runs = seed_runs(method)
     if runs:
         return _seed_cells(method["across_seeds"][split], keys)
-    return _cells((method.get("after") or {}).get(split), keys)
+    return _cells(method["after"][split], keys)
 
 
 def _per_seed_cells(split: dict | None) -> list[str]:
@@ -249,8 +249,8 @@ def _per_seed_cells(split: dict | None) -> list[str]:
 
 
 def _per_seed(results: dict) -> list[str]:
-    rows = [[name, str(run["seed"]), *_per_seed_cells((run.get("after") or {}).get("eval")),
-             _fmt(run["training"].get("steps"), ","), f"{_epochs_done(run['training']):.2f}"]
+    rows = [[name, str(run["seed"]), *_per_seed_cells(run["after"]["eval"]),
+             _fmt(run["training"]["steps"], ","), f"{_epochs_done(run['training']):.2f}"]
             for name, m in results["methods"].items() for run in seed_runs(m)]
     if not rows:
         return []
@@ -259,7 +259,7 @@ def _per_seed(results: dict) -> list[str]:
 
 
 def _results(results: dict) -> list[str]:
-    base = results.get("baseline") or {}
+    base = results["baseline"] or {}
     keys = [k for k, _ in ROUGE]
     lines: list[str] = []
     for name, m in results["methods"].items():
@@ -306,10 +306,10 @@ def _resources(results: dict) -> list[str]:
     for name, m in results["methods"].items():
         p, t = m["params"], m["training"]
         epochs = _epochs_done(t)
-        seconds = sum(e["seconds"] for e in t.get("epochs") or [])
+        seconds = sum(e["seconds"] for e in t["epochs"])
         rows.append([name, f"{p['total']:,}", f"{p['trainable']:,}", _sig4(p["trainable_percent"]),
-                     _fmt(t.get("steps"), ","), f"{epochs:.2f}", _fmt(seconds / epochs if epochs else None, ".1f"),
-                     _fmt(t["tokens_per_s"], ",.0f"), _fmt(t.get("peak_memory_mb"), ",.0f")])
+                     _fmt(t["steps"], ","), f"{epochs:.2f}", _fmt(seconds / epochs if epochs else None, ".1f"),
+                     _fmt(t["tokens_per_s"], ",.0f"), _fmt(t["peak_memory_mb"], ",.0f")])
     header = ["Method", "Total params", "Trainable params", "% trainable", "Steps", "Epochs", "Time per epoch (s)",
               "Tokens/s", "Peak memory (MB)"]
     notes = [f"- **{n}**: {m['params']['description']}" for n, m in results["methods"].items()]
@@ -367,7 +367,7 @@ def _plot_loss(results: dict, path: Path) -> None:
     ax = fig.subplots()
     drawn = False
     for i, (name, m) in enumerate(results["methods"].items()):
-        curve = m["training"].get("loss_curve") or []
+        curve = m["training"]["loss_curve"]
         if not curve:
             continue
         steps, losses = np.asarray(curve, dtype=float).T
@@ -387,7 +387,7 @@ def _plot_loss(results: dict, path: Path) -> None:
 
 
 def _plot_rouge(results: dict, path: Path) -> None:
-    base = (results.get("baseline") or {}).get("eval")
+    base = (results["baseline"] or {}).get("eval")
     bars = [(BEFORE, base, "0.6")] + [(n, eval_after(m), f"C{i}") for i, (n, m) in enumerate(results["methods"].items())]
     bars = [b for b in bars if b[1] is not None]
     fig = Figure(figsize=(8, 4.8), layout="constrained")
