@@ -1,4 +1,4 @@
-"""The one command line: `peftsum compare | train | evaluate | score | sweep | summarize | export`.
+"""The one command line: `peftsum compare | train | evaluate | score | sweep | report | summarize | export`.
 
 Every config key is a flag (`--train.epochs 2`, `--lora.rank 16`), applied over `--config FILE` over the defaults;
 the common ones have short aliases (`--model`, `--data`, `--methods`, `--out`, `--epochs`...). Mistakes a user can
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = sweep.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="read back finished points, continue the rest")
     group.add_argument("--overwrite", action="store_true", help="replace the points already in the output folder")
+
+    report = commands.add_parser("report", help="re-render a comparison's report.md, report.html and plots")
+    report.add_argument("run", metavar="RUN", help="the comparison's folder (holding results.json)")
 
     from .use import add_commands
 
@@ -257,8 +260,21 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .compare import RESULTS
+    from .files import read_json
+    from .report import write_report
+
+    run = Path(args.run)
+    if not (run / RESULTS).is_file():
+        raise UserError(f"{run} holds no comparison (no {RESULTS})")
+    path = write_report(read_json(run / RESULTS), run)
+    print(f"report: {path}, {path.with_suffix('.html')}")
+    return 0
+
+
 COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,
-            "sweep": cmd_sweep}
+            "sweep": cmd_sweep, "report": cmd_report}
 
 
 def resume_command(argv: list[str]) -> str:

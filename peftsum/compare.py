@@ -203,7 +203,7 @@ def gathered(session: Session, method: str, sharded: Adapted) -> Adapted:
 # What peftsum writes into a method folder (and nothing else is deleted by --overwrite).
 METHOD_FILES = (METRICS, RUN_CONFIG, "train_log.jsonl", "predictions_train.jsonl", "predictions_eval.jsonl",
                 adapters.ADAPTER_WEIGHTS, adapters.ADAPTER_CONFIG, adapters.FINETUNED_WEIGHTS)
-RUN_FILES = (RESULTS, "report.md", "loss_curves.png", "rouge.png")
+RUN_FILES = (RESULTS, "report.md", "report.html", "loss_curves.png", "rouge.png")
 # Settings that may differ when a comparison resumes: where it goes, which methods run, how often it checkpoints.
 RESUMABLE_CHANGES = ("out", "methods", "train.checkpoint_every", "train.keep_checkpoints")
 

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from .files import atomic_write, write_text
 from .metrics import ROUGE_KEYS, paired_bootstrap
+from .report_html import write_html
 
 __all__ = ["render_markdown", "seed_summary", "write_report"]
 
@@ -502,7 +503,8 @@ def _plot_rouge(results: dict, path: Path) -> None:
 
 
 def write_report(results: dict, out_dir: Path) -> Path:
-    """Write report.md, loss_curves.png and rouge.png into out_dir (created if needed); return the report's path."""
+    """Write report.md, report.html, loss_curves.png and rouge.png into out_dir (created if needed); return
+    report.md's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "loss_curves.png", lambda p: _plot_loss(results, p))
@@ -510,4 +512,5 @@ def write_report(results: dict, out_dir: Path) -> Path:
     report = out_dir / "report.md"
     text = render_markdown(results)
     write_text(report, text)
+    write_html(results, out_dir, text)
     return report
