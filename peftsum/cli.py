@@ -1,4 +1,4 @@
-"""The one command line: `peftsum compare | train | evaluate | score | sweep | report | summarize | export`.
+"""The one command line: `peftsum compare | train | evaluate | score | sweep | report | push | summarize | export`.
 
 Every config key is a flag (`--train.epochs 2`, `--lora.rank 16`), applied over `--config FILE` over the defaults;
 the common ones have short aliases (`--model`, `--data`, `--methods`, `--out`, `--epochs`...). Mistakes a user can
@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="re-render a comparison's report.md, report.html and plots")
     report.add_argument("run", metavar="RUN", help="the comparison's folder (holding results.json)")
 
+    push = commands.add_parser("push", help="upload a trained method folder or an export to the Hugging Face hub")
+    push.add_argument("--run", required=True, metavar="DIR",
+                      help="a trained method folder (adapter or fine-tuned weights) or an export (export --merged)")
+    push.add_argument("--repo", required=True, metavar="ID", help="the hub model repository, e.g. me/smollm2-xsum-lora")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+
     from .use import add_commands
 
     add_commands(commands, _add_config_flags)  # summarize, export: using a trained result
@@ -160,9 +166,10 @@ def cmd_train(args) -> int:
     splits = load_data(cfg.data, seed=cfg.train.seed)  # before torch is even imported: bad data is refused at once
 
     from . import checkpoint, distributed
-    from .compare import check_fsdp, open_session, prepare_train_folder, train_method
+    from .compare import check_fsdp, environment, open_session, prepare_train_folder, train_method
     from .evaluate import mean_loss
     from .files import make_folder
+    from .model_card import train_card, write_card
 
     fsdp = _launch(cfg, args.fsdp)
     if fsdp:
@@ -178,6 +185,8 @@ def cmd_train(args) -> int:
     adapted, training = train_method(session, args.method, splits, folder)
     if distributed.is_main():
         checkpoint.remove(folder)  # the final weights are saved: nothing left to resume
+        card = train_card(cfg, args.method, adapted.parameter_counts(), training, environment(session), folder)
+        write_card(folder, card)
     print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; saved to {folder}")
     if splits.eval:
         loss, _ = mean_loss(adapted, session.loaded.tokenizer, splits.eval, cfg.data, cfg.eval.batch_size,
@@ -263,18 +272,30 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from .compare import RESULTS
     from .files import read_json
+    from .model_card import write_cards
     from .report import write_report
 
     run = Path(args.run)
     if not (run / RESULTS).is_file():
         raise UserError(f"{run} holds no comparison (no {RESULTS})")
-    path = write_report(read_json(run / RESULTS), run)
-    print(f"report: {path}, {path.with_suffix('.html')}")
+    results = read_json(run / RESULTS)
+    path = write_report(results, run)
+    cards = write_cards(results, run)
+    print(f"report: {path}, {path.with_suffix('.html')}; {len(cards)} model cards (README.md)")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .push import push, upload_files
+
+    names = upload_files(Path(args.run))
+    url = push(Path(args.run), args.repo, private=args.private)
+    print(f"pushed {len(names)} files ({', '.join(names)}) from {args.run} to {url}")
     return 0
 
 
 COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,
-            "sweep": cmd_sweep, "report": cmd_report}
+            "sweep": cmd_sweep, "report": cmd_report, "push": cmd_push}
 
 
 def resume_command(argv: list[str]) -> str:

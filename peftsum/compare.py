@@ -35,6 +35,7 @@ from .files import make_folder, read_json, write_json, write_text
 from .methods import Adapted, adapt, untouched
 from .models import (LoadedModel, compute_dtype, count_parameters, load_model, pick_device, ties_embeddings,
                      transformer_blocks)
+from .model_card import write_cards
 from .report import seed_summary, write_report
 from .train import train
 
@@ -201,8 +202,8 @@ def gathered(session: Session, method: str, sharded: Adapted) -> Adapted:
 # ---------------------------------------------------------------- finished, unfinished and overwritten runs
 
 # What peftsum writes into a method folder (and nothing else is deleted by --overwrite).
-METHOD_FILES = (METRICS, RUN_CONFIG, "train_log.jsonl", "predictions_train.jsonl", "predictions_eval.jsonl",
-                adapters.ADAPTER_WEIGHTS, adapters.ADAPTER_CONFIG, adapters.FINETUNED_WEIGHTS)
+METHOD_FILES = (METRICS, RUN_CONFIG, "README.md", "train_log.jsonl", "predictions_train.jsonl",
+                "predictions_eval.jsonl", adapters.ADAPTER_WEIGHTS, adapters.ADAPTER_CONFIG, adapters.FINETUNED_WEIGHTS)
 RUN_FILES = (RESULTS, "report.md", "report.html", "loss_curves.png", "rouge.png")
 # Settings that may differ when a comparison resumes: where it goes, which methods run, how often it checkpoints.
 RESUMABLE_CHANGES = ("out", "methods", "train.checkpoint_every", "train.keep_checkpoints")
@@ -329,6 +330,7 @@ def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwri
         if main:
             write_json(out / RESULTS, results)
             write_report(results, out)
+            write_cards(results, out)
 
     if main:
         write_json(out / RESULTS, results)  # claims the folder for this configuration before anything else is written

@@ -359,6 +359,8 @@ def write_model(model, tokenizer, out: Path, note: str | None = None) -> None:
 def cmd_export(args) -> int:
     import yaml
 
+    from .model_card import export_card, write_card
+
     out = Path(args.merged)
     _check_target(out, args.overwrite)
     if not args.run and not args.adapter:
@@ -386,6 +388,7 @@ def cmd_export(args) -> int:
     model.requires_grad_(False)
     note = yaml.safe_dump({"exported_from": str(source), "method": adapted.method, **cfg.to_dict()}, sort_keys=False)
     write_model(model, session.loaded.tokenizer, out, note)
+    write_card(out, export_card(out, source, cfg, adapted.method))
     what = "LoRA merged into the base weights" if adapted.method == "lora" else "fine-tuned weights"
     print(f"exported {source} ({what}) to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r}); "
           f"prompt it with the template {cfg.data.template!r}")
