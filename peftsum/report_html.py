@@ -155,23 +155,28 @@ def _looks_local(source: str) -> bool:
 def eval_documents(config: dict) -> tuple[list | None, str | None]:
     """The run's eval examples read again from its data source, or (None, a note saying why they cannot be).
 
-    Memoised per data settings, since a comparison re-renders its report after every method.
+    Memoised per data settings (and a local folder's file times), since a comparison re-renders its report after
+    every method: a hub data set is streamed once per process.
     """
     data = config.get("data") or {}
     seed = (config.get("train") or {}).get("seed", 0)
-    key = json.dumps([data, seed], sort_keys=True, default=str)
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    cfg = DataConfig(**{k: v for k, v in data.items() if k in known})
+    folder = Path(cfg.source).expanduser()
+    if folder.is_dir():
+        state = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+    elif _looks_local(cfg.source):
+        return None, f"the data folder {cfg.source} is no longer there"
+    else:
+        state = None
+    key = json.dumps([data, seed, state], sort_keys=True, default=str)
     if key not in _DOCUMENTS:
-        known = {f.name for f in dataclasses.fields(DataConfig)}
-        cfg = DataConfig(**{k: v for k, v in data.items() if k in known})
-        if _looks_local(cfg.source) and not Path(cfg.source).expanduser().is_dir():
-            _DOCUMENTS[key] = None, f"the data folder {cfg.source} is no longer there"
-        else:
-            from .data import load_eval
+        from .data import load_eval
 
-            try:
-                _DOCUMENTS[key] = load_eval(cfg, seed)[0], None
-            except UserError as exc:
-                _DOCUMENTS[key] = None, str(exc)
+        try:
+            _DOCUMENTS[key] = load_eval(cfg, seed)[0], None
+        except UserError as exc:
+            _DOCUMENTS[key] = None, str(exc)
     return _DOCUMENTS[key]
 
 
@@ -272,8 +277,8 @@ another most; highlight the words a prediction shares with the reference or the 
 <div id="doc-detail"></div>
 <p class="legend"><span class="hl-copy">copied span</span> part of a run of 3+ words found in the same order in the
 source · <span class="hl-shared">shared word</span> also in the source · <span class="hl-novel">new word</span> not in
-the source · <span class="hl-novel hl-name">new name or number</span> a capitalised word or number the source does not
-have (a possible hallucination). Words are compared lower-cased, without punctuation.</p>"""
+the source · <span class="hl-novel hl-name">new name or number</span> a number, or a capitalised word inside a sentence,
+that the source does not have (a possible hallucination). Words are compared lower-cased, without punctuation.</p>"""
 
 
 def render_html(markdown: str, data: dict, images: dict[str, bytes] | None = None) -> str:

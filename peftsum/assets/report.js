@@ -103,10 +103,11 @@
 
   function header() {
     const cells = [["index", "#"], ["id", "id"], ["document", "document"], ["reference", "reference"],
-                   ...columns.map((c) => ["col:" + c.key, c.label]), ["gap", `A − B (${label(state.a)} − ${label(state.b)})`]];
+                   ...columns.map((c) => ["col:" + c.key, c.label]), ["gap", "A − B"]];
     const row = el("tr");
     for (const [key, text] of cells) {
       const th = el("th", { "data-sort": key }, text);
+      if (key === "gap") th.title = `${label(state.a)} − ${label(state.b)}, in the chosen score`;
       if (state.sort.key === key) th.className = state.sort.dir > 0 ? "sorted-asc" : "sorted-desc";
       th.addEventListener("click", () => {
         // Scores and gaps sort best first on the first click, text and position in order.
@@ -130,7 +131,7 @@
     const body = $("doc-table").tBodies[0];
     body.replaceChildren(...rows.map((d) => {
       const tr = el("tr", { "data-id": d.id, "data-index": String(d.index) },
-        el("td", { class: "num" }, String(d.index)), el("td", {}, d.id),
+        el("td", { class: "num" }, String(d.index)), el("td", { class: "id" }, d.id),
         el("td", { class: "excerpt" }, excerpt(d.document)), el("td", { class: "excerpt" }, excerpt(d.reference)),
         ...columns.map((c) => el("td", { class: "num", "data-column": c.key }, fixed(score(d, c.key)))));
       const g = gap(d);
@@ -192,10 +193,14 @@
       }
     }
     const kind = new Map();
+    let sentenceStart = true; // a capital there says nothing: only numbers count as names
     for (const w of words) {
+      const raw = tokens[w.i].replace(/^[^\p{L}\p{N}]+/u, "");
+      const name = /^\p{N}/u.test(raw) || (!sentenceStart && /^\p{Lu}/u.test(raw));
       if (copied.has(w.i)) kind.set(w.i, "hl-copy");
       else if (index.words.has(w.n)) kind.set(w.i, "hl-shared");
-      else kind.set(w.i, /^[\p{Lu}\p{N}]/u.test(tokens[w.i].replace(/^[^\p{L}\p{N}]+/u, "")) ? "hl-novel hl-name" : "hl-novel");
+      else kind.set(w.i, name ? "hl-novel hl-name" : "hl-novel");
+      sentenceStart = /[.!?:]["'’”)\]]*$/u.test(tokens[w.i]);
     }
     tokens.forEach((t, i) => box.append(kind.has(i) ? el("span", { class: kind.get(i) }, t) : t));
     const count = (c) => [...kind.values()].filter((v) => v === c).length;
