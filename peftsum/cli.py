@@ -286,10 +286,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .push import push, upload_files
+    from .push import push
 
-    names = upload_files(Path(args.run))
-    url = push(Path(args.run), args.repo, private=args.private)
+    url, names = push(Path(args.run), args.repo, private=args.private)
     print(f"pushed {len(names)} files ({', '.join(names)}) from {args.run} to {url}")
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .files import read_json, write_text
+from .files import looks_like_path, read_json, write_text
 from .metrics import ROUGE_KEYS, paired_bootstrap
 from .report import ALPHA, DEFAULT_SAMPLES, _ci, _duration, _epochs_done, _p_value, _signed
 
@@ -63,7 +63,7 @@ def base_model_id(config: dict) -> str | None:
         return None
     if name in EMBEDDED_HUB_IDS:
         return EMBEDDED_HUB_IDS[name]
-    return None if _local(name) else name or None
+    return None if looks_like_path(name) else name or None
 
 
 def dataset_id(config: dict) -> tuple[str, str | None] | None:
@@ -75,11 +75,7 @@ def dataset_id(config: dict) -> tuple[str, str | None] | None:
     if source in PRESETS:
         preset = PRESETS[source]
         return preset.path, data.get("hub_config") or preset.config
-    return None if _local(source) or not source else (source, data.get("hub_config"))
-
-
-def _local(name: str) -> bool:
-    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    return None if looks_like_path(source) or not source else (source, data.get("hub_config"))
 
 
 def library_name(kind: str) -> str:

@@ -57,8 +57,9 @@ def upload_files(folder: Path) -> list[str]:
     return names
 
 
-def push(folder: Path, repo: str, private: bool = False) -> str:
-    """Upload `upload_files(folder)` to the hub model repository `repo` (created if missing); returns its URL."""
+def push(folder: Path, repo: str, private: bool = False) -> tuple[str, list[str]]:
+    """Upload `upload_files(folder)` to the hub model repository `repo` (created if missing); returns its URL and
+    the names uploaded."""
     folder = Path(folder)
     names = upload_files(folder)
     from huggingface_hub import HfApi  # only here: nothing else in peftsum talks to the hub this way
@@ -72,4 +73,4 @@ def push(folder: Path, repo: str, private: bool = False) -> str:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot push {folder} to the hub repository {repo!r}: {first} (needs a network connection "
                         "and a token with write access: `hf auth login` or HF_TOKEN)") from None
-    return str(url)
+    return str(url), names

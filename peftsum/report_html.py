@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .config import DataConfig
 from .errors import UserError
-from .files import parse_jsonl, read_text, write_text
+from .files import looks_like_path, parse_jsonl, read_text, write_text
 from .metrics import ROUGE_KEYS, rouge_per_document
 
 __all__ = ["browser_data", "markdown_to_html", "render_html", "write_html"]
@@ -147,11 +147,6 @@ def _read_predictions(path: Path) -> list[dict] | None:
 _DOCUMENTS: dict[str, tuple[list | None, str | None]] = {}  # data settings -> (documents, note), once per process
 
 
-def _looks_local(source: str) -> bool:
-    # A hub id is "name" or "owner/name"; anything else (absolute, ./x, a/b/c) was a folder on disk.
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
-
-
 def eval_documents(config: dict) -> tuple[list | None, str | None]:
     """The run's eval examples read again from its data source, or (None, a note saying why they cannot be).
 
@@ -165,7 +160,7 @@ def eval_documents(config: dict) -> tuple[list | None, str | None]:
     folder = Path(cfg.source).expanduser()
     if folder.is_dir():
         state = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
-    elif _looks_local(cfg.source):
+    elif looks_like_path(cfg.source):
         return None, f"the data folder {cfg.source} is no longer there"
     else:
         state = None
