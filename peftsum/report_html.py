@@ -161,7 +161,8 @@ def eval_documents(config: dict) -> tuple[list | None, str | None]:
     if folder.is_dir():
         state = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
     elif looks_like_path(cfg.source):
-        return None, f"the data folder {cfg.source} is no longer there"
+        relative = "" if Path(cfg.source).expanduser().is_absolute() else " (from the current folder)"
+        return None, f"the data folder {cfg.source} is no longer there{relative}"
     else:
         state = None
     key = json.dumps([data, seed, state], sort_keys=True, default=str)

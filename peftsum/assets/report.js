@@ -93,7 +93,7 @@
       if (a === b) return x.index - y.index;
       if (a === null) return 1; // missing values last, whichever the direction
       if (b === null) return -1;
-      return (typeof a === "string" ? a.localeCompare(b) : a - b) * dir || x.index - y.index;
+      return (typeof a === "string" ? a.localeCompare(b, undefined, { numeric: true }) : a - b) * dir || x.index - y.index;
     });
   }
 
