@@ -153,7 +153,8 @@ def cmd_compare(args) -> int:
                       f"({counts['trainable_percent']:.4f}%)  {counts['description']}")
         return 0
     results = compare(cfg, resume=args.resume, overwrite=args.overwrite, fsdp=fsdp)
-    print(f"report: {Path(cfg.out) / 'report.md'}  (wall time {results['wall_seconds']:.0f} s)")
+    print(f"report: {Path(cfg.out) / 'report.md'}, {Path(cfg.out) / 'report.html'}  "
+          f"(wall time {results['wall_seconds']:.0f} s)")
     return 0
 
 

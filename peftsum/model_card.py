@@ -101,7 +101,8 @@ def _front_matter(info: CardInfo) -> dict:
         meta["base_model_relation"] = "adapter" if info.kind == "adapter" else "finetune"
     meta["library_name"] = library_name(info.kind)
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["peftsum", "summarization", *METHOD_TAGS[info.method], *(["merged"] if info.kind == "merged" else [])]
+    meta["tags"] = ["peftsum", "summarization", *METHOD_TAGS[info.method],
+                    *(["merged"] if info.kind == "merged" else [])]
     if dataset:
         meta["datasets"] = [dataset[0]]
     evaluation = (info.after or {}).get("eval")
@@ -142,18 +143,22 @@ def _settings(info: CardInfo) -> list[str]:
     lines = [f"- **Method**: {METHOD_NAMES[info.method]}" + (f" ({info.params['description']})" if info.params else "")]
     if info.params:
         p = info.params
-        lines.append(f"- **Trainable parameters**: {p['trainable']:,} of {p['total']:,} ({p['trainable_percent']:.4g} %)")
-    lines.append("- **Method settings**: " + ", ".join(f"{k} {'default' if v is None else v}" for k, v in section.items()))
+        lines.append(f"- **Trainable parameters**: {p['trainable']:,} of {p['total']:,} "
+                     f"({p['trainable_percent']:.4g} %)")
+    settings = ", ".join(f"{k}={'default' if v is None else repr(v)}" for k, v in section.items())
+    lines.append(f"- **Method settings**: {settings}")
     lines.append(f"- **Optimizer**: AdamW, learning rate {section.get('lr')}, {train.get('schedule', 'linear')} "
                  f"schedule with warmup {train.get('warmup_ratio', '–')}, batch {train.get('batch_size')} "
-                 f"(gradient accumulation {train.get('grad_accum', 1)}), weight decay {train.get('weight_decay', '–')}")
+                 f"(gradient accumulation {train.get('grad_accum', 1)}), "
+                 f"weight decay {train.get('weight_decay', '–')}")
     model = cfg.get("model") or {}
     lines.append(f"- **Base model**: {model.get('name')}" + (" (random weights from the seed: a test model)"
                                                              if model.get("random_init") else ""))
     if model.get("name") in EMBEDDED_HUB_IDS:
         lines.append(f"  (peftsum's embedded copy: the Q4_1 GGUF of {EMBEDDED_HUB_IDS[model['name']]}, dequantized; "
                      "on the original hub weights the results can differ slightly)")
-    lines.append(f"- **Precision**: {model.get('precision')}; seed {train.get('seed')}"
+    precision = (info.environment or {}).get("precision") or model.get("precision")  # what "auto" chose, if known
+    lines.append(f"- **Precision**: {precision}; seed {train.get('seed')}"
                  + (f" (one of {info.seeds['n']} seeds)" if info.seeds else ""))
     return lines
 
@@ -188,7 +193,8 @@ def _budget(info: CardInfo) -> list[str]:
     if t:
         seconds = sum(e["seconds"] for e in t.get("epochs") or []) or t.get("seconds") or 0.0
         lines.append(f"- **Trained**: {t.get('steps', '–'):,} optimizer steps, {_epochs_done(t):.2f} epochs, "
-                     f"{t.get('tokens', 0):,} tokens in {_duration(seconds)} ({t.get('tokens_per_s', 0):,.0f} tokens/s)")
+                     f"{t.get('tokens', 0):,} tokens in {_duration(seconds)} "
+                     f"({t.get('tokens_per_s', 0):,.0f} tokens/s)")
     env = info.environment
     if env:
         lines.append(f"- **Hardware**: {env.get('cpu')}; device {env.get('device')}, precision {env.get('precision')}"
@@ -218,12 +224,14 @@ def _scores(info: CardInfo) -> list[str]:
               f"{_decoding(info.config)}."]
     if tests:
         lines.append(f"Difference: this model minus the untouched base model on the same documents, with the 95% "
-                     f"interval and p-value of a paired bootstrap ({samples:,} resamples); significant when p < {ALPHA}.")
+                     f"interval and p-value of a paired bootstrap ({samples:,} resamples); "
+                     f"significant when p < {ALPHA}.")
     elif base:
         lines.append("No paired test: these results have no per-document scores; compare the intervals.")
     if info.seeds and info.seeds.get("across"):
         across = info.seeds["across"].get("eval") or {}
-        spread = ", ".join(f"{LABELS[k]} {across[k]['mean']:.1f} ± {_std(across[k]['std'])}" for k in ROUGE_KEYS if k in across)
+        spread = ", ".join(f"{LABELS[k]} {across[k]['mean']:.1f} ± {_std(across[k]['std'])}"
+                           for k in ROUGE_KEYS if k in across)
         lines.append(f"This is seed {info.seeds['seed']} of {info.seeds['n']}; over all seeds (mean ± standard "
                      f"deviation): {spread}.")
     return lines
@@ -265,7 +273,7 @@ def _usage(info: CardInfo) -> list[str]:
                   "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f"base = AutoModelForCausalLM.from_pretrained({base!r})",
                   f"tokenizer = AutoTokenizer.from_pretrained({base!r})",
-                  f"model = PeftModel.from_pretrained(base, {where!r})  # this folder, or the hub repo it was pushed to",
+                  f"model = PeftModel.from_pretrained(base, {where!r})  # this folder, or its hub repo",
                   *_generate_lines(info.config), "```"]
         if info.method == "prompt":
             lines += ["", "Generate one document at a time with peft: in a left-padded batch it puts the virtual "

@@ -21,7 +21,8 @@ METHOD_FILES = (CARD, adapters.ADAPTER_CONFIG, adapters.ADAPTER_WEIGHTS, adapter
 
 
 def _is_export(folder: Path) -> bool:
-    return (folder / EXPORT_NOTE).is_file() or ((folder / "config.json").is_file() and not (folder / RUN_CONFIG).is_file())
+    exported = (folder / "config.json").is_file() and not (folder / RUN_CONFIG).is_file()
+    return (folder / EXPORT_NOTE).is_file() or exported
 
 
 def upload_files(folder: Path) -> list[str]:
@@ -35,7 +36,8 @@ def upload_files(folder: Path) -> list[str]:
                         + (f": {', '.join(str(folder / m) for m in inside)}" if inside else ""))
     seeds = sorted(p.name for p in folder.glob("seed-*") if (p / RUN_CONFIG).is_file())
     if seeds and not (folder / RUN_CONFIG).is_file():
-        raise UserError(f"{folder} holds one run per seed; push one of them: {', '.join(str(folder / s) for s in seeds)}")
+        runs = ", ".join(str(folder / s) for s in seeds)
+        raise UserError(f"{folder} holds one run per seed; push one of them: {runs}")
     if (folder / "checkpoints").is_dir():
         raise UserError(f"{folder} holds an unfinished run (checkpoints left); finish it with --resume first")
     if _is_export(folder):

@@ -97,7 +97,8 @@ def markdown_to_html(text: str, images: dict[str, str] | None = None) -> list[tu
             header, rows = _cells(block[0]), [_cells(r) for r in block[2:]]
             head = "".join(f"<th>{_inline(c)}</th>" for c in header)
             body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-            out.append(f"<div class=\"scroll\"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+            out.append(f"<div class=\"scroll\"><table><thead><tr>{head}</tr></thead>"
+                       f"<tbody>{body}</tbody></table></div>")
             continue
         elif line.startswith("- "):
             items = []
@@ -273,8 +274,9 @@ another most; highlight the words a prediction shares with the reference or the 
 <div id="doc-detail"></div>
 <p class="legend"><span class="hl-copy">copied span</span> part of a run of 3+ words found in the same order in the
 source · <span class="hl-shared">shared word</span> also in the source · <span class="hl-novel">new word</span> not in
-the source · <span class="hl-novel hl-name">new name or number</span> a number, or a capitalised word inside a sentence,
-that the source does not have (a possible hallucination). Words are compared lower-cased, without punctuation.</p>"""
+the source · <span class="hl-novel hl-name">new name or number</span> a number, or a capitalised word inside a
+sentence, that the source does not have (a possible hallucination). Words are compared lower-cased, without
+punctuation.</p>"""
 
 
 def render_html(markdown: str, data: dict, images: dict[str, bytes] | None = None) -> str:

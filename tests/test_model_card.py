@@ -76,10 +76,12 @@ def test_scores_have_intervals_and_the_paired_test_against_the_untouched_model()
     card = render_card(info())
     mine, base = split(MINE, 2.66), split(BASE, 3.11)
     rows = {line.split(" | ")[0].strip("| "): line for line in card.splitlines() if line.startswith("| ")}
-    assert rows["this model"] == "| this model | 2.660 | " + " | ".join(_ci(mine["rouge"][k]) for k in ROUGE_KEYS) + " |"
+    intervals = " | ".join(_ci(mine["rouge"][k]) for k in ROUGE_KEYS)
+    assert rows["this model"] == f"| this model | 2.660 | {intervals} |"
     assert rows["untouched base model"].startswith("| untouched base model | 3.110 | " + _ci(base["rouge"]["rouge1"]))
     test = paired_bootstrap(MINE, BASE, samples=200, seed=0)
-    cell = f"{_signed(test['diff'])} [{_signed(test['low'])}, {_signed(test['high'])}], p {_p_value(test['p_value'], 200)}"
+    p = _p_value(test["p_value"], 200)
+    cell = f"{_signed(test['diff'])} [{_signed(test['low'])}, {_signed(test['high'])}], p {p}"
     assert rows["difference (paired)"] == "| difference (paired) | −0.450 | " + " | ".join([cell] * 4) + " |"
     assert "paired bootstrap (200 resamples)" in card
     assert "800 s of training wall-clock" in card and "347 optimizer steps, 1.47 epochs" in card
@@ -103,7 +105,8 @@ def test_local_or_random_bases_and_local_data_have_no_hub_ids():
     meta = front_matter(render_card(info(config=config)))
     assert "base_model" not in meta and "datasets" not in meta and "model-index" not in meta
     assert meta["metrics"] == ["rouge"] and meta["library_name"] == "peft"
-    hub = {**EMBEDDED_CONFIG, "model": {"name": "gpt2"}, "data": {**EMBEDDED_CONFIG["data"], "source": "knkarthick/dialogsum"}}
+    hub = {**EMBEDDED_CONFIG, "model": {"name": "gpt2"},
+           "data": {**EMBEDDED_CONFIG["data"], "source": "knkarthick/dialogsum"}}
     meta = front_matter(render_card(info(config=hub)))
     assert meta["base_model"] == "gpt2" and meta["datasets"] == ["knkarthick/dialogsum"]
 
@@ -220,7 +223,8 @@ def test_push_uploads_exactly_the_file_list(fake_hub, tiny_comparison, capsys):
 def test_push_offline_fails_in_one_line(fake_hub, tiny_comparison, capsys):
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    fake_hub.error = OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled.")
+    fake_hub.error = OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/repos/create: offline mode "
+                                          "is enabled.")
     assert main(["push", "--run", str(tiny_comparison / "lora"), "--repo", "me/tiny-lora"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot push" in err and "offline mode is enabled" in err
