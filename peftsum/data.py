@@ -166,14 +166,23 @@ class Splits:
     info: dict
 
 
+def load_eval(cfg: DataConfig, seed: int) -> tuple[list[Example], dict]:
+    """The seeded eval subset alone (what load_data gives as Splits.eval), plus the eval split's facts.
+
+    For readers of a finished run (the HTML report's documents), which need neither the training split nor its cost.
+    """
+    eval_all, info = load_split(cfg, cfg.eval_split)
+    evaluation = sample(eval_all, cfg.eval_size, seed, f"data.eval_size ({cfg.eval_split})") if cfg.eval_size else []
+    return evaluation, info
+
+
 def load_data(cfg: DataConfig, seed: int) -> Splits:
     train_all, info = load_split(cfg, cfg.train_split)
-    eval_all, eval_info = load_split(cfg, cfg.eval_split)
+    evaluation, eval_info = load_eval(cfg, seed)
     train = sample(train_all, cfg.train_size, seed, f"data.train_size ({cfg.train_split})")
     train_eval = train[: cfg.train_eval_size]
     if cfg.train_eval_size > len(train):
         raise UserError(f"data.train_eval_size ({cfg.train_eval_size}) exceeds the {len(train)} training examples")
-    evaluation = sample(eval_all, cfg.eval_size, seed, f"data.eval_size ({cfg.eval_split})") if cfg.eval_size else []
     info = {"source": cfg.source, **info, "skipped": info["skipped"] + eval_info["skipped"],
             "skipped_by_split": {cfg.train_split: info["skipped"], cfg.eval_split: eval_info["skipped"]},
             "train_examples": len(train), "train_eval_examples": len(train_eval), "eval_examples": len(evaluation)}

@@ -74,6 +74,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a model or data name means a local path rather than a hub id ("name" or "owner/name"): it exists on
+    disk, starts with ".", "/" or "~", or has more than one slash."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+            or Path(name).expanduser().exists())
+
+
 def read_json(path: Path):
     """A JSON file written by peftsum, or a one-line UserError naming the file."""
     try:

@@ -1,7 +1,7 @@
-"""The one command line: `peftsum compare | train | sweep | evaluate | score | summarize | export`.
+"""The one command line: `peftsum compare | train | sweep | evaluate | score | summarize | export | report | push`.
 
 One table, `COMMANDS`, maps each command to its flags and the function that runs it (compare, train and sweep in
-run.py; evaluate and score in evaluate.py; summarize.py; export.py). Mistakes a user can make end in one line on
+run.py; evaluate and score in evaluate.py; summarize.py; export.py; report and push in share.py). Mistakes a user can make end in one line on
 stderr and exit code 2.
 
 `compare`, `train` and `evaluate` also run as several processes: `torchrun --nproc-per-node N -m peftsum ...` or
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from . import evaluate, export, run, summarize
+from . import evaluate, export, run, share, summarize
 from .flags import Parser
 
 
@@ -48,6 +48,9 @@ COMMANDS: dict[str, Command] = {
                          summarize.add_summarize, summarize.summarize, description=summarize.DESCRIPTION),
     "export": Command("write a standalone merged model from a trained LoRA or fine-tuning run", export.add_export,
                       export.export, description=export.DESCRIPTION),
+    "report": Command("re-render a comparison's report.md, report.html, plots and model cards", share.add_report,
+                      share.report),
+    "push": Command("upload a trained method folder or an export to the Hugging Face hub", share.add_push, share.push),
 }
 
 

@@ -30,6 +30,7 @@ def export(args) -> int:
     from .. import adapters
     from ..export import check_target, merged_model, write_model
     from ..methods import BY_PEFT_TYPE, method_named
+    from ..model_card import export_card, write_card
     from .source import open_source, source_config
 
     out = Path(args.merged)
@@ -51,6 +52,7 @@ def export(args) -> int:
     model = merged_model(adapted)
     note = yaml.safe_dump({"exported_from": str(source), "method": adapted.name, **cfg.to_dict()}, sort_keys=False)
     write_model(model, session.tokenizer, out, note)
+    write_card(out, export_card(out, source, cfg, adapted.name))
     print(f"exported {source} ({adapted.description}, merged) to {out}; load it with "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}); prompt it with the template {cfg.data.template!r}")
     return 0

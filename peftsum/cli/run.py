@@ -17,6 +17,7 @@ def add_compare(parser) -> None:
 
 
 def compare(args) -> int:
+    from .. import runs
     from ..compare import compare, plan
     from ..session import open_session
 
@@ -34,7 +35,8 @@ def compare(args) -> int:
                       f"({counts['trainable_percent']:.4f}%)  {counts['description']}")
         return 0
     results = compare(cfg, resume=args.resume, overwrite=args.overwrite, fsdp=fsdp)
-    print(f"report: {Path(cfg.out) / 'report.md'}  (wall time {results['wall_seconds']:.0f} s)")
+    out = Path(cfg.out)
+    print(f"report: {out / runs.REPORT}, {out / runs.REPORT_HTML}  (wall time {results['wall_seconds']:.0f} s)")
     return 0
 
 
@@ -56,7 +58,8 @@ def train(args) -> int:
     from ..compare import train_method
     from ..evaluate import mean_loss
     from ..files import make_folder
-    from ..session import check_fsdp, open_session
+    from ..model_card import train_card, write_card
+    from ..session import check_fsdp, environment, open_session
 
     fsdp = launch(cfg, args.fsdp)
     if fsdp:
@@ -72,6 +75,8 @@ def train(args) -> int:
     adapted, training = train_method(session, args.method, splits, folder)
     if distributed.is_main():
         checkpoint.remove(folder)  # the final weights are saved: nothing left to resume
+        card = train_card(cfg, args.method, adapted.parameter_counts(), training, environment(session), folder)
+        write_card(folder, card)
     print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; saved to {folder}")
     if splits.eval:
         loss, _ = mean_loss(adapted, session.tokenizer, splits.eval, cfg.data, cfg.eval.batch_size,

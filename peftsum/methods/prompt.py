@@ -89,6 +89,8 @@ def describe(cfg: PromptConfig) -> str:
 
 class PromptMethod(Method):
     name = "prompt"
+    title = "soft prompt tuning"
+    tags = ("prompt-tuning",)
     peft_type = "PROMPT_TUNING"
     can_merge = False  # the soft prompt is input placed before every document, not a change of the weights
     encoder_prefix = "soft_prompt."
