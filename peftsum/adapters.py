@@ -7,16 +7,14 @@ under the model's own parameter names, to `finetuned.safetensors`. Only safetens
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
 from .errors import UserError
-from .files import atomic_write, write_json
+from .files import atomic_write, damaged, read_json, read_tensors, write_json
 from .methods import Adapted, lora
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -75,13 +73,10 @@ def save(adapted: Adapted, folder: Path, base_model: str, cfg) -> list[Path]:
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
+    if not path.exists():
         refuse_pickled(path)
         raise UserError(f"missing weights file {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file: {exc}") from None
+    return read_tensors(path)
 
 
 def _check_shape(path: Path, key: str, got: torch.Size, want: torch.Size) -> None:
@@ -105,7 +100,7 @@ def load_into(adapted: Adapted, folder: Path) -> None:
         return
     path = folder / ADAPTER_WEIGHTS
     tensors = _read(path)
-    with torch.no_grad():
+    with torch.no_grad(), damaged(path):  # e.g. a prompt adapter without its prompt_embeddings
         if adapted.method == "prompt":
             _check_shape(path, "prompt_embeddings", tensors["prompt_embeddings"].shape, adapted.soft_prompt.embeddings.shape)
             adapted.soft_prompt.embeddings.copy_(tensors["prompt_embeddings"])
@@ -120,11 +115,10 @@ def load_into(adapted: Adapted, folder: Path) -> None:
 
 
 def read_adapter_config(folder: Path) -> dict:
-    path = folder / ADAPTER_CONFIG
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
+    config = read_json(folder / ADAPTER_CONFIG, advice="")
+    if not isinstance(config, dict):
+        raise UserError(f"{folder / ADAPTER_CONFIG} must hold a JSON object")
+    return config
 
 
 # ---------------------------------------------------------------- checks before and after loading
@@ -159,6 +153,6 @@ def unused_keys(adapted: Adapted, folder: Path) -> list[str]:
     """Tensors of the adapter file in `folder` that `load_into` does not use (e.g. LoRA on an embedding layer)."""
     from safetensors import safe_open
 
-    with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
+    with damaged(folder / ADAPTER_WEIGHTS), safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
         keys = set(f.keys())
     return sorted(keys - expected_keys(adapted))

@@ -14,10 +14,12 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
 
+from . import lock, signals
 from .config import METHODS, config_from_args, flag_names
 from .errors import UserError
 
@@ -33,6 +35,12 @@ ALIASES = {  # flag -> config key
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-0.001" as a value but "-1e-3" as an unknown flag; every number is a value here, so that
+        # `--lora.lr -1e-3` reaches validation and its own message.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+
     def error(self, message):  # one line and exit 2, as for every other user error
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -143,7 +151,8 @@ def cmd_compare(args) -> int:
                 print(f"  {method:<9} trainable {counts['trainable']:>12,} of {counts['total']:>12,} "
                       f"({counts['trainable_percent']:.4f}%)  {counts['description']}")
         return 0
-    results = compare(cfg, resume=args.resume, overwrite=args.overwrite, fsdp=fsdp)
+    with lock.holding(Path(cfg.out)):
+        results = compare(cfg, resume=args.resume, overwrite=args.overwrite, fsdp=fsdp)
     print(f"report: {Path(cfg.out) / 'report.md'}  (wall time {results['wall_seconds']:.0f} s)")
     return 0
 
@@ -164,23 +173,25 @@ def cmd_train(args) -> int:
     fsdp = _launch(cfg, args.fsdp)
     if fsdp:
         distributed.on_main(check_fsdp, cfg)
-    if distributed.on_main(prepare_train_folder, folder, args.resume, args.overwrite):
-        print(f"{folder} already holds a finished run; nothing to resume")
+    with lock.holding(folder):
+        if distributed.on_main(prepare_train_folder, folder, args.resume, args.overwrite):
+            print(f"{folder} already holds a finished run; nothing to resume")
+            return 0
+        distributed.on_main(make_folder, folder)
+        note = skipped_note(splits.info)
+        if note:
+            print(note)
+        session = open_session(cfg, fsdp=fsdp)
+        adapted, training = train_method(session, args.method, splits, folder)
+        if distributed.is_main():
+            checkpoint.remove(folder)  # the final weights are saved: nothing left to resume
+        print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; "
+              f"saved to {folder}")
+        if splits.eval:
+            loss, _ = mean_loss(adapted, session.loaded.tokenizer, splits.eval, cfg.data, cfg.eval.batch_size,
+                                session.device, session.dtype)
+            print(f"eval loss {loss:.4f} on {len(splits.eval)} examples")
         return 0
-    distributed.on_main(make_folder, folder)
-    note = skipped_note(splits.info)
-    if note:
-        print(note)
-    session = open_session(cfg, fsdp=fsdp)
-    adapted, training = train_method(session, args.method, splits, folder)
-    if distributed.is_main():
-        checkpoint.remove(folder)  # the final weights are saved: nothing left to resume
-    print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; saved to {folder}")
-    if splits.eval:
-        loss, _ = mean_loss(adapted, session.loaded.tokenizer, splits.eval, cfg.data, cfg.eval.batch_size,
-                            session.device, session.dtype)
-        print(f"eval loss {loss:.4f} on {len(splits.eval)} examples")
-    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -198,36 +209,40 @@ def cmd_evaluate(args) -> int:
         raise UserError(f"{run} is not a trained run folder (no {RUN_CONFIG})")
     cfg = config_from_args(args, base=str(run / RUN_CONFIG) if run else None)
     _launch(cfg)
-    if args.adapter:  # an adapter made by peft (or peftsum): base model from the adapter or --model
-        from .use import adapted_from_adapter_dir
-
-        session, adapted = adapted_from_adapter_dir(cfg, Path(args.adapter), model_given="model.name" in vars(args))
-    elif run is None:
-        session = open_session(cfg)
-        adapted = untouched(session.loaded.model, session.dtype)
-    else:
-        session = open_session(cfg)
-        adapted = adapt(session.loaded.model, session.loaded.tokenizer, cfg.methods[0], cfg)
-        adapters.load_into(adapted, run)
-    splits = load_data(cfg.data, seed=cfg.train.seed)
-    examples = splits.eval if args.split == "eval" else splits.train_eval
     out = Path(cfg.out) if "out" in vars(args) else None
-    result = evaluate(adapted, session.loaded.tokenizer, examples, cfg.data, cfg.eval, session.device, session.dtype,
-                      predictions_path=(out / f"predictions_{args.split}.jsonl") if out else None,
-                      seed=cfg.train.seed, progress=True)
-    if result is None:
-        raise UserError(f"the {args.split} subset is empty; raise data.eval_size or data.train_eval_size")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{adapted.method} on {result['n']} {args.split} examples: loss {result['loss']:.4f}")
-        print(format_table(result["rouge"]))
-    return 0
+    with lock.holding(out) if out else contextlib.nullcontext():
+        if args.adapter:  # an adapter made by peft (or peftsum): base model from the adapter or --model
+            from .use import adapted_from_adapter_dir
+
+            session, adapted = adapted_from_adapter_dir(cfg, Path(args.adapter),
+                                                        model_given="model.name" in vars(args))
+        elif run is None:
+            session = open_session(cfg)
+            adapted = untouched(session.loaded.model, session.dtype)
+        else:
+            session = open_session(cfg)
+            adapted = adapt(session.loaded.model, session.loaded.tokenizer, cfg.methods[0], cfg)
+            adapters.load_into(adapted, run)
+        splits = load_data(cfg.data, seed=cfg.train.seed)
+        examples = splits.eval if args.split == "eval" else splits.train_eval
+        result = evaluate(adapted, session.loaded.tokenizer, examples, cfg.data, cfg.eval, session.device,
+                          session.dtype, predictions_path=(out / f"predictions_{args.split}.jsonl") if out else None,
+                          seed=cfg.train.seed, progress=True)
+        if result is None:
+            raise UserError(f"the {args.split} subset is empty; raise data.eval_size or data.train_eval_size")
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"{adapted.method} on {result['n']} {args.split} examples: loss {result['loss']:.4f}")
+            print(format_table(result["rouge"]))
+        return 0
 
 
 def cmd_score(args) -> int:
     from .metrics import format_table, read_summaries, rouge_summary
 
+    if args.samples < 0:
+        raise UserError(f"--samples must be >= 0 (0 = no interval), got {args.samples}")
     predictions = read_summaries(args.predictions, args.prediction_field)
     references = read_summaries(args.references, args.reference_field)
     if len(predictions) != len(references):
@@ -251,7 +266,8 @@ def cmd_sweep(args) -> int:
     cfg = config_from_args(args)
     varies = parse_varies(args.vary, cfg.methods)
     _launch(cfg)
-    sweep = run_sweep(cfg, varies, args.metric, resume=args.resume, overwrite=args.overwrite)
+    with lock.holding(Path(cfg.out)):
+        sweep = run_sweep(cfg, varies, args.metric, resume=args.resume, overwrite=args.overwrite)
     print("\n".join(sweep_table(sweep["points"], args.metric)))
     print(f"sweep: {Path(cfg.out) / 'sweep.md'}, {Path(cfg.out) / 'pareto.png'}")
     return 0
@@ -276,11 +292,11 @@ def resume_command(argv: list[str]) -> str:
 
 def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
     if args.command not in ("compare", "train", "sweep"):
-        return "peftsum: interrupted"
+        return f"peftsum: interrupted{signals.by(exc)}"
     saved = ""
     if getattr(exc, "saved", None) is not None:  # train.TrainingInterrupted: a checkpoint was written
         saved = f" at step {exc.step}; checkpoint saved in {exc.saved}"
-    return f"peftsum: interrupted{saved}; resume with: {resume_command(argv)}"
+    return f"peftsum: interrupted{signals.by(exc)}{saved}; resume with: {resume_command(argv)}"
 
 
 # Commands that may run as several processes (each does its share; rank 0 writes); the others run as one.
@@ -309,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = open(os.devnull, "w") if rank else None
     finished = False
     try:
-        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+        with signals.interrupts(), contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             if args.command not in PARALLEL and _launched():
                 refusal = UserError(f"peftsum {args.command} runs as one process: start it without torchrun or "
                                     f"accelerate launch")
@@ -329,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if not rank:
             print(_interrupted(args, argv, exc), file=sys.stderr)
-        return 130
+        return signals.exit_code(exc)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     finally:
         if quiet:
             quiet.close()

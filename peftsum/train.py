@@ -5,9 +5,9 @@ always matches the newest one); the returned dict holds per-epoch wall time and 
 and virtual tokens do not count; time spent writing checkpoints does not count either).
 
 Given a run folder, the loop checkpoints every `checkpoint_every` steps and at each epoch end, and continues from the
-newest checkpoint found there; the resumed run ends with the same weights as an uninterrupted one. Ctrl-C finishes
-the current step, writes a checkpoint and raises `TrainingInterrupted`; a NaN or infinite loss stops the run before
-it can reach the weights.
+newest checkpoint found there; the resumed run ends with the same weights as an uninterrupted one. Ctrl-C (or
+SIGTERM, SIGHUP: signals.py) finishes the current step, writes a checkpoint and raises `TrainingInterrupted`; a NaN
+or infinite loss stops the run before it can reach the weights.
 
 Started as several processes (`torchrun`, `accelerate launch`: see distributed.py), the loop is data-parallel over
 the same global batches: each rank runs its slice of every batch, the loss is normalised by the summary tokens of the
@@ -19,13 +19,10 @@ is sharded over the ranks (torch FSDP2, full fine-tuning) and its loss comes fro
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -33,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, signals
 from .compiled import compiled_blocks
 from .config import TrainConfig
 from .data import IGNORE, Encoded
@@ -48,7 +45,8 @@ NOT_TRAINING = ("checkpoint_every", "keep_checkpoints", "compile")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training, raised once a checkpoint of the last finished step is on disk."""
+    """A stop signal during training (Ctrl-C, SIGTERM, SIGHUP), raised once a checkpoint of the last finished step is
+    on disk."""
 
     def __init__(self, step: int, saved: Path | None):
         super().__init__(f"interrupted at step {step}")
@@ -171,28 +169,6 @@ def _training_settings(cfg: TrainConfig, run_config: dict | None, method: str) -
     return {"model": run_config["model"], "train": train, method: run_config.get(method)}
 
 
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Turn the first Ctrl-C into a request the loop honours at the next step boundary (where the state is whole:
-    never half an optimizer update); a second Ctrl-C interrupts at once."""
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested  # signals reach the main thread only
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    previous = signal.default_int_handler if previous is None else previous  # None: installed outside Python
-
-    def handler(signum, frame):
-        requested.set()
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 # ---------------------------------------------------------------- the loop
 
 def whole_model_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -248,9 +224,10 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
         raise UserError(f"the processes see different checkpoints in {run_dir}: with several machines, the output "
                         f"folder must be on a file system they all share")
     if resumed_from is not None:
-        state = _restore(resumed_from, params, optimizer, scheduler, settings, digest, device, cfg.seed)
-        step, rows, epochs = state["step"], state["log"], state["epochs"]
-        epoch, position, tally = state["epoch"], state["position"], state["tally"]
+        with checkpoint.reading(resumed_from):  # a damaged or incomplete checkpoint: one line naming it
+            state = _restore(resumed_from, params, optimizer, scheduler, settings, digest, device, cfg.seed)
+            step, rows, epochs = state["step"], state["log"], state["epochs"]
+            epoch, position, tally = state["epoch"], state["position"], state["tally"]
         print(f"resuming {adapted.method} from {resumed_from} (step {step}"
               f"{f' of {total_steps}' if total_steps else ''})")
     if not fsdp:
@@ -290,7 +267,7 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
 
     agreed = {"stop": False}  # with several processes, all stop at the same step: the one they agree on
 
-    def stop_requested(stop: threading.Event, now: bool = False) -> bool:
+    def stop_requested(stop: signals.StopSignal, now: bool = False) -> bool:
         if world == 1:
             return stop.is_set()
         if now:
@@ -317,7 +294,7 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
                dynamic_ncols=True)
     lengths = [len(e.input_ids) for e in examples]
     try:
-        with _sigint_deferred() as stop, compiled_blocks(model, device, max(lengths, default=0),
+        with signals.StopSignal() as stop, compiled_blocks(model, device, max(lengths, default=0),
                                                          enabled=cfg.compile and not fsdp):
             # Under a budget, epochs go on until the budget is spent, the last one usually partial.
             while budget is not None or epoch <= cfg.epochs:

@@ -27,6 +27,7 @@ from . import adapters
 from .methods import lora
 from .config import config_from_args, validate
 from .errors import UserError
+from .files import check_writable, decode_text, kind_of, read_text
 
 SUPPORTED_PEFT_TYPES = ("LORA", "PROMPT_TUNING")
 PEFT_METHOD = {"LORA": "lora", "PROMPT_TUNING": "prompt"}
@@ -224,18 +225,9 @@ class Document:
 
 def _read_document(name: str) -> Document:
     if name == STDIN:
-        text, label = sys.stdin.read(), "<stdin>"
+        text, label = decode_text(sys.stdin.buffer.read(), "<stdin>"), "<stdin>"
     else:
-        path = Path(name)
-        if not path.is_file():
-            raise UserError(f"document not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-        except OSError as exc:
-            raise UserError(f"cannot read {path}: {exc.strerror}") from None
-        label = name
+        text, label = read_text(Path(name), "document"), name
     if not text.strip():
         raise UserError(f"{label} is empty")
     return Document(label, text.strip())
@@ -258,21 +250,20 @@ def document_column(rows: list[dict], configured: str | None, explicit: bool, wh
 
 
 def read_input(path: Path, configured: str | None, explicit: bool) -> list[Document]:
-    from .data import EXTENSIONS, read_rows
+    from .data import EXTENSIONS, read_numbered_rows, text_value
 
     if path.suffix not in EXTENSIONS:
         raise UserError(f"--input {path}: expected JSONL rows (.jsonl, .json) or CSV (.csv); for a plain-text "
                         f"document pass the file itself: peftsum summarize ... {path}")
-    rows = read_rows(path)
-    if not rows:
+    numbered = read_numbered_rows(path)
+    if not numbered:
         raise UserError(f"{path}: no rows")
-    column = document_column(rows, configured, explicit, str(path))
+    column = document_column([row for _, row in numbered], configured, explicit, str(path))
     documents = []
-    for index, row in enumerate(rows):
-        value = row.get(column)
-        text = " ".join(str(v) for v in value) if isinstance(value, list) else ("" if value is None else str(value))
+    for index, (line, row) in enumerate(numbered):
+        text = text_value(row.get(column), f"{path}: line {line}, column {column!r}")
         if not text.strip():
-            raise UserError(f"{path}: row {index + 1} has no text in column {column!r}")
+            raise UserError(f"{path}: line {line} has no text in column {column!r}")
         documents.append(Document(row.get("id", index), text.strip()))
     return documents
 
@@ -295,6 +286,11 @@ def cmd_summarize(args) -> int:
         raise UserError("standard input (-) can be read only once")
     if not names and not args.input:
         raise UserError("nothing to summarize: give document files (- for standard input) or --input FILE.jsonl")
+    if args.output is not None and not args.output.strip():
+        raise UserError("--output is empty; give a file name, or - for standard output")
+    if args.output and args.output != STDIN:
+        inputs = [Path(n) for n in names if n != STDIN] + ([Path(args.input)] if args.input else [])
+        _check_output(Path(args.output), inputs)
     documents = [_read_document(n) for n in names]  # read (and checked) before the model loads
     if args.input:
         configured = vars(args).get("data.document_column")
@@ -312,13 +308,29 @@ def cmd_summarize(args) -> int:
         if args.output == STDIN:
             sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         else:
-            write_jsonl(Path(args.output), rows)
+            try:
+                write_jsonl(Path(args.output), rows)
+            except UserError as exc:  # e.g. the disk filled while generating: the summaries are not lost
+                sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                raise UserError(f"{exc}; the {len(rows)} summaries went to standard output instead") from None
             print(f"{len(rows)} summaries written to {args.output}", file=sys.stderr)
     elif len(documents) == 1:
         print(predictions[0])
     else:
         print("\n\n".join(f"==> {d.id} <==\n{p}" for d, p in zip(documents, predictions)))
     return 0
+
+
+def _check_output(output: Path, inputs: list[Path]) -> None:
+    """Refuse, before the model loads, an --output that would replace an input or cannot be written."""
+    for source in inputs:
+        if output.resolve() == source.resolve():
+            raise UserError(f"--output {output} is also an input; it would be replaced by the summaries: "
+                            f"choose another file")
+    kind = kind_of(output)
+    if kind not in (None, "a file"):
+        raise UserError(f"--output {output} is {kind}; give a file name")
+    check_writable(output.parent, "--output", given=output)
 
 
 # ---------------------------------------------------------------- export
@@ -359,6 +371,8 @@ def write_model(model, tokenizer, out: Path, note: str | None = None) -> None:
 def cmd_export(args) -> int:
     import yaml
 
+    if not args.merged.strip():
+        raise UserError("--merged is empty; give the folder to write")
     out = Path(args.merged)
     _check_target(out, args.overwrite)
     if not args.run and not args.adapter:
@@ -373,6 +387,7 @@ def cmd_export(args) -> int:
     elif adapters.read_adapter_config(source).get("peft_type") == "PROMPT_TUNING":
         raise _prompt_refusal(source, flag)
     setattr(args, "model.precision", "fp32")  # merge into, and write, full-precision weights
+    check_writable(out, "--merged")  # before the model loads and merges
     cfg, session, adapted = open_result(args)
     if adapted.method not in ("lora", "finetune"):
         raise _prompt_refusal(source, flag)
