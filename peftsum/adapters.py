@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
 from .errors import UserError
-from .files import atomic_write, damaged, read_json, read_tensors, write_json
+from .files import atomic_write, damaged, read_json, read_tensors, require_file, write_json
 from .methods import Adapted, lora
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -136,9 +136,10 @@ def refuse_pickled(expected: Path) -> None:
 def weights_path(folder: Path, method: str) -> Path:
     """The safetensors file `load_into` will read for `method`; refuses a missing or pickled-only one up front."""
     path = folder / (FINETUNED_WEIGHTS if method == "finetune" else ADAPTER_WEIGHTS)
-    if not path.is_file():
+    if not path.exists():
         refuse_pickled(path)
         raise UserError(f"missing weights file {path}")
+    require_file(path, "weights file")  # a folder or a named pipe by that name, say so
     return path
 
 

@@ -136,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- commands
 
 def cmd_compare(args) -> int:
+    cfg = config_from_args(args)  # before torch is imported: a bad setting is refused at once
     from .compare import compare, open_session, plan
 
-    cfg = config_from_args(args)
     fsdp = _launch(cfg, args.fsdp)
     if args.dry_run:
         result = plan(open_session(cfg, progress=False))
@@ -261,9 +261,9 @@ def cmd_score(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    cfg = config_from_args(args)  # before torch is imported: a bad setting is refused at once
     from .sweep import parse_varies, run_sweep, sweep_table
 
-    cfg = config_from_args(args)
     varies = parse_varies(args.vary, cfg.methods)
     _launch(cfg)
     with lock.holding(Path(cfg.out)):
@@ -316,6 +316,19 @@ def _launched() -> bool:
     return launched()
 
 
+def _quiet_transformers() -> None:
+    """Keep the terminal for our progress bars and messages. Through the environment while transformers is not
+    loaded: importing it takes seconds, which a command refused for a bad flag or file should not spend."""
+    if "transformers" not in sys.modules:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -331,10 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                                     f"accelerate launch")
                 refusal.from_main = rank != 0  # every rank refuses; rank 0 says it
                 raise refusal
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()  # keep the terminal for our progress bars and messages
-            hf_logging.disable_progress_bar()
+            _quiet_transformers()
             code = args.handler(args) if hasattr(args, "handler") else COMMANDS[args.command](args)
             finished = code == 0
             return code

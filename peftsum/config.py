@@ -238,9 +238,13 @@ def load_yaml(path: Path) -> dict:
     except _DuplicateKey as exc:
         raise UserError(f"config file {path}: {exc}; give each key once") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise UserError(f"config file {path} is not valid YAML{where}: {str(exc).splitlines()[0]}") from None
+        parts = [f"{text} (line {mark.line + 1})" for text, mark in ((getattr(exc, "context", None),
+                                                                       getattr(exc, "context_mark", None)),
+                                                                      (getattr(exc, "problem", None),
+                                                                       getattr(exc, "problem_mark", None)))
+                 if text and mark is not None]
+        raise UserError(f"config file {path} is not valid YAML: {': '.join(parts) or str(exc).splitlines()[0]}") \
+            from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of sections")
     return data

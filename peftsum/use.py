@@ -23,8 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import adapters
-from .methods import lora
+# adapters (and through it torch and transformers, seconds to import) is imported where a command uses it, not here:
+# the parser is built from this module, and a command refused for a bad flag or file should not wait for torch.
 from .config import config_from_args, validate
 from .errors import UserError
 from .files import check_writable, decode_text, kind_of, read_text
@@ -93,6 +93,7 @@ def _run_config_path(run: Path) -> Path:
 
 def load_run(cfg, run: Path, progress: bool = True):
     """(session, adapted) for a trained run folder, with cfg already built from its config.yaml (+ flags)."""
+    from . import adapters
     from .compare import open_session
     from .methods import adapt
 
@@ -107,6 +108,8 @@ def load_run(cfg, run: Path, progress: bool = True):
 
 def apply_adapter_config(cfg, config: dict, folder: Path, model_given: bool = False) -> str:
     """Set cfg (model, method, LoRA or prompt settings) from a peft adapter_config.json; returns the method."""
+    from . import adapters
+
     where = folder / adapters.ADAPTER_CONFIG
     if not isinstance(config, dict):
         raise UserError(f"{where} must hold a JSON object")
@@ -164,6 +167,7 @@ def adapted_from_adapter_dir(cfg, folder: Path, model_given: bool = False, progr
     cfg carries everything else (data settings, template, generation, device); its model becomes the adapter's
     base_model_name_or_path unless `model_given` (the user passed --model). cfg is updated in place.
     """
+    from . import adapters
     from .compare import RUN_CONFIG, open_session
     from .methods import adapt
 
@@ -370,6 +374,9 @@ def write_model(model, tokenizer, out: Path, note: str | None = None) -> None:
 
 def cmd_export(args) -> int:
     import yaml
+
+    from . import adapters
+    from .methods import lora
 
     if not args.merged.strip():
         raise UserError("--merged is empty; give the folder to write")
