@@ -282,7 +282,6 @@ def _truncated(tokenizer, documents: list[Document], data_cfg, reserved: int) ->
 
 
 def cmd_summarize(args) -> int:
-    from .evaluate import generate
     from .files import write_jsonl
 
     names = list(args.files)
@@ -299,6 +298,8 @@ def cmd_summarize(args) -> int:
     if args.input:
         configured = vars(args).get("data.document_column")
         documents += read_input(Path(args.input), configured, explicit=configured is not None)
+    from .evaluate import generate  # torch: once the documents and the output are known to be fine
+
     cfg, session, adapted = open_result(args)
     tokenizer = session.loaded.tokenizer
     cut = _truncated(tokenizer, documents, cfg.data, adapted.virtual_tokens)
@@ -375,15 +376,15 @@ def write_model(model, tokenizer, out: Path, note: str | None = None) -> None:
 def cmd_export(args) -> int:
     import yaml
 
-    from . import adapters
-    from .methods import lora
-
     if not args.merged.strip():
         raise UserError("--merged is empty; give the folder to write")
     out = Path(args.merged)
     _check_target(out, args.overwrite)
     if not args.run and not args.adapter:
         raise UserError("export needs --run DIR (a trained lora or finetune run) or --adapter DIR (a LoRA adapter)")
+    from . import adapters
+    from .methods import lora
+
     source, flag = (Path(args.run), "--run") if args.run else (Path(args.adapter), "--adapter")
     if out.resolve() == source.resolve():
         raise UserError(f"--merged {out} is the {flag} folder itself; choose a new folder")
