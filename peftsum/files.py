@@ -64,6 +64,8 @@ def require_file(path: Path, what: str = "file") -> None:
     kind = kind_of(path)
     if kind is None:
         raise UserError(f"{what} not found: {path}")
+    if kind.startswith("unreadable"):
+        raise UserError(f"cannot read {path}: {kind[len('unreadable ('):-1]}")
     if kind != "a file":
         raise UserError(f"{path} is {kind}, not a {what}")
 
@@ -123,8 +125,8 @@ def damaged(path: Path, advice: str = ""):
     except SafetensorError as error:
         raise UserError(f"{path} is not a readable safetensors file: {error}{then}") from None
     except KeyError as error:
-        raise UserError(f"{path} has no {error.args[0]!r}: incomplete, or written for something else{then}") \
-            from None
+        missing = repr(error.args[0]) if error.args else "entry it needs"
+        raise UserError(f"{path} has no {missing}: incomplete, or written for something else{then}") from None
     except OSError as error:
         raise UserError(f"cannot read {path}: {error.strerror or error}{then}") from None
     except ValueError as error:  # what torch and others raise for content of the wrong shape or kind

@@ -743,3 +743,39 @@ def test_the_lock_refuses_within_one_process_and_cleans_up_what_it_created(tmp_p
         with pytest.raises(UserError, match=f"is in use by process {os.getpid()} on "):
             lock.acquire(folder)
     assert not (tmp_path / "a").exists()  # nothing was written: the folders it made are gone again
+
+
+def test_without_flock_the_lock_file_alone_decides(tmp_path, monkeypatch, capsys):
+    """Some network file systems have no flock: a live holder on this host is refused, a dead one taken over."""
+    from peftsum import lock
+    from peftsum.errors import UserError
+
+    monkeypatch.setattr(lock, "_flock", lambda fd, path: None)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        (folder / lock.LOCK).write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname(), "since": "then"}))
+        with pytest.raises(UserError, match=f"in use by process {alive.pid} .*this file system cannot lock files"):
+            lock.acquire(folder)
+    finally:
+        alive.kill()
+        alive.wait()
+    lock.acquire(folder).release()  # the holder is gone now
+    assert f"left by process {alive.pid}" in capsys.readouterr().err
+    assert not (folder / lock.LOCK).exists()
+
+
+def test_a_stop_signal_can_be_set_by_hand_and_restores_the_handlers():
+    from peftsum.signals import StopSignal, exit_code
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    with pytest.raises(KeyboardInterrupt) as raised:
+        with StopSignal() as stop:
+            assert signal.getsignal(signal.SIGTERM) != before[signal.SIGTERM]
+            assert not stop.is_set()
+            stop.set(signal.SIGTERM)  # what a scheduler's signal (or a caller) does
+            assert stop.is_set() and stop.signum == signal.SIGTERM
+            raise KeyboardInterrupt  # as the loop's TrainingInterrupted leaves the block
+    assert raised.value.signum == signal.SIGTERM and exit_code(raised.value) == 143
+    assert {s: signal.getsignal(s) for s in before} == before
