@@ -10,6 +10,7 @@ complete by construction, and a crash mid-write leaves only a `.tmp-*` folder th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -68,6 +69,8 @@ def save(run: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, ke
         fsync(root)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error type
         shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            root.rmdir()  # only if no checkpoint is there
         if os_error(exc) is None:
             raise
         more = " (or lower train.keep_checkpoints)" if os_error(exc).errno in NO_SPACE else ""
