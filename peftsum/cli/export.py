@@ -29,10 +29,13 @@ def export(args) -> int:
 
     from .. import adapters
     from ..export import check_target, merged_model, write_model
+    from ..files import check_writable
     from ..methods import BY_PEFT_TYPE, method_named
     from ..model_card import export_card, write_card
     from .source import open_source, source_config
 
+    if not args.merged.strip():
+        raise UserError("--merged is empty; give the folder to write")
     out = Path(args.merged)
     check_target(out, args.overwrite)
     if not args.run and not args.adapter:
@@ -48,6 +51,7 @@ def export(args) -> int:
     if method is not None and not method.can_merge:
         raise _cannot_merge(source, flag, "prompt-tuning" if method.name == "prompt" else method.name)
     setattr(args, "model.precision", "fp32")  # merge into, and write, full-precision weights
+    check_writable(out, "--merged")  # before the model loads and merges
     cfg, session, adapted = open_source(args)
     model = merged_model(adapted)
     note = yaml.safe_dump({"exported_from": str(source), "method": adapted.name, **cfg.to_dict()}, sort_keys=False)
