@@ -27,6 +27,7 @@ from . import adapters
 from .methods import lora
 from .config import config_from_args, validate
 from .errors import UserError
+from .gguf_export import GGUF_TYPES
 
 SUPPORTED_PEFT_TYPES = ("LORA", "PROMPT_TUNING")
 PEFT_METHOD = {"LORA": "lora", "PROMPT_TUNING": "prompt"}
@@ -61,11 +62,16 @@ def add_commands(commands, add_config_flags) -> None:
     export = commands.add_parser(
         "export", help="write a standalone merged model from a trained LoRA or fine-tuning run",
         description="Write a transformers folder (safetensors, config, tokenizer) that AutoModelForCausalLM "
-                    "loads without peftsum or peft: LoRA merged into the weights, or the fine-tuned weights.")
+                    "loads without peftsum or peft, and/or one GGUF file for llama.cpp / Ollama: LoRA merged into "
+                    "the weights, or the fine-tuned weights.")
     add_config_flags(export)
     _add_source_flags(export)
-    export.add_argument("--merged", required=True, metavar="DIR", help="the folder to write")
-    export.add_argument("--overwrite", action="store_true", help="write into DIR even if it is not empty")
+    export.add_argument("--merged", metavar="DIR", help="the transformers folder to write")
+    export.add_argument("--gguf", metavar="FILE", help="the GGUF file to write (Llama-family and GPT-2 models)")
+    export.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
+                        help="GGUF type of the weight matrices (norms and biases stay f32); default f16")
+    export.add_argument("--overwrite", action="store_true",
+                        help="write into DIR even if it is not empty, and replace an existing FILE")
     export.set_defaults(handler=cmd_export)
 
 
@@ -359,12 +365,19 @@ def write_model(model, tokenizer, out: Path, note: str | None = None) -> None:
 def cmd_export(args) -> int:
     import yaml
 
-    out = Path(args.merged)
-    _check_target(out, args.overwrite)
+    from . import gguf_export
+
+    if not args.merged and not args.gguf:
+        raise UserError("export needs --merged DIR (a transformers folder) and/or --gguf FILE (one GGUF file)")
+    out = Path(args.merged) if args.merged else None
+    if out is not None:
+        _check_target(out, args.overwrite)
+    if args.gguf:
+        gguf_export.check_target(Path(args.gguf), args.overwrite)
     if not args.run and not args.adapter:
         raise UserError("export needs --run DIR (a trained lora or finetune run) or --adapter DIR (a LoRA adapter)")
     source, flag = (Path(args.run), "--run") if args.run else (Path(args.adapter), "--adapter")
-    if out.resolve() == source.resolve():
+    if out is not None and out.resolve() == source.resolve():
         raise UserError(f"--merged {out} is the {flag} folder itself; choose a new folder")
     if args.run:
         cfg = config_from_args(args, base=_run_config_path(source))
@@ -384,9 +397,17 @@ def cmd_export(args) -> int:
         raise RuntimeError(f"LoRA tensors left in the merged state dict: {leftovers[:3]}")
     model.to("cpu")
     model.requires_grad_(False)
-    note = yaml.safe_dump({"exported_from": str(source), "method": adapted.method, **cfg.to_dict()}, sort_keys=False)
-    write_model(model, session.loaded.tokenizer, out, note)
     what = "LoRA merged into the base weights" if adapted.method == "lora" else "fine-tuned weights"
-    print(f"exported {source} ({what}) to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r}); "
-          f"prompt it with the template {cfg.data.template!r}")
+    if args.gguf:
+        written = gguf_export.write_gguf(model, session.loaded.tokenizer, Path(args.gguf), args.gguf_type,
+                                         name=f"{cfg.model.name} {adapted.method} (peftsum)", progress=True)
+        print(f"exported {source} ({what}) to {written.path} ({written.gguf_type}, {written.bytes / 2 ** 20:.1f} MiB); "
+              f"run it with llama.cpp (llama-cli -m {written.path}); prompt it with the template "
+              f"{cfg.data.template!r}")
+    if out is not None:
+        note = yaml.safe_dump({"exported_from": str(source), "method": adapted.method, **cfg.to_dict()},
+                              sort_keys=False)
+        write_model(model, session.loaded.tokenizer, out, note)
+        print(f"exported {source} ({what}) to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r}); "
+              f"prompt it with the template {cfg.data.template!r}")
     return 0
