@@ -28,16 +28,16 @@ from .errors import UserError
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 OUTPUT = "output.weight"  # llama.cpp's name for an untied LM head
-# tokenizers' pre-tokenizer (as JSON) -> llama.cpp's name for the same split (`tokenizer.ggml.pre`).
-_BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True}
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The pre-tokenizers written, under llama.cpp's names (`tokenizer.ggml.pre`); `_pre_tokenizer` recognises them.
 PRE_TOKENIZERS = {"gpt-2": "GPT-2's byte-level split", "smollm": "single digits, then GPT-2's split",
                   "llama-bpe": "Llama 3's split regex"}
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 @dataclass(frozen=True)
 class Written:
+    """What write_gguf wrote: the file, the type of its matrices, the number of tensors and the file's size."""
     path: Path
     gguf_type: str
     tensors: int
@@ -65,10 +65,8 @@ def _llama_metadata(writer, config) -> None:
 
 
 def _rope(config) -> dict:
-    parameters = getattr(config, "rope_parameters", None) or {}
-    if isinstance(parameters, dict) and "rope_theta" not in parameters and parameters:
-        parameters = next(iter(parameters.values()))  # per-layer-type rope settings: Llama has one type
-    return {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", None) or 10000.0, **parameters}
+    """transformers 5's rope settings, with LlamaConfig's defaults where a config leaves them out."""
+    return {"rope_type": "default", "rope_theta": 10000.0, **(getattr(config, "rope_parameters", None) or {})}
 
 
 def _llama_refusal(config) -> str | None:
@@ -84,7 +82,8 @@ def _llama_refusal(config) -> str | None:
 
 def _permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's q/k row order: per head, the rotary halves interleaved (transformers' loader inverts this)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    rows = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+    return rows.swapaxes(1, 2).reshape(weight.shape)
 
 
 def _llama_tensor(name: str, tensor: torch.Tensor, config) -> torch.Tensor:
@@ -167,8 +166,8 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
             continue  # buffers (rotary frequencies, causal masks) are rebuilt from the metadata
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise UserError(f"GGUF export does not know where the {config.model_type} tensor {name} goes in llama.cpp's "
-                            f"layout; use --merged for a transformers folder")
+            raise UserError(f"GGUF export does not know where the {config.model_type} tensor {name} goes in "
+                            f"llama.cpp's layout; use --merged for a transformers folder")
         if tied and gguf_name == OUTPUT:
             continue  # a tied LM head is token_embd: llama.cpp and transformers reuse it when output.weight is absent
         out.append((gguf_name, arch.tensor(name, tensor.detach().to("cpu", torch.float32), config).contiguous()))
@@ -198,14 +197,15 @@ def _check_quantizable(tensors, gguf_type: str) -> None:
     bad = [(n, tuple(t.shape)) for n, t in tensors if t.ndim > 1 and t.shape[-1] % block]
     if bad:
         name, shape = bad[0]
-        raise UserError(f"--gguf-type q8_0 needs rows that are a multiple of {block} values; {len(bad)} tensors are not, "
-                        f"e.g. {name} {list(shape)}; use --gguf-type f16 or bf16")
+        raise UserError(f"--gguf-type q8_0 needs rows that are a multiple of {block} values; {len(bad)} tensors are "
+                        f"not, e.g. {name} {list(shape)}; use --gguf-type f16 or bf16")
 
 
 # ---------------------------------------------------------------- tokenizer
 
 @dataclass(frozen=True)
 class Vocab:
+    """A tokenizer as GGUF's tokenizer.ggml.* keys hold it (one token, and one type, per embedding row)."""
     tokens: list[str]
     types: list[int]
     merges: list[str]
@@ -231,8 +231,9 @@ def _pre_tokenizer(spec: dict | None) -> str | None:
     if (len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
             and byte_level(parts[1], True)):
         return "smollm"
-    if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT
-            and str(parts[0].get("behavior", "")).lower() == "isolated" and not parts[0].get("invert")
+    split = parts[0] if parts[0].get("type") == "Split" else {}
+    if (len(parts) == 2 and split.get("pattern", {}).get("Regex") == _LLAMA3_SPLIT
+            and str(split.get("behavior", "")).lower() == "isolated" and not split.get("invert")
             and byte_level(parts[1], False)):
         return "llama-bpe"
     return None
