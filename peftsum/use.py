@@ -23,11 +23,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import adapters
+from . import adapters, gguf_export
 from .methods import lora
 from .config import config_from_args, validate
 from .errors import UserError
-from .gguf_export import GGUF_TYPES
 
 SUPPORTED_PEFT_TYPES = ("LORA", "PROMPT_TUNING")
 PEFT_METHOD = {"LORA": "lora", "PROMPT_TUNING": "prompt"}
@@ -68,7 +67,7 @@ def add_commands(commands, add_config_flags) -> None:
     _add_source_flags(export)
     export.add_argument("--merged", metavar="DIR", help="the transformers folder to write")
     export.add_argument("--gguf", metavar="FILE", help="the GGUF file to write (Llama-family and GPT-2 models)")
-    export.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
+    export.add_argument("--gguf-type", choices=gguf_export.GGUF_TYPES, default="f16",
                         help="GGUF type of the weight matrices (norms and biases stay f32); default f16")
     export.add_argument("--overwrite", action="store_true",
                         help="write into DIR even if it is not empty, and replace an existing FILE")
@@ -364,8 +363,6 @@ def write_model(model, tokenizer, out: Path, note: str | None = None) -> None:
 
 def cmd_export(args) -> int:
     import yaml
-
-    from . import gguf_export
 
     if not args.merged and not args.gguf:
         raise UserError("export needs --merged DIR (a transformers folder) and/or --gguf FILE (one GGUF file)")

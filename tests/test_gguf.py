@@ -9,6 +9,7 @@ greedy tokens at f16/bf16. Figures are printed (`pytest -s tests/test_gguf.py`).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -31,6 +32,8 @@ FAST = ["--train.max_steps", "3", "--train.batch_size", "4", "--data.train_eval_
 # runs (pytest -s): f16 3.7e-4, bf16 2.7e-3, q8_0 7.5e-3 at most; the bounds leave about three times that.
 TOLERANCE = {"f16": 1e-3, "bf16": 1e-2, "q8_0": 3e-2}
 NEW_TOKENS = 12
+requires_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                        reason="needs llama-cpp-python: pip install -e '.[llamacpp]'")
 TEXTS = ["the council said on monday that new rules", "  riders who asked <eos> for more\n\nroutes, 2024!",
          "TL;DR: Summarize: cheaper fares <pad>"]
 
@@ -297,7 +300,8 @@ def test_real_model_lora_exports_to_f16_gguf_with_the_same_greedy_tokens(tmp_pat
 
 def _llama_cpp_greedy(path: Path, ids: list[int], eos_id: int) -> tuple[list[int], list[float]]:
     """llama.cpp's greedy tokens (via llama-cpp-python) after a prompt of token ids, and its last-position logits."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
+
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, seed=0, logits_all=True, verbose=False)
     tokens = []
     for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
@@ -310,9 +314,9 @@ def _llama_cpp_greedy(path: Path, ids: list[int], eos_id: int) -> tuple[list[int
 
 
 @pytest.mark.llamacpp
+@requires_llama_cpp
 @pytest.mark.parametrize("kind, gguf_type", [("llama", "f16"), ("llama", "bf16"), ("gpt2", "f16")])
 def test_llama_cpp_generates_the_greedy_tokens_of_transformers(kind, gguf_type, runs, data, tmp_path):
-    pytest.importorskip("llama_cpp")
     run = runs[kind, "lora"]
     merged_dir, gguf = _export(run, tmp_path, gguf_type)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
@@ -330,10 +334,12 @@ def test_llama_cpp_generates_the_greedy_tokens_of_transformers(kind, gguf_type, 
 
 @pytest.mark.llamacpp
 @pytest.mark.slow
+@requires_llama_cpp
 @requires_real
 def test_llama_cpp_on_the_real_model(tmp_path):
     """The untouched embedded SmolLM2 (peftsum's fp32 cache) exported to f16: llama.cpp's tokens and greedy text."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
+
     from peftsum.models import embedded_model_dir, load_tokenizer
 
     source = embedded_model_dir("smollm2-135m")
