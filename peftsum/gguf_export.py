@@ -240,6 +240,7 @@ def _pre_tokenizer(spec: dict | None) -> str | None:
 
 
 def _adds(tokenizer, token_id: int | None, first: bool) -> bool:
+    """Whether encoding puts token_id first (BOS) or last (EOS): what llama.cpp's add_bos/add_eos flags say."""
     if token_id is None:
         return False
     with_special = tokenizer("a b")["input_ids"]
@@ -281,7 +282,7 @@ def gguf_vocab(tokenizer, vocab_size: int, config=None) -> Vocab:
                              else TokenType.USER_DEFINED if i in added else TokenType.NORMAL))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
-    def special(attr):
+    def special(attr):  # the tokenizer's id, else the model config's, as llama.cpp's converter reads them
         value = getattr(tokenizer, f"{attr}_token_id", None)
         return getattr(config, f"{attr}_token_id", None) if value is None and attr != "unk" else value
 
