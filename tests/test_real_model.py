@@ -56,7 +56,11 @@ def test_lora_lowers_validation_loss():
 
 
 def test_prompt_tuning_does_not_lower_rouge():
-    """The reference study's soft prompt collapsed at generation; ours must end at or above the untouched model."""
+    """The reference study's soft prompt collapsed at generation (far lower ROUGE); ours must not.
+
+    Equal ROUGE on 24 examples differs in the second decimal between CPU kinds (bf16 on AMX, fp32 elsewhere), so
+    "not lower" allows one ROUGE point: a collapse costs many points, noise costs hundredths.
+    """
     cfg, session = session_for({"data.train_size": "96", "data.train_eval_size": "0", "data.eval_size": "24",
                                 "train.batch_size": "8"})
     splits = load_data(cfg.data, seed=0)
@@ -66,7 +70,7 @@ def test_prompt_tuning_does_not_lower_rouge():
     adapted, _ = train_briefly(session, "prompt", splits)
     torch.manual_seed(0)
     after = evaluate(adapted, *args)
-    assert after["rouge"]["rouge1"]["mean"] >= before["rouge"]["rouge1"]["mean"], (before["rouge"], after["rouge"])
+    assert after["rouge"]["rouge1"]["mean"] >= before["rouge"]["rouge1"]["mean"] - 1.0, (before["rouge"], after["rouge"])
     assert after["loss"] < before["loss"]
 
 
