@@ -6,7 +6,8 @@ import torch
 from conftest import SHARED_DATA, requires_real
 from peftsum.session import fresh_adapted, open_session
 from peftsum.config import load_config
-from peftsum.data import encode_example, load_data
+from peftsum.data import load_data
+from peftsum.prompts import encode_example
 from peftsum.evaluate import evaluate, mean_loss
 from peftsum.methods import untouched
 from peftsum.train import train

@@ -104,7 +104,7 @@ def test_sections_in_order_and_tables():
     for row in ("| before / train |", "| before / eval |", "| after / train |", "| after / eval |"):
         assert md.count(row) == 3
     assert "| after / eval | 2.100 | 31.2 ± 2.0 |" in md
-    assert "| untouched model | 3.100 | 14.0 ± 2.0 |" in md
+    assert "| untouched model (plain) | 3.100 | 14.0 ± 2.0 |" in md
     assert "![training loss](loss_curves.png)" in md and "![ROUGE before and after](rouge.png)" in md
     assert "seed 7" in md and "12 min 34 s" in md
 
@@ -220,7 +220,7 @@ def test_paired_test_finds_clear_difference():
     rows = [r for r in section.splitlines() if r.startswith("| lora − prompt |")]
     assert [r.split(" | ")[1] for r in rows] == ["ROUGE-1", "ROUGE-2", "ROUGE-L"]
     assert all(r.endswith("| < 0.001 | significant |") for r in rows)
-    assert "| prompt − untouched model | ROUGE-1 |" in section and "| not significant |" in section
+    assert "| prompt − untouched model (plain) | ROUGE-1 |" in section and "| not significant |" in section
     assert ["## Verdict", "## Results", "## Significance", "## Resources"] == \
         sorted(["## Verdict", "## Results", "## Significance", "## Resources"], key=md.index)
 

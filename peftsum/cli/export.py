@@ -28,8 +28,9 @@ def export(args) -> int:
     import yaml
 
     from .. import adapters
-    from ..export import check_target, merged_model, write_model
+    from ..export import check_target, merged_model, prompted_like_the_run, write_model
     from ..methods import BY_PEFT_TYPE, method_named
+    from ..prompts import prompt_format
     from .source import open_source, source_config
 
     out = Path(args.merged)
@@ -49,8 +50,12 @@ def export(args) -> int:
     setattr(args, "model.precision", "fp32")  # merge into, and write, full-precision weights
     cfg, session, adapted = open_source(args)
     model = merged_model(adapted)
-    note = yaml.safe_dump({"exported_from": str(source), "method": adapted.name, **cfg.to_dict()}, sort_keys=False)
-    write_model(model, session.tokenizer, out, note)
-    print(f"exported {source} ({adapted.description}, merged) to {out}; load it with "
-          f"AutoModelForCausalLM.from_pretrained({str(out)!r}); prompt it with the template {cfg.data.template!r}")
+    fmt = prompt_format(session.tokenizer, cfg.data)
+    note = yaml.safe_dump({"exported_from": str(source), "method": adapted.name, "prompt": fmt.describe(),
+                           **cfg.to_dict()}, sort_keys=False)
+    write_model(model, prompted_like_the_run(model, fmt, cfg.eval), out, note)
+    print(f"exported {source} ({adapted.description}, merged, {fmt.name} prompt format) to {out}; load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}); its chat template builds the run's prompt: "
+          f"apply_chat_template([{{'role': 'user', 'content': document}}], add_generation_prompt=True), and "
+          f"generate() decodes as the run did (transformers' n-gram ban and repetition penalty also see the prompt)")
     return 0
