@@ -43,7 +43,7 @@ class DataConfig:
     # The prompt format (prompts.py): plain = `template`; chat = the tokenizer's chat template with `instruction` and
     # the document in the user turn (and `system`, if given); auto = chat where the tokenizer has a chat template.
     format: str = "auto"
-    instruction: str | None = None  # the chat format's instruction; None = the data set kind's (data.KINDS)
+    instruction: str = "auto"  # the chat format's instruction ("" = none); auto = the data set kind's (data.KINDS)
     system: str | None = None  # the chat format's system message; None = none (the template's own default, if any)
     template: str = "{document}\nTL;DR:"  # the plain format's prompt; the summary follows it after a space
     max_length: int = 256  # tokens per example, virtual tokens included; the document is truncated to fit

@@ -69,17 +69,24 @@ def write_model(model, tokenizer, out: Path, note: str | None = None) -> None:
 def summarization_template(fmt: PlainFormat | ChatFormat) -> str:
     """A chat template that builds the run's prompt around the last user message's content (the document): the
     plain template, or the chat prompt with its instruction (and system turn). The generation prompt is always
-    there: the exported model answers a document with its summary."""
+    there: the exported model answers a document with its summary; a final assistant message (a training pair)
+    follows it with the format's end (EOS, or the end of turn)."""
     tokenizer = fmt.tokenizer
     if isinstance(fmt, ChatFormat):
         text, ((start, end),) = fmt.conversation([], MARK.format(0))
         prefix, suffix = text[:start], text[end:]
+        reply = MARK.format(1)
+        answered = fmt.render([("user", "Hello"), ("assistant", reply)], generation_prompt=False)
+        opening, closing = "", answered[answered.index(reply) + len(reply):]
     else:
         prefix, suffix = fmt.template.split("{document}", 1)
         prefix = (tokenizer.bos_token if bos_prefix(tokenizer) else "") + prefix
+        opening, closing = ("" if suffix[-1:].isspace() else " "), tokenizer.eos_token
     return ("{#- peftsum: the run's summarization prompt around the last user message (the document) -#}\n"
             "{%- set document = (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] -%}\n"
-            f"{{{{- {json.dumps(prefix)} ~ (document | trim) ~ {json.dumps(suffix)} -}}}}")
+            f"{{{{- {json.dumps(prefix)} ~ (document | trim) ~ {json.dumps(suffix)} -}}}}\n"
+            "{%- if messages[-1]['role'] == 'assistant' -%}"
+            f"{{{{- {json.dumps(opening)} ~ messages[-1]['content'] ~ {json.dumps(closing)} -}}}}{{%- endif -%}}")
 
 
 def prompted_like_the_run(model, fmt: PlainFormat | ChatFormat, eval_cfg: EvalConfig):

@@ -160,7 +160,7 @@ class ChatFormat(Format):
         self.end_tokens = len(self.end_of_turn)
         self.stop_ids = tuple(dict.fromkeys([tokenizer.eos_token_id, self.end_of_turn[-1]]))
 
-    def _render(self, turns: list[tuple[str, str]], generation_prompt: bool) -> str:
+    def render(self, turns: list[tuple[str, str]], generation_prompt: bool) -> str:
         messages = ([{"role": "system", "content": self.system}] if self.system else [])
         messages += [{"role": role, "content": content} for role, content in turns]
         try:
@@ -175,8 +175,8 @@ class ChatFormat(Format):
         `<end_of_turn>` for Gemma): found by rendering a conversation with a reply against the bare prompt."""
         reply = MARK.format(0)
         asked = [("user", "Hello")]
-        prompt = self._render(asked, generation_prompt=True)
-        full = self._render(asked + [("assistant", reply)], generation_prompt=False)
+        prompt = self.render(asked, generation_prompt=True)
+        full = self.render(asked + [("assistant", reply)], generation_prompt=False)
         if not full.startswith(prompt) or reply not in full:
             raise UserError("the model's chat template does not render an answer after its generation prompt, so "
                             "peftsum cannot tell where a summary ends; use data.format plain")
@@ -201,7 +201,7 @@ class ChatFormat(Format):
         for i in range(len(shots)):
             turns += [("user", self._user(MARK.format(2 * i))), ("assistant", MARK.format(2 * i + 1))]
         turns.append(("user", self._user(MARK.format(len(texts) - 1))))
-        rendered = self._render(turns, generation_prompt=True)
+        rendered = self.render(turns, generation_prompt=True)
         pieces, spans, position = [], [None] * len(texts), 0
         for i, piece in enumerate(MARKS.split(rendered)):
             text = texts[int(piece)] if i % 2 else piece  # split() puts the marks' numbers at odd positions
@@ -280,8 +280,8 @@ def resolve_format(tokenizer, cfg: DataConfig) -> str:
 
 
 def instruction(cfg: DataConfig) -> str:
-    """data.instruction, or the default of the data set's kind (data.KINDS)."""
-    return cfg.instruction if cfg.instruction is not None else data_kind(cfg.source).instruction
+    """data.instruction, or (auto) the default of the data set's kind (data.KINDS)."""
+    return data_kind(cfg.source).instruction if cfg.instruction == "auto" else cfg.instruction
 
 
 def prompt_format(tokenizer, cfg: DataConfig, name: str | None = None) -> PlainFormat | ChatFormat:
