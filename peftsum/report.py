@@ -199,9 +199,10 @@ def _what_it_is(results: dict, name: str) -> tuple[str, str]:
         k, unit = baseline["settings"]["k"], baseline["settings"]["unit"]
         return (f"{baseline['label']} (copying the document's first {k} {unit}{'s' if k > 1 else ''})",
                 "an extractive baseline does as well")
+    fmt = baseline["settings"]["format"]
     if baseline["kind"] == "few-shot":
-        return f"few-shot prompting of the untouched model ({baseline['label']})", "consider not training"
-    return f"prompting the untouched model ({baseline['label']})", "consider not training"
+        return f"few-shot prompting of the untouched model ({fmt} format)", "consider not training"
+    return f"prompting the untouched model ({fmt} format)", "consider not training"
 
 
 def _strongest_lines(results: dict, tests: dict) -> list[str]:
