@@ -30,6 +30,7 @@ from .data import Splits, load_data, skipped_note
 from .evaluate import evaluate
 from .files import make_folder, read_json, write_json, write_text
 from .methods import Adapted, untouched
+from .model_card import write_cards
 from .models import transformer_blocks
 from .prompts import prompt_format, settle
 from .analysis import analyze, seed_summary
@@ -168,6 +169,7 @@ def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwri
             results["analysis"] = analyze(results)
             write_json(out / runs.RESULTS, results)
             write_report(results, out)
+            write_cards(results, out)
 
     if main:
         # Claims the folder for this configuration before anything else is written.

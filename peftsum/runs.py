@@ -24,6 +24,8 @@ RESULTS = "results.json"
 METRICS = "metrics.json"  # a method's (or the baseline's) scores; written last, so it marks the folder finished
 TRAIN_LOG = "train_log.jsonl"
 REPORT = "report.md"
+REPORT_HTML = "report.html"
+MODEL_CARD = "README.md"  # the Hugging Face model card of a method folder or an export
 LOSS_PLOT = "loss_curves.png"
 ROUGE_PLOT = "rouge.png"
 BASELINE = "baseline"  # the untouched model's folder in a comparison (zero-shot, in the run's prompt format)
@@ -47,8 +49,8 @@ def seed_folder(method: str, seed: int) -> str:
 
 
 # What peftsum writes into a method folder (and nothing else is deleted by --overwrite).
-METHOD_FILES = (METRICS, RUN_CONFIG, TRAIN_LOG, *map(predictions, SPLITS), ADAPTER_CONFIG, *WEIGHT_FILES)
-RUN_FILES = (RESULTS, REPORT, LOSS_PLOT, ROUGE_PLOT)
+METHOD_FILES = (METRICS, RUN_CONFIG, MODEL_CARD, TRAIN_LOG, *map(predictions, SPLITS), ADAPTER_CONFIG, *WEIGHT_FILES)
+RUN_FILES = (RESULTS, REPORT, REPORT_HTML, LOSS_PLOT, ROUGE_PLOT)
 
 
 def finished(folder: Path) -> bool:

@@ -140,3 +140,24 @@ def max_diff(a: dict, b: dict) -> float:
 
 def step_losses(folder: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+# Settings of the tiny comparison below: a few steps of each method, four eval documents, generation short.
+TINY_COMPARE = ["--random-init", "--precision", "fp32", "--data.max_length", "64", "--data.max_summary_tokens", "12",
+                "--train.batch_size", "4", "--train-size", "8", "--data.train_eval_size", "0", "--eval-size", "4",
+                "--train.epochs", "1", "--eval.max_new_tokens", "8", "--eval.bootstrap_samples", "50",
+                "--prompt.num_virtual_tokens", "4", "--train.checkpoint_every", "0", "--lora.lr", "1e-2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_comparison(tmp_path_factory, tiny_model_dirs) -> Path:
+    """A finished `peftsum compare` of lora, prompt and finetune on the tiny Llama, for tests that read a real run
+    folder (report.html, model cards, push's file list). Shared: copy it before changing anything in it."""
+    from peftsum.cli import main
+
+    root = tmp_path_factory.mktemp("comparison")
+    data = write_tiny_data(root / "data")
+    args = ["compare", "--model", tiny_model_dirs["llama"], "--data", data, "--out", root / "run",
+            "--methods", "lora,prompt,finetune", *TINY_COMPARE]
+    assert main([str(a) for a in args]) == 0
+    return root / "run"

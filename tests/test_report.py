@@ -92,7 +92,8 @@ def test_write_report_files(tmp_path):
     for name in ("loss_curves.png", "rouge.png"):
         data = (tmp_path / "out" / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000
-    assert sorted(p.name for p in path.parent.iterdir()) == ["loss_curves.png", "report.md", "rouge.png"]  # no temp left
+    names = sorted(p.name for p in path.parent.iterdir())
+    assert names == ["loss_curves.png", "report.html", "report.md", "rouge.png"]  # no temp left
 
 
 def test_sections_in_order_and_tables():

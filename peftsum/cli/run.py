@@ -17,10 +17,11 @@ def add_compare(parser) -> None:
 
 
 def compare(args) -> int:
+    cfg = config_from_args(args)  # before torch is imported: a bad setting is refused at once
+    from .. import lock, runs
     from ..compare import compare, plan
     from ..session import open_session
 
-    cfg = config_from_args(args)
     fsdp = launch(cfg, args.fsdp)
     if args.dry_run:
         result = plan(open_session(cfg, progress=False))
@@ -33,8 +34,10 @@ def compare(args) -> int:
                 print(f"  {method:<9} trainable {counts['trainable']:>12,} of {counts['total']:>12,} "
                       f"({counts['trainable_percent']:.4f}%)  {counts['description']}")
         return 0
-    results = compare(cfg, resume=args.resume, overwrite=args.overwrite, fsdp=fsdp)
-    print(f"report: {Path(cfg.out) / 'report.md'}  (wall time {results['wall_seconds']:.0f} s)")
+    with lock.holding(Path(cfg.out)):
+        results = compare(cfg, resume=args.resume, overwrite=args.overwrite, fsdp=fsdp)
+    out = Path(cfg.out)
+    print(f"report: {out / runs.REPORT}, {out / runs.REPORT_HTML}  (wall time {results['wall_seconds']:.0f} s)")
     return 0
 
 
@@ -52,32 +55,37 @@ def train(args) -> int:
     folder = Path(cfg.out) if "out" in vars(args) else Path(cfg.out) / args.method
     splits = load_data(cfg.data, seed=cfg.train.seed)  # before the model loads: bad data is refused at once
 
-    from .. import checkpoint, distributed, runs
+    from .. import checkpoint, distributed, lock, runs
     from ..compare import train_method
     from ..evaluate import mean_loss
     from ..files import make_folder
-    from ..session import check_fsdp, open_session
+    from ..model_card import train_card, write_card
+    from ..session import check_fsdp, environment, open_session
 
     fsdp = launch(cfg, args.fsdp)
     if fsdp:
         distributed.on_main(check_fsdp, cfg)
-    if distributed.on_main(runs.prepare_train_folder, folder, args.resume, args.overwrite):
-        print(f"{folder} already holds a finished run; nothing to resume")
+    with lock.holding(folder):
+        if distributed.on_main(runs.prepare_train_folder, folder, args.resume, args.overwrite):
+            print(f"{folder} already holds a finished run; nothing to resume")
+            return 0
+        distributed.on_main(make_folder, folder)
+        note = skipped_note(splits.info)
+        if note:
+            print(note)
+        session = open_session(cfg, fsdp=fsdp)
+        adapted, training = train_method(session, args.method, splits, folder)
+        if distributed.is_main():
+            checkpoint.remove(folder)  # the final weights are saved: nothing left to resume
+            card = train_card(cfg, args.method, adapted.parameter_counts(), training, environment(session), folder)
+            write_card(folder, card)
+        print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; "
+              f"saved to {folder}")
+        if splits.eval:
+            loss, _ = mean_loss(adapted, session.tokenizer, splits.eval, cfg.data, cfg.eval.batch_size,
+                                session.device, session.dtype)
+            print(f"eval loss {loss:.4f} on {len(splits.eval)} examples")
         return 0
-    distributed.on_main(make_folder, folder)
-    note = skipped_note(splits.info)
-    if note:
-        print(note)
-    session = open_session(cfg, fsdp=fsdp)
-    adapted, training = train_method(session, args.method, splits, folder)
-    if distributed.is_main():
-        checkpoint.remove(folder)  # the final weights are saved: nothing left to resume
-    print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; saved to {folder}")
-    if splits.eval:
-        loss, _ = mean_loss(adapted, session.tokenizer, splits.eval, cfg.data, cfg.eval.batch_size,
-                            session.device, session.dtype)
-        print(f"eval loss {loss:.4f} on {len(splits.eval)} examples")
-    return 0
 
 
 def add_sweep(parser) -> None:
@@ -93,12 +101,14 @@ def add_sweep(parser) -> None:
 
 
 def sweep(args) -> int:
+    cfg = config_from_args(args)  # before torch is imported: a bad setting is refused at once
+    from .. import lock
     from ..sweep import parse_varies, run_sweep, sweep_table
 
-    cfg = config_from_args(args)
     varies = parse_varies(args.vary, cfg.methods)
     launch(cfg)
-    result = run_sweep(cfg, varies, args.metric, resume=args.resume, overwrite=args.overwrite)
+    with lock.holding(Path(cfg.out)):
+        result = run_sweep(cfg, varies, args.metric, resume=args.resume, overwrite=args.overwrite)
     print("\n".join(sweep_table(result["points"], args.metric)))
     print(f"sweep: {Path(cfg.out) / 'sweep.md'}, {Path(cfg.out) / 'pareto.png'}")
     return 0

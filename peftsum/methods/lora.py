@@ -160,6 +160,8 @@ def modules(model: nn.Module) -> dict[str, LoRA]:
 
 class LoraMethod(Method):
     name = "lora"
+    title = "LoRA"
+    tags = ("lora",)
     peft_type = "LORA"
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
