@@ -1,11 +1,12 @@
-"""Orchestration: load model and data once, score the untouched model, then train and score each method.
+"""Orchestration: load model and data once, score the baselines (baselines.py), then train and score each method.
 
 Every method starts from its own copy of the same base weights, with the same data, seed and step budget. Results
 are written after each method (results.json, report.md, plots), so a long comparison shows progress on disk.
 
-A comparison survives interruption: the untouched model's scores (`baseline/metrics.json`) and each finished
-method's (`<method>/metrics.json`, written last) are read back instead of recomputed, and a method interrupted while
-training continues from its newest checkpoint. A finished run is never overwritten without `--overwrite`.
+A comparison survives interruption: each baseline's scores (`baseline/metrics.json` for the untouched model,
+`baselines/<name>/metrics.json`) and each finished method's (`<method>/metrics.json`, written last) are read back
+instead of recomputed, and a method interrupted while training continues from its newest checkpoint. A finished run
+is never overwritten without `--overwrite`.
 
 Started as several processes (torchrun, accelerate launch), every rank runs the same steps on its share of the work
 (see distributed.py) and only rank 0 touches the output folder. With FSDP (full fine-tuning only), the base model
@@ -23,17 +24,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import __version__, adapters, checkpoint, distributed, runs
+from . import __version__, adapters, baselines, checkpoint, distributed, runs
 from .config import RunConfig
-from .data import Splits, encode_example, load_data, skipped_note
+from .data import Splits, load_data, skipped_note
 from .evaluate import evaluate
 from .files import make_folder, read_json, write_json, write_text
 from .methods import Adapted, untouched
 from .model_card import write_cards
 from .models import transformer_blocks
+from .prompts import prompt_format, settle
 from .analysis import analyze, seed_summary
 from .report import write_report
-from .results import SCHEMA_VERSION
+from .results import SCHEMA_VERSION, ZERO_SHOT
 from .session import Session, base_copy, check_fsdp, environment, fresh_adapted, model_facts, open_session
 from .train import train
 
@@ -66,8 +68,8 @@ def train_method(session: Session, method: str, splits: Splits, folder: Path) ->
     if distributed.is_main():
         folder.mkdir(parents=True, exist_ok=True)
     adapted = fresh_adapted(session, method)
-    encoded = [encode_example(session.loaded.tokenizer, e, cfg.data, reserved=adapted.virtual_tokens)
-               for e in splits.train]
+    fmt = prompt_format(session.tokenizer, cfg.data)
+    encoded = [fmt.example(e, cfg.data, reserved=adapted.virtual_tokens) for e in splits.train]
     if session.fsdp:
         distributed.fully_shard_model(adapted.model, transformer_blocks(adapted.model), session.device)
         adapted.trainable = [p for p in adapted.model.parameters() if p.requires_grad]
@@ -81,6 +83,7 @@ def train_method(session: Session, method: str, splits: Splits, folder: Path) ->
         method_cfg = copy.deepcopy(cfg)
         method_cfg.methods = [method]
         method_cfg.out = str(folder)
+        settle(method_cfg.data, fmt)
         write_text(folder / runs.RUN_CONFIG, yaml.safe_dump(method_cfg.to_dict(), sort_keys=False))
     return adapted, training
 
@@ -152,9 +155,11 @@ def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwri
     distributed.on_main(make_folder, out)
     session = open_session(cfg, progress, fsdp)
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    fmt = prompt_format(session.tokenizer, cfg.data)
     results = {"schema_version": SCHEMA_VERSION, "peftsum_version": __version__, "created": created,
                "config": cfg.to_dict(), "environment": environment(session), "model": model_facts(session),
-               "data": splits.info, "baseline": None, "methods": {}, "wall_seconds": 0.0}
+               "data": splits.info, "prompt": {**fmt.describe(), "chosen": cfg.data.format}, "baseline": None,
+               "baselines": {}, "methods": {}, "wall_seconds": 0.0}
 
     main = distributed.is_main()
 
@@ -169,17 +174,21 @@ def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwri
     if main:
         # Claims the folder for this configuration before anything else is written.
         write_json(out / runs.RESULTS, {**results, "analysis": analyze(results)})
-    if cfg.eval.before:
-        scores = out / runs.BASELINE / runs.METRICS
-        if distributed.broadcast_object(scores.is_file()):  # rank 0 decides: every rank must take the same branch
-            results["baseline"] = read_json(scores) if main else None  # only rank 0 needs results (and the folder)
-            print(f"untouched model: scores read back from {scores}")
-        else:
-            results["baseline"] = score_splits(session, untouched(base_copy(session), session.dtype), splits,
-                                               out / runs.BASELINE, "untouched")
-            if main:
-                write_json(scores, results["baseline"])
+    model = None
+
+    def untouched_model() -> Adapted:  # one copy of the base model for every baseline that prompts it
+        nonlocal model
+        model = model or untouched(base_copy(session), session.dtype)
+        return model
+
+    for baseline in baselines.plan(cfg, session.tokenizer):
+        scored = baselines.score(session, baseline, splits, out, untouched_model)
+        if main:
+            results["baselines"][baseline.name] = scored
+            if baseline.name == ZERO_SHOT:
+                results["baseline"] = {"train": scored["train"], "eval": scored["eval"]}
         publish()
+    model = None  # the baselines' copy of the base model is not needed for training
     for method in cfg.methods:
         if cfg.seeds == 1:
             results["methods"][method] = run_method(session, method, splits, out, method)

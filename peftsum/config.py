@@ -19,6 +19,8 @@ from .errors import UserError
 from .files import read_text
 
 METHODS = ("lora", "prompt", "finetune")
+BASELINES = ("zero-shot", "lead", "few-shot")  # what eval.baselines may list (baselines.py)
+FORMATS = ("plain", "chat", "auto")  # data.format (prompts.py)
 
 
 @dataclass
@@ -40,7 +42,12 @@ class DataConfig:
     train_size: int = 0  # training examples drawn (seeded) from the train split; 0 = all
     train_eval_size: int = 32  # training examples scored for the "train" rows of the report
     eval_size: int = 32  # evaluation examples scored for the "eval" rows of the report
-    template: str = "{document}\nTL;DR:"  # the prompt; the summary follows it after a space
+    # The prompt format (prompts.py): plain = `template`; chat = the tokenizer's chat template with `instruction` and
+    # the document in the user turn (and `system`, if given); auto = chat where the tokenizer has a chat template.
+    format: str = "auto"
+    instruction: str = "auto"  # the chat format's instruction ("" = none); auto = the data set kind's (data.KINDS)
+    system: str | None = None  # the chat format's system message; None = none (the template's own default, if any)
+    template: str = "{document}\nTL;DR:"  # the plain format's prompt; the summary follows it after a space
     max_length: int = 256  # tokens per example, virtual tokens included; the document is truncated to fit
     max_summary_tokens: int = 64  # the summary's own cap (the only way a summary is ever cut)
     hub_stream_limit: int = 2000  # rows streamed from a hub split before subsetting
@@ -104,7 +111,14 @@ class EvalConfig:
     no_repeat_ngram_size: int = 3  # greedy decoding of small models loops without it
     repetition_penalty: float = 1.0
     bootstrap_samples: int = 1000  # resamples for the 95% ROUGE intervals
-    before: bool = True  # also score the untouched base model
+    before: bool = True  # score the baselines (below) before training; false skips them all
+    # What every method is measured against (baselines.py): zero-shot (the untouched model in the run's format, and
+    # in the other one too when data.format auto chose chat), lead (the document's first lead_k sentences), few-shot
+    # (the untouched model shown up to `shots` training examples, as many as fit the model's context).
+    baselines: list[str] = field(default_factory=lambda: ["zero-shot", "lead"])
+    lead_k: int = 0  # sentences (or lines) the lead baseline copies; 0 = the data set kind's (data.KINDS)
+    lead_unit: str = "auto"  # sentence | line (one turn a line: dialogues) | auto = the data set kind's
+    shots: int = 3  # most training examples in a few-shot prompt (fewer where they do not fit the context)
 
 
 @dataclass
@@ -209,6 +223,35 @@ def _apply(obj, updates: dict, prefix: str = "") -> None:
             setattr(obj, key, _convert(value, tp, where))
 
 
+# Settings an older peftsum did not write, and the value they had then where it differs from today's default: a saved
+# config (a run's config.yaml, results.json) that lacks one was made with this value.
+LEGACY = {"data": {"format": "plain"}, "eval": {"baselines": ["zero-shot"]}}
+
+
+def fill_legacy(saved: dict) -> dict:
+    """`saved` (a config dict peftsum wrote) with the LEGACY value of every setting it lacks; in place."""
+    for section, values in LEGACY.items():
+        if isinstance(saved.setdefault(section, {}), dict):
+            for key, value in values.items():
+                saved[section].setdefault(key, value)
+    return saved
+
+
+def complete_saved(saved: dict) -> dict:
+    """A whole config dict from one an older peftsum wrote (results.json's "config"): LEGACY values, then today's
+    defaults for the settings that did not exist then (they keep the old behaviour); in place."""
+    _fill_missing(fill_legacy(saved), RunConfig().to_dict())
+    return saved
+
+
+def _fill_missing(config: dict, defaults: dict) -> None:
+    for key, value in defaults.items():
+        if key not in config:
+            config[key] = value
+        elif isinstance(value, dict) and isinstance(config[key], dict):
+            _fill_missing(config[key], value)
+
+
 class _DuplicateKey(yaml.YAMLError):
     def __init__(self, key, line: int):
         super().__init__(f"duplicate key {key!r} at line {line}")
@@ -250,14 +293,17 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
-    """Defaults, then the YAML file (if any), then dotted overrides such as {'train.epochs': 2}."""
+def load_config(path: str | Path | None = None, overrides: dict | None = None, saved: bool = False) -> RunConfig:
+    """Defaults, then the YAML file (if any), then dotted overrides such as {'train.epochs': 2}.
+
+    `saved`: the file is a config peftsum wrote (a run's config.yaml), whose missing settings mean their LEGACY values.
+    """
     cfg = RunConfig()
     if path is not None:
         path = Path(path)
         data = load_yaml(path)
         try:
-            _apply(cfg, data)
+            _apply(cfg, fill_legacy(data) if saved else data)
         except UserError as exc:
             raise UserError(f"config file {path}: {exc}") from None
     for dotted, value in (overrides or {}).items():
@@ -275,7 +321,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 def config_from_args(args, base: str | Path | None = None) -> RunConfig:
     """Defaults, then --config FILE (else `base`, e.g. a run's saved config.yaml), then every config flag given."""
     overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("methods", "out", "seeds")}
-    return load_config(getattr(args, "config", None) or base, overrides)
+    given = getattr(args, "config", None)
+    return load_config(given or base, overrides, saved=not given and base is not None)
 
 
 def flag_names() -> list[tuple[str, object]]:
@@ -306,6 +353,7 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.model.device in ("auto", "cpu", "cuda", "mps") or bool(re.fullmatch(r"cuda:\d+", cfg.model.device)),
            f"model.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.model.device!r}")
     d = cfg.data
+    _check(d.format in FORMATS, f"data.format must be {', '.join(FORMATS)}, got {d.format!r}")
     _check("{document}" in d.template, f"data.template must contain '{{document}}', got {d.template!r}")
     for name in ("train_size", "train_eval_size", "eval_size", "hub_stream_limit"):
         _check(getattr(d, name) >= 0, f"data.{name} must be >= 0, got {getattr(d, name)}")
@@ -349,3 +397,10 @@ def validate(cfg: RunConfig) -> None:
     _check(e.no_repeat_ngram_size >= 0, f"eval.no_repeat_ngram_size must be >= 0, got {e.no_repeat_ngram_size}")
     _check(e.repetition_penalty > 0, f"eval.repetition_penalty must be > 0, got {e.repetition_penalty}")
     _check(e.bootstrap_samples >= 0, f"eval.bootstrap_samples must be >= 0, got {e.bootstrap_samples}")
+    for b in e.baselines:
+        _check(b in BASELINES, f"unknown baseline {b!r} in eval.baselines; choose from {', '.join(BASELINES)}")
+    _check(len(set(e.baselines)) == len(e.baselines), f"eval.baselines lists a baseline twice: {e.baselines}")
+    _check(e.lead_k >= 0, f"eval.lead_k must be >= 0 (0 = the data set's default), got {e.lead_k}")
+    _check(e.lead_unit in ("auto", "sentence", "line"),
+           f"eval.lead_unit must be auto, sentence or line, got {e.lead_unit!r}")
+    _check(e.shots >= 1, f"eval.shots must be >= 1, got {e.shots}")

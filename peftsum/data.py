@@ -1,9 +1,6 @@
-"""Summarization data: read a split (local JSONL/CSV or the hub), pick seeded subsets, and tokenize.
-
-Tokenization is a pure function of (tokenizer, text, settings): the prompt is the template with the document
-inserted, the summary follows it, then EOS. Only the document is ever truncated, so every example fits
-`max_length`; the summary is cut only by its own cap `max_summary_tokens`. Labels are -100 on the prompt, so the
-loss covers summary tokens and EOS alone.
+"""Summarization data: read a split (local JSONL/CSV or the hub), pick seeded subsets, and say what kind of data set
+it is (news, one-sentence news, dialogues...) for the defaults that depend on it. prompts.py turns the examples
+into tokens.
 """
 
 from __future__ import annotations
@@ -18,8 +15,6 @@ from pathlib import Path
 from .config import DataConfig
 from .errors import UserError
 from .files import kind_of, parse_jsonl, read_text, require_file
-
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -40,6 +35,35 @@ KNOWN_COLUMNS = [("article", "highlights"), ("document", "summary"), ("dialogue"
                  ("source", "target"), ("text", "summary")]
 SPLIT_FILES = {"train": ["train"], "validation": ["validation", "valid", "val", "dev"], "test": ["test"]}
 EXTENSIONS = (".jsonl", ".json", ".csv")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What kind of data set a source is, for the defaults that depend on it (measured: docs/defaults.md)."""
+
+    name: str
+    instruction: str  # data.instruction's default: the user turn of the chat format, before the document
+    lead_k: int  # eval.lead_k's default: how many leading units the lead baseline copies
+    lead_unit: str  # "sentence", or "line" where a document is one turn a line (dialogues)
+
+
+KINDS = {
+    "news": Kind("news", "Summarize this article in three short sentences.", 3, "sentence"),
+    "xsum": Kind("xsum", "Summarize this article in one sentence.", 1, "sentence"),
+    "dialogue": Kind("dialogue", "Summarize this dialogue in one or two sentences.", 2, "line"),
+    "scitldr": Kind("scitldr", "Write a one-sentence TL;DR of this paper.", 1, "sentence"),
+    "generic": Kind("generic", "Summarize this text in a few sentences.", 3, "sentence"),
+}
+# Source names (a preset, a hub id's last part, or a local folder's name) that tell the kind, by substring.
+SOURCE_KINDS = (("cnn", "news"), ("dailymail", "news"), ("xsum", "xsum"), ("samsum", "dialogue"),
+                ("dialogsum", "dialogue"), ("scitldr", "scitldr"))
+
+
+def data_kind(source: str) -> Kind:
+    """The kind of data set `source` names (cnn_dailymail, ../shared/data/xsum, knkarthick/dialogsum...); "generic"
+    for a name that tells nothing."""
+    name = Path(source.rstrip("/\\")).name.lower()
+    return KINDS[next((kind for key, kind in SOURCE_KINDS if key in name), "generic")]
 
 
 @dataclass
@@ -234,54 +258,3 @@ def skipped_note(info: dict) -> str | None:
         return None
     where = ", ".join(f"{n} in {split}" for split, n in info["skipped_by_split"].items() if n)
     return f"skipped {info['skipped']} rows with an empty document or summary ({where})"
-
-
-# ---------------------------------------------------------------- tokenization (pure)
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE on the prompt; summary tokens and EOS otherwise
-
-    @property
-    def prompt_length(self) -> int:
-        return sum(1 for label in self.labels if label == IGNORE)
-
-
-def _bos(tokenizer) -> list[int]:
-    """[BOS] for tokenizers whose models expect it (Llama-2 style), else nothing (GPT-2, SmolLM2)."""
-    bos = tokenizer.bos_token_id
-    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos]:
-        return [bos]
-    return []
-
-
-def encode_prompt(tokenizer, document: str, template: str, budget: int) -> list[int]:
-    """Template with the document inserted, the document truncated so the whole prompt fits `budget` tokens."""
-    prefix, suffix = template.split("{document}", 1)
-    head = _bos(tokenizer) + (tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [])
-    tail = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
-    room = budget - len(head) - len(tail)
-    if room < 1:
-        raise UserError(f"the prompt template alone takes {len(head) + len(tail)} tokens, leaving no room for the "
-                        f"document within {budget}; raise data.max_length or shorten data.template")
-    document_ids = tokenizer(document, add_special_tokens=False)["input_ids"][:room]
-    return head + document_ids + tail
-
-
-def encode_summary(tokenizer, summary: str, template: str, max_summary_tokens: int) -> list[int]:
-    # A space separates a cue like "TL;DR:" from the summary, as BPE tokenizers attach spaces to the next word.
-    text = summary if template[-1:].isspace() else " " + summary
-    return tokenizer(text, add_special_tokens=False)["input_ids"][:max_summary_tokens] + [tokenizer.eos_token_id]
-
-
-def encode_example(tokenizer, example: Example, cfg: DataConfig, reserved: int = 0) -> Encoded:
-    """Prompt + summary + EOS within cfg.max_length, minus `reserved` slots (virtual tokens)."""
-    summary_ids = encode_summary(tokenizer, example.summary, cfg.template, cfg.max_summary_tokens)
-    prompt_ids = encode_prompt(tokenizer, example.document, cfg.template, cfg.max_length - reserved - len(summary_ids))
-    return Encoded(prompt_ids + summary_ids, [IGNORE] * len(prompt_ids) + summary_ids)
-
-
-def prompt_budget(cfg: DataConfig, reserved: int = 0) -> int:
-    """Tokens a generation prompt may take: what training gave it when the summary is at its cap."""
-    return cfg.max_length - reserved - (cfg.max_summary_tokens + 1)

@@ -63,9 +63,14 @@ def check_fsdp(cfg: RunConfig) -> None:
                         "accelerate launch (see README)")
 
 
+def context_length(model) -> int | None:
+    """The most positions the model takes (None where its configuration does not say)."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
 def check_context(cfg: RunConfig, model) -> None:
     """Refuse lengths beyond the model's positions, which would crash (GPT-2) or silently degrade (RoPE) later."""
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = context_length(model)
     if not context:
         return
     d = cfg.data

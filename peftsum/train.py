@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed, signals
 from .compiled import compiled_blocks
 from .config import TrainConfig
-from .data import IGNORE, Encoded
+from .prompts import IGNORE, Encoded
 from .errors import UserError
 from .files import write_jsonl
 from .forward import autocast, collate, summary_loss, whole_model_loss

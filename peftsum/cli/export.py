@@ -35,10 +35,11 @@ def export(args) -> int:
     import yaml
 
     from .. import adapters, gguf_export
-    from ..export import check_target, merged_model, write_model
+    from ..export import check_target, merged_model, prompted_like_the_run, write_model
     from ..files import check_writable
     from ..methods import BY_PEFT_TYPE, method_named
     from ..model_card import export_card, write_card
+    from ..prompts import prompt_format
     from .source import open_source, source_config
 
     if args.merged is not None and not args.merged.strip():
@@ -69,17 +70,23 @@ def export(args) -> int:
     cfg, session, adapted = open_source(args)
     model = merged_model(adapted)
     what = f"{adapted.method.title} merged into the base weights"
+    fmt = prompt_format(session.tokenizer, cfg.data)
+    # Both files are prompted as the run was: the chat template builds the run's prompt around the document.
+    tokenizer = prompted_like_the_run(model, fmt, cfg.eval)
+    prompting = (f"its chat template builds the run's {fmt.name}-format prompt around a user message holding the "
+                 f"document")
     if args.gguf:
-        written = gguf_export.write_gguf(model, session.tokenizer, Path(args.gguf), args.gguf_type,
+        written = gguf_export.write_gguf(model, tokenizer, Path(args.gguf), args.gguf_type,
                                          name=f"{cfg.model.name} {adapted.name} (peftsum)", progress=True)
         print(f"exported {source} ({what}) to {written.path} ({written.gguf_type}, {written.bytes / 2 ** 20:.1f} MiB); "
-              f"run it with llama.cpp (llama-cli -m {written.path}); prompt it with the template "
-              f"{cfg.data.template!r}")
+              f"run it with llama.cpp (llama-cli -m {written.path}); {prompting}")
     if out is not None:
-        note = yaml.safe_dump({"exported_from": str(source), "method": adapted.name, **cfg.to_dict()},
-                              sort_keys=False)
-        write_model(model, session.tokenizer, out, note)
+        note = yaml.safe_dump({"exported_from": str(source), "method": adapted.name, "prompt": fmt.describe(),
+                               **cfg.to_dict()}, sort_keys=False)
+        write_model(model, tokenizer, out, note)
         write_card(out, export_card(out, source, cfg, adapted.name))
         print(f"exported {source} ({what}) to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r}); "
-              f"prompt it with the template {cfg.data.template!r}")
+              f"{prompting} (apply_chat_template([{{'role': 'user', 'content': document}}], "
+              f"add_generation_prompt=True)), and generate() decodes as the run did (transformers' n-gram ban and "
+              f"repetition penalty also see the prompt)")
     return 0

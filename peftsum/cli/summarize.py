@@ -1,5 +1,5 @@
 """`summarize`: a trained run, a peft adapter or the base model on new documents, with the run's own model,
-template, token budget and generation settings (flags may override them, e.g. `--eval.num_beams 4`).
+prompt format, token budget and generation settings (flags may override them, e.g. `--eval.num_beams 4`).
 
 Documents come from plain-text files (`-` reads standard input) and/or the rows of a JSONL or CSV file (the document
 column is recognised as for data, or `--document-column`); all are read and checked before the model loads.
@@ -18,7 +18,7 @@ from .flags import add_config_flags, add_source_flags
 
 STDIN = "-"
 DESCRIPTION = ("Summarize plain-text files (- reads standard input) and/or the rows of a JSONL file with a trained run "
-               "(its own model, template and generation settings) or an adapter folder.")
+               "(its own model, prompt format and generation settings) or an adapter folder.")
 
 
 @dataclass
@@ -141,9 +141,8 @@ def read_input(path: Path, configured: str | None, explicit: bool) -> list[Docum
 
 def _truncated(tokenizer, documents: list[Document], data_cfg, reserved: int) -> int:
     """How many documents the prompt budget cuts."""
-    from ..data import encode_prompt, prompt_budget
+    from ..prompts import prompt_format
 
-    budget = prompt_budget(data_cfg, reserved=reserved)
-    template = data_cfg.template
-    return sum(len(encode_prompt(tokenizer, d.text, template, budget))
-               < len(encode_prompt(tokenizer, d.text, template, budget + 10 ** 9)) for d in documents)
+    fmt = prompt_format(tokenizer, data_cfg)
+    budget = fmt.budget(data_cfg, reserved=reserved)
+    return sum(len(fmt.prompt(d.text, budget)) < len(fmt.prompt(d.text, budget + 10 ** 9)) for d in documents)
