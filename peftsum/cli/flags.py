@@ -18,7 +18,7 @@ ALIASES = {  # flag -> config key
     "--seed": "train.seed", "--train-size": "data.train_size", "--eval-size": "data.eval_size",
     "--max-length": "data.max_length", "--template": "data.template", "--precision": "model.precision",
     "--device": "model.device", "--seeds": "seeds", "--budget-seconds": "train.budget_seconds",
-    "--budget-tokens": "train.budget_tokens",
+    "--budget-tokens": "train.budget_tokens", "--report-to": "train.report_to",
 }
 
 
