@@ -1,9 +1,9 @@
 """`peftsum push`: upload a trained method folder (an adapter, or fine-tuned tensors) or an export to the hub.
 
 `upload_files` decides what goes up, without any network: for a method folder its model card, weights, adapter
-config, run config, scores, step and validation logs (never the checkpoints, and never the prediction files, which carry the
-data set's reference summaries); for an export every file `export` wrote. `push` creates the repository if needed
-and uploads exactly those files with huggingface_hub.
+config, run config, scores, step and validation logs (never the checkpoints, and never the prediction files, which
+carry the data set's reference summaries); for an export every file `export` wrote. `push` creates the repository if
+needed and uploads exactly those files with huggingface_hub.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def seed_folder(method: str, seed: int) -> str:
 
 
 # What peftsum writes into a method folder (and nothing else is deleted by --overwrite).
-METHOD_FILES = (METRICS, RUN_CONFIG, MODEL_CARD, TRAIN_LOG, VALIDATION_LOG, *map(predictions, SPLITS), ADAPTER_CONFIG, *WEIGHT_FILES)
+METHOD_FILES = (METRICS, RUN_CONFIG, MODEL_CARD, TRAIN_LOG, VALIDATION_LOG, *map(predictions, SPLITS), ADAPTER_CONFIG,
+                *WEIGHT_FILES)
 RUN_FILES = (RESULTS, REPORT, REPORT_HTML, LOSS_PLOT, ROUGE_PLOT)
 
 

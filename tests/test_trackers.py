@@ -113,7 +113,8 @@ def test_trackio_local_project_holds_the_runs(run):
     for name in RUNS:
         rows, points, entry, baseline = expected(run, name)
         logs = SQLiteStorage.get_logs("cmp", name)
-        assert [(e["step"], e["train/loss"]) for e in logs if "train/loss" in e] == [(r["step"], r["loss"]) for r in rows]
+        assert [(e["step"], e["train/loss"]) for e in logs if "train/loss" in e] == \
+            [(r["step"], r["loss"]) for r in rows]
         assert [(e["step"], e["validation/loss"]) for e in logs if "validation/loss" in e] == \
             [(p["step"], p["loss"]) for p in points]
         last = {k: v for e in logs for k, v in e.items()}

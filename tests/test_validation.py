@@ -268,6 +268,8 @@ def test_a_comparison_reports_validation_and_kept_weights(tiny_model_dirs, data,
     assert "| finetune | 3 | 2 | " in text and "| yes, at step 6 | step 2 (best) |" in text
     assert '"after" scores the weights of the best validation point (train.keep_best), not of the last step: ' \
            "step 2 of 6." in text
+    card = (out / "finetune" / "README.md").read_text()
+    assert "(3 points, stopped early); these are the weights of step 2, the best validation loss" in card
     ax = loss_figure(results).axes[0]
     labels = [line.get_label() for line in ax.get_lines()]
     assert "finetune validation loss" in labels and "finetune: weights kept (step 2)" in labels
