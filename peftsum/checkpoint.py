@@ -13,6 +13,7 @@ complete by construction, and a crash mid-write leaves only a `.tmp-*` folder th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import distributed
 from .errors import UserError
-from .files import fsync
+from .files import NO_SPACE, damaged, fsync, os_error, read_json, read_tensors, write_problem
 
 FOLDER = "checkpoints"
 TENSORS = "tensors.safetensors"
@@ -55,7 +56,11 @@ def step_name(step: int) -> str:
 
 
 def save(run: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
-    """Write checkpoint `step` of `run` atomically, then keep only the newest `keep`."""
+    """Write checkpoint `step` of `run` atomically, then keep only the newest `keep`.
+
+    Whatever stops the write (a full disk, a second Ctrl-C or SIGTERM), the temporary folder is removed and the
+    checkpoints already complete stay as they were.
+    """
     root = Path(run) / FOLDER
     target = root / step_name(step)
     if target.is_dir():  # reached twice (an interrupt right after a resume): same step, same state
@@ -70,20 +75,36 @@ def save(run: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, ke
             fsync(path)
         os.replace(tmp, target)
         fsync(root)
-    except OSError as exc:  # a full disk, most likely: say so, and keep the previous checkpoint
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error type
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint {target}: {exc.strerror or exc}; free some space "
-                        f"or raise train.checkpoint_every") from None
+        with contextlib.suppress(OSError):
+            root.rmdir()  # only if no checkpoint is there
+        if os_error(exc) is None:
+            raise
+        more = " (or lower train.keep_checkpoints)" if os_error(exc).errno in NO_SPACE else ""
+        raise UserError(f"cannot write checkpoint {target}: {write_problem(exc)}{more}; earlier checkpoints "
+                        f"are kept") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     prune(run, keep)
     return target
 
 
+ADVICE = "delete it to resume from an older one, or pass --overwrite to start over"
+
+
+def reading(path: Path):
+    """A block that reads checkpoint `path`: a damaged or incomplete one (a missing tensor or state key) is refused
+    in one line naming it, with what to do."""
+    return damaged(path, ADVICE)
+
+
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    try:
-        return load_file(str(path / TENSORS)), json.loads((path / STATE).read_text(encoding="utf-8"))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"checkpoint {path} cannot be read ({exc}); delete it to resume from an older one, "
-                        f"or pass --overwrite to start over") from None
+    tensors, state = read_tensors(path / TENSORS, ADVICE), read_json(path / STATE, ADVICE)
+    if not isinstance(state, dict):
+        raise UserError(f"{path / STATE} must hold a JSON object; {ADVICE}")
+    return tensors, state
 
 
 def prune(run: Path, keep: int) -> None:

@@ -7,6 +7,7 @@ reachable as `--section.field VALUE` on the command line; `validate` checks the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .files import read_text
 
 METHODS = ("lora", "prompt", "finetune")
 TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")  # train.report_to (trackers.py)
@@ -151,7 +153,12 @@ def _is_section(tp) -> bool:
 
 
 def _convert(value, tp, where: str):
-    """Convert a YAML or command-line value to the annotated type, or say which key is wrong."""
+    """Convert a YAML or command-line value to the annotated type, or say which key is wrong.
+
+    Text (every command-line value, a quoted YAML value) is parsed: "2", "true", "1e-4". A value YAML already typed
+    must have the field's type: `epochs: true` or `rank: 2.5` is refused, not read as 1 or 2, and `hub_config: 1.10`
+    (a number to YAML) is refused rather than turned into "1.1".
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -165,21 +172,41 @@ def _convert(value, tp, where: str):
         if not isinstance(value, list):
             raise UserError(f"{where}: expected a list, got {value!r}")
         return [_convert(v, item, where) for v in value]
+    if not isinstance(value, str):
+        return _typed(value, tp, where)
     try:
         if tp is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).lower()
+            text = value.lower()
             if text in ("1", "true", "yes", "on"):
                 return True
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if tp is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
         return tp(value)
     except (TypeError, ValueError):
         raise UserError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+
+
+# What a YAML value of each Python type is called in an error message.
+YAML_KINDS = {bool: "a boolean", int: "a whole number", float: "a number", list: "a list", dict: "a mapping",
+              type(None): "empty"}
+
+
+def _typed(value, tp, where: str):
+    """A value that YAML (or a caller) already typed: taken only where its type is the field's (an int for a float)."""
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        kind = YAML_KINDS.get(type(value), type(value).__name__)
+        hint = "; quote it to give it as text" if tp is str and isinstance(value, (bool, int, float)) else ""
+        raise UserError(f"{where}: expected {tp.__name__}, got {value!r} ({kind}){hint}")
+    return tp(value)
 
 
 def _apply(obj, updates: dict, prefix: str = "") -> None:
@@ -197,20 +224,57 @@ def _apply(obj, updates: dict, prefix: str = "") -> None:
             setattr(obj, key, _convert(value, tp, where))
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int):
+        super().__init__(f"duplicate key {key!r} at line {line}")
+        self.key, self.line = key, line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` merges on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: Path) -> dict:
+    """A YAML config file as a mapping: duplicate keys and malformed YAML are refused in one line naming the file."""
+    text = read_text(path, "config file")
+    try:
+        data = yaml.load(text, Loader=_StrictLoader) or {}
+    except _DuplicateKey as exc:
+        raise UserError(f"config file {path}: {exc}; give each key once") from None
+    except yaml.YAMLError as exc:
+        parts = [f"{text} (line {mark.line + 1})" for text, mark in ((getattr(exc, "context", None),
+                                                                       getattr(exc, "context_mark", None)),
+                                                                      (getattr(exc, "problem", None),
+                                                                       getattr(exc, "problem_mark", None)))
+                 if text and mark is not None]
+        raise UserError(f"config file {path} is not valid YAML: {': '.join(parts) or str(exc).splitlines()[0]}") \
+            from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
     """Defaults, then the YAML file (if any), then dotted overrides such as {'train.epochs': 2}."""
     cfg = RunConfig()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
+        data = load_yaml(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path} must hold a mapping of sections")
-        _apply(cfg, data)
+            _apply(cfg, data)
+        except UserError as exc:
+            raise UserError(f"config file {path}: {exc}") from None
     for dotted, value in (overrides or {}).items():
         nested: dict = {}
         node = nested
@@ -252,9 +316,10 @@ def validate(cfg: RunConfig) -> None:
     for m in cfg.methods:
         _check(m in METHODS, f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     _check(len(cfg.methods) > 0, "no methods given; choose from " + ", ".join(METHODS))
+    _check(bool(cfg.out.strip()), f"out must name a folder, got {cfg.out!r}")
     _check(cfg.model.precision in ("auto", "bf16", "fp32"), f"model.precision must be auto, bf16 or fp32, got {cfg.model.precision!r}")
-    _check(cfg.model.device in ("auto", "cpu", "cuda", "mps") or cfg.model.device.startswith("cuda:"),
-           f"model.device must be auto, cpu, cuda or mps, got {cfg.model.device!r}")
+    _check(cfg.model.device in ("auto", "cpu", "cuda", "mps") or bool(re.fullmatch(r"cuda:\d+", cfg.model.device)),
+           f"model.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.model.device!r}")
     d = cfg.data
     _check("{document}" in d.template, f"data.template must contain '{{document}}', got {d.template!r}")
     for name in ("train_size", "train_eval_size", "eval_size", "hub_stream_limit"):

@@ -9,13 +9,15 @@ loss covers summary tokens and EOS alone.
 from __future__ import annotations
 
 import csv
+import io
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DataConfig
 from .errors import UserError
-from .files import parse_jsonl, read_text
+from .files import kind_of, parse_jsonl, read_text, require_file
 
 IGNORE = -100
 
@@ -50,32 +52,45 @@ class Example:
 
 # ---------------------------------------------------------------- reading rows
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [row for _, row in parse_jsonl(read_text(path), path)]
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    return parse_jsonl(read_text(path, "data file"), path)
 
 
-def _read_csv(path: Path) -> list[dict]:
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    # Through read_text, so a byte-order mark (Excel's "CSV UTF-8") never sticks to the first column's name.
+    reader = csv.DictReader(io.StringIO(read_text(path, "data file"), newline=""))
+    rows = []
     try:
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        header = reader.fieldnames or []
+        start = reader.line_num + 1
+        for row in reader:
+            if None in row:  # DictReader files the cells beyond the header under None
+                raise UserError(f"{path}: line {start} has {len(header) + len(row[None])} fields but the header "
+                                f"has {len(header)}")
+            rows.append((start, row))
+            start = reader.line_num + 1
     except csv.Error as exc:
-        raise UserError(f"{path}: malformed CSV ({exc})") from None
+        raise UserError(f"{path}: malformed CSV at line {reader.line_num} ({exc})") from None
+    return rows
+
+
+def read_numbered_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for every row of a JSONL or CSV file (a CSV row's number is the line it starts on)."""
+    return _read_csv(path) if path.suffix == ".csv" else _read_jsonl(path)
 
 
 def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    return _read_csv(path) if path.suffix == ".csv" else _read_jsonl(path)
+    return [row for _, row in read_numbered_rows(path)]
 
 
 def split_file(folder: Path, split: str) -> Path:
     """The file holding `split` in a data folder (train.jsonl, validation.csv, val.jsonl...)."""
     for stem in SPLIT_FILES.get(split, [split]):
         for ext in EXTENSIONS:
-            if (folder / f"{stem}{ext}").is_file():
-                return folder / f"{stem}{ext}"
+            path = folder / f"{stem}{ext}"
+            if kind_of(path) is not None:
+                require_file(path, "data file")  # a folder, a named pipe or a link loop is named as such
+                return path
     present = sorted(p.name for p in folder.iterdir() if p.suffix in EXTENSIONS)
     raise UserError(f"no {split!r} file in {folder} (looked for {split}.jsonl/.csv); found: {', '.join(present) or 'nothing'}")
 
@@ -115,35 +130,59 @@ def _columns(cfg: DataConfig, rows: list[dict], where: str) -> tuple[str, str]:
     return document, summary
 
 
-def _text(value) -> str:
-    # Some data sets store a document as a list of sentences.
-    if isinstance(value, list):
-        return " ".join(str(v) for v in value)
-    return "" if value is None else str(value)
+def text_value(value, where: str) -> str:
+    """A cell as text: a string, a list of strings (some data sets store a document as its sentences), or a number.
+
+    Anything else (a JSON object, a list holding other things, a boolean) is refused: its Python repr is not text
+    anyone wrote, and training on it (or scoring against it) would be silently wrong.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return " ".join(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    kind = ("a JSON object" if isinstance(value, dict) else "a list holding non-text items" if isinstance(value, list)
+            else "a boolean" if isinstance(value, bool) else type(value).__name__)
+    shown = json.dumps(value, ensure_ascii=False, default=str)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise UserError(f"{where}: expected text (a string or a list of strings), got {kind}: {shown}")
 
 
 def load_split(cfg: DataConfig, split: str) -> tuple[list[Example], dict]:
     """All usable rows of a split, plus facts for the report (columns, rows skipped for empty text)."""
     source = Path(cfg.source)
-    if source.is_dir():
+    kind = kind_of(source)
+    if kind == "a folder":
         path = split_file(source, split)
-        rows, where = read_rows(path), str(path)
-    elif source.suffix in EXTENSIONS or source.exists():
-        raise UserError(f"data source {cfg.source!r} must be a folder holding train/validation files "
-                        f"(or a hub data set); for a single file, place it in a folder as train.jsonl")
+        numbered, where = read_numbered_rows(path), str(path)
+        label = "line"
+    elif kind is not None or source.suffix in EXTENSIONS:
+        single = "; for a single file, place it in a folder as train.jsonl" if kind in ("a file", None) else ""
+        raise UserError(f"data source {cfg.source!r} is {kind or 'not there'}: it must be a folder holding "
+                        f"train/validation files (or a hub data set){single}")
     else:
-        rows, where = _hub_rows(cfg, split), f"{cfg.source} [{split}]"
-    if not rows:
+        numbered, where = list(enumerate(_hub_rows(cfg, split), start=1)), f"{cfg.source} [{split}]"
+        label = "row"
+    if not numbered:
         raise UserError(f"{where}: no rows")
+    rows = [row for _, row in numbered]
     document_column, summary_column = _columns(cfg, rows, where)
     examples, skipped = [], 0
-    for index, row in enumerate(rows):
-        document, summary = _text(row.get(document_column)).strip(), _text(row.get(summary_column)).strip()
+    for index, (number, row) in enumerate(numbered):
+        at = f"{where}: {label} {number}, column"
+        document = text_value(row.get(document_column), f"{at} {document_column!r}").strip()
+        summary = text_value(row.get(summary_column), f"{at} {summary_column!r}").strip()
         if not document or not summary:
             skipped += 1
             continue
         references = row.get("references")
-        references = [str(r) for r in references] if isinstance(references, list) and references else None
+        if isinstance(references, list) and references:
+            references = [text_value(r, f"{at} 'references'") for r in references]
+        else:
+            references = None
         examples.append(Example(str(row.get("id", index)), document, summary, references))
     info = {"document_column": document_column, "summary_column": summary_column, "skipped": skipped}
     return examples, info

@@ -17,9 +17,9 @@ needs, without tracker code here.
 
 Given a run folder, the loop checkpoints every `checkpoint_every` steps and at each epoch end, and continues from the
 newest checkpoint found there; the resumed run ends with the same weights as an uninterrupted one. A stop request
-(Ctrl-C, or the `stop` event a caller passes) finishes the current step, writes a checkpoint and raises
-`TrainingInterrupted`; a NaN or infinite loss stops the run before it can reach the weights. The clock is an argument
-too (`clock`), so that time budgets can be tested without waiting.
+(Ctrl-C, SIGTERM or SIGHUP: signals.py; or the `stop` event a caller passes) finishes the current step, writes a
+checkpoint and raises `TrainingInterrupted`; a NaN or infinite loss stops the run before it can reach the weights.
+The clock is an argument too (`clock`), so that time budgets can be tested without waiting.
 
 Started as several processes (`torchrun`, `accelerate launch`: see distributed.py), the loop is data-parallel over
 the same global batches: each rank runs its slice of every batch, the loss is normalised by the summary tokens of the
@@ -36,7 +36,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, signals
 from .compiled import compiled_blocks, paused
 from .config import TrainConfig
 from .data import IGNORE, Encoded
@@ -55,6 +54,9 @@ from .files import write_jsonl
 from .forward import autocast, collate, summary_loss, whole_model_loss
 from .methods import Adapted
 from .runs import VALIDATION_LOG
+
+# What asks the loop to stop at the next step boundary: anything with is_set(), a StopSignal or a threading.Event.
+StopRequest = signals.StopSignal | threading.Event
 
 # Settings that change how often state is saved, not what is trained: a run may resume with other values.
 # `compile` is one of them: it changes how fast, and the float rounding of fused kernels, not what is trained;
@@ -66,7 +68,8 @@ VALIDATION = ("eval_every", "eval_size", "eval_rouge", "early_stopping_patience"
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """A stop request (Ctrl-C) during training, raised once a checkpoint of the last finished step is on disk."""
+    """A stop request during training (Ctrl-C, SIGTERM, SIGHUP), raised once a checkpoint of the last finished step
+    is on disk."""
 
     def __init__(self, step: int, saved: Path | None):
         super().__init__(f"interrupted at step {step}")
@@ -212,8 +215,8 @@ class TrainState:
     def load(self, saved: dict) -> None:
         """Take the progress of a checkpoint's state, in place."""
         for key in self.SAVED:
-            if key in saved:  # checkpoints written before validation existed have no "validation"
-                setattr(self, key, saved[key])
+            # Checkpoints written before validation existed have no "validation"; any other missing key is damage.
+            setattr(self, key, saved.get(key, []) if key == "validation" else saved[key])
 
 
 def best_point(points: list[dict]) -> dict | None:
@@ -244,28 +247,6 @@ def _training_settings(cfg: TrainConfig, run_config: dict | None, method: str) -
         return {"train": train}
     data = {"data": run_config["data"]} if cfg.eval_every else {}
     return {"model": run_config["model"], "train": train, method: run_config.get(method), **data}
-
-
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Turn the first Ctrl-C into a request the loop honours at the next step boundary (where the state is whole:
-    never half an optimizer update); a second Ctrl-C interrupts at once."""
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested  # signals reach the main thread only
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    previous = signal.default_int_handler if previous is None else previous  # None: installed outside Python
-
-    def handler(signum, frame):
-        requested.set()
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------- what stays fixed during a run
@@ -311,7 +292,7 @@ class _Run:
             return True
         return self.budget is not None and state.progress >= 1.0
 
-    def stop_requested(self, stop: threading.Event, now: bool = False) -> bool:
+    def stop_requested(self, stop: StopRequest, now: bool = False) -> bool:
         """Whether to stop; with several processes, all stop at the same step: the one they agree on."""
         if distributed.world() == 1:
             return stop.is_set()
@@ -333,17 +314,17 @@ def _schedule(cfg: TrainConfig, total_steps: int | None, state: TrainState):
 def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float, *, pad_id: int,
           device: torch.device, dtype: torch.dtype, log_path: Path | None = None, progress: bool = True,
           run_dir: Path | None = None, run_config: dict | None = None, fsdp: bool = False,
-          clock: Callable[[], float] = time.perf_counter, stop: threading.Event | None = None,
+          clock: Callable[[], float] = time.perf_counter, stop: StopRequest | None = None,
           validate: Callable[[Adapted], dict] | None = None,
           on_step: Callable[[dict, dict | None], None] | None = None) -> dict:
     """Train `adapted.trainable` on `examples`; returns timing, throughput, memory and the loss curve.
 
     With `run_dir`, checkpoints go to `run_dir/checkpoints/` and training continues from the newest one there.
     With `fsdp`, `adapted.model` is already sharded (`distributed.fully_shard_model`) and `adapted.trainable` holds
-    its sharded parameters. `stop` is an event that asks the loop to stop after the current step (default: the
-    first Ctrl-C sets it); `clock` gives training wall-clock seconds. `validate` scores the model for a validation
-    point (needed when cfg.eval_every is set; a collective with several processes); `on_step(row, point)` is called
-    with each finished log row and that step's validation point (or None).
+    its sharded parameters. `stop` is an event that asks the loop to stop after the current step (default: a
+    `signals.StopSignal`, which the first Ctrl-C, SIGTERM or SIGHUP sets); `clock` gives training wall-clock seconds.
+    `validate` scores the model for a validation point (needed when cfg.eval_every is set; a collective with several
+    processes); `on_step(row, point)` is called with each finished log row and that step's validation point (or None).
     """
     if cfg.eval_every and validate is None:
         raise ValueError("train.eval_every is set but no validate function was given")
@@ -366,7 +347,7 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
     adapted.model.train()
     bar = tqdm(total=run.total_steps, initial=state.step, desc=f"train {adapted.name}",
                disable=not progress or not distributed.is_main(), dynamic_ncols=True)
-    stop_context = contextlib.nullcontext(stop) if stop is not None else _sigint_deferred()
+    stop_context = contextlib.nullcontext(stop) if stop is not None else signals.StopSignal()
     try:
         with stop_context as stop, compiled_blocks(adapted.model, device, max(run.lengths, default=0),
                                                    enabled=cfg.compile and not fsdp):
@@ -387,7 +368,7 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
     return _summary(run, state, resumed_step)
 
 
-def _epoch(run: _Run, state: TrainState, stop: threading.Event, bar) -> bool:
+def _epoch(run: _Run, state: TrainState, stop: StopRequest, bar) -> bool:
     """Train the rest of the current epoch (or until the steps or budget run out); False when nothing was left."""
     cfg = run.cfg
     batches = epoch_batches(run.lengths, cfg.batch_size, cfg.seed, state.epoch)
@@ -438,7 +419,7 @@ def _epoch(run: _Run, state: TrainState, stop: threading.Event, bar) -> bool:
     return True
 
 
-def _step(run: _Run, state: TrainState, group: list[list[int]], stop: threading.Event) -> tuple[float, int]:
+def _step(run: _Run, state: TrainState, group: list[list[int]], stop: StopRequest) -> tuple[float, int]:
     """Forward and backward over an accumulation group of global batches, then the optimizer update; returns the
     step's loss (mean over the group's summary tokens) and its real tokens, both over every process."""
     adapted, world = run.adapted, distributed.world()
@@ -565,10 +546,11 @@ def _resume(run: _Run, state: TrainState) -> None:
         raise UserError(f"the processes see different checkpoints in {run.run_dir}: with several machines, the output "
                         f"folder must be on a file system they all share")
     if found is not None:
-        saved, extra = checkpoint.restore_training(found, run.params, run.optimizer, run.settings, run.digest,
-                                                   run.device, run.cfg.seed)
-        run.scheduler.load_state_dict(saved["scheduler"])
-        state.load(saved)
+        with checkpoint.reading(found):  # a state.json missing its keys: one line naming it
+            saved, extra = checkpoint.restore_training(found, run.params, run.optimizer, run.settings,
+                                                       run.digest, run.device, run.cfg.seed)
+            run.scheduler.load_state_dict(saved["scheduler"])
+            state.load(saved)
         run.best = extra or None
         run.last_saved = found
         print(f"resuming {run.adapted.name} from {found} (step {state.step}"

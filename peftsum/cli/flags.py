@@ -7,6 +7,7 @@ the common ones have short aliases (`--model`, `--data`, `--methods`, `--out`, `
 from __future__ import annotations
 
 import argparse
+import re
 
 from ..config import flag_names
 from ..errors import UserError
@@ -23,6 +24,12 @@ ALIASES = {  # flag -> config key
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-0.001" as a value but "-1e-3" as an unknown flag; every number is a value here, so that
+        # `--lora.lr -1e-3` reaches validation and its own message.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+
     def error(self, message):  # one line and exit 2, as for every other user error
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
