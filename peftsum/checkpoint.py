@@ -1,8 +1,9 @@
 """Training checkpoints: everything `train` needs to continue a run exactly where it stopped.
 
 A checkpoint is a folder `<method folder>/checkpoints/step-XXXXXXXX/` with two files: `tensors.safetensors`
-(trainable weights by parameter name, AdamW moments, torch RNG states) and `state.json` (scheduler, Python and NumPy
-RNG states, position in the epoch's batch list, loss log, epoch stats, configuration). No pickles either way.
+(trainable weights by parameter name, AdamW moments, torch RNG states, and with keep_best the best validation point's
+weights) and `state.json` (scheduler, Python and NumPy RNG states, position in the epoch's batch list, loss log,
+validation points, epoch stats, configuration). No pickles either way.
 
 A checkpoint is written under a temporary name, flushed to disk and then renamed: a folder named `step-*` is
 complete by construction, and a crash mid-write leaves only a `.tmp-*` folder that is ignored and later removed.
