@@ -1,8 +1,9 @@
 """Training checkpoints: everything `train` needs to continue a run exactly where it stopped.
 
 A checkpoint is a folder `<method folder>/checkpoints/step-XXXXXXXX/` with two files: `tensors.safetensors`
-(trainable weights by parameter name, AdamW moments, torch RNG states) and `state.json` (scheduler, Python and NumPy
-RNG states, position in the epoch's batch list, loss log, epoch stats, configuration). No pickles either way.
+(trainable weights by parameter name, AdamW moments, torch RNG states, and with keep_best the best validation point's
+weights) and `state.json` (scheduler, Python and NumPy RNG states, position in the epoch's batch list, loss log,
+validation points, epoch stats, configuration). No pickles either way.
 
 A checkpoint is written under a temporary name, flushed to disk and then renamed: a folder named `step-*` is
 complete by construction, and a crash mid-write leaves only a `.tmp-*` folder that is ignored and later removed.
@@ -198,14 +199,16 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------- a training run's checkpoint, over N processes
 
 def save_training(run: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                  state: dict, keep: int, device: torch.device) -> Path:
-    """Checkpoint a training run: the trainable weights by name, the optimizer, every generator and `state` (JSON).
+                  state: dict, keep: int, device: torch.device, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Checkpoint a training run: the trainable weights by name, the optimizer, every generator and `state` (JSON),
+    and `extra` tensors by name (the best validation point's weights), which `restore_training` hands back.
 
     A collective with several processes (every rank calls it): sharded tensors are gathered whole, each rank's
     generators are collected, and rank 0 writes; returns the checkpoint's path on every rank.
     """
     main, world = distributed.is_main(), distributed.world()
     weights = {f"weight/{name}": distributed.full_tensor(p, keep=main) for name, p in params.items()}
+    weights.update({f"extra/{name}": t for name, t in (extra or {}).items()})
     optim_tensors, optim_meta = optimizer_state(optimizer)
     optim_tensors = {k: distributed.full_tensor(v, keep=main) for k, v in optim_tensors.items()}
     rng_tensors, rng_meta = rng_state(all_cuda=world == 1)
@@ -220,8 +223,9 @@ def save_training(run: Path, step: int, params: dict[str, torch.nn.Parameter], o
 
 
 def restore_training(path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                     settings: dict, digest: str, device: torch.device, seed: int) -> dict:
-    """Load checkpoint `path` into the weights, optimizer and generators (each rank its own part); returns its state.
+                     settings: dict, digest: str, device: torch.device, seed: int) -> tuple[dict, dict]:
+    """Load checkpoint `path` into the weights, optimizer and generators (each rank its own part); returns its state
+    and the `extra` tensors it was saved with (on the device, by name).
 
     Refuses, in one line, a checkpoint written with other training settings, on other data (`digest`), or for
     other tensors.
@@ -241,7 +245,8 @@ def restore_training(path: Path, params: dict[str, torch.nn.Parameter], optimize
     set_rng_state(tensors, state["rng"], all_cuda=distributed.world() == 1)
     if distributed.world() > 1:
         _restore_rank_rng(tensors, device, seed, state["step"])
-    return state
+    extra = {key.removeprefix("extra/"): value.to(device) for key, value in tensors.items() if key.startswith("extra/")}
+    return state, extra
 
 
 def _check_compatible(path: Path, state: dict, settings: dict, digest: str, params: dict, tensors: dict) -> None:

@@ -21,6 +21,7 @@ from .files import read_text
 METHODS = ("lora", "prompt", "finetune")
 BASELINES = ("zero-shot", "lead", "few-shot")  # what eval.baselines may list (baselines.py)
 FORMATS = ("plain", "chat", "auto")  # data.format (prompts.py)
+TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")  # train.report_to (trackers.py)
 
 
 @dataclass
@@ -98,6 +99,20 @@ class TrainConfig:
     # torch.compile each transformer block for training (compiled.py): ~1.8x faster steps on a CPU, after a one-off
     # compile of ~40 s (seconds once cached on disk); worth it for runs longer than a few minutes.
     compile: bool = False
+    # Validation during training: every `eval_every` optimizer steps (and at the last step) the eval loss on
+    # `eval_size` examples of the eval split, disjoint from the scored eval subset where the split has the rows;
+    # `eval_rouge` also generates and scores them. Time spent validating is not training time.
+    eval_every: int = 0  # 0 = off
+    eval_size: int = 32
+    eval_rouge: bool = False
+    early_stopping_patience: int = 0  # stop once this many validation points in a row did not improve (0 = off)
+    keep_best: bool = False  # the result is the weights of the best validation point, not of the last step
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, mlflow, trackio, wandb
+
+    @property
+    def validation_size(self) -> int:
+        """Validation examples to draw: train.eval_size when validation is on, else none."""
+        return self.eval_size if self.eval_every else 0
 
 
 @dataclass
@@ -390,6 +405,16 @@ def validate(cfg: RunConfig) -> None:
     _check(t.checkpoint_every >= 0,
            f"train.checkpoint_every must be >= 0 (0 = at epoch ends only), got {t.checkpoint_every}")
     _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    _check(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = no validation during training), got {t.eval_every}")
+    _check(t.eval_size >= 1, f"train.eval_size must be >= 1, got {t.eval_size}")
+    _check(t.early_stopping_patience >= 0,
+           f"train.early_stopping_patience must be >= 0 (0 = off), got {t.early_stopping_patience}")
+    for name, on in (("early_stopping_patience", t.early_stopping_patience), ("keep_best", t.keep_best),
+                     ("eval_rouge", t.eval_rouge)):
+        _check(not on or t.eval_every > 0, f"train.{name} needs validation points: set train.eval_every N (steps)")
+    for name in t.report_to:
+        _check(name in (*TRACKERS, "none"), f"unknown tracker {name!r} in train.report_to; choose from "
+                                            f"{', '.join(TRACKERS)} (or none)")
     e = cfg.eval
     _check(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
     _check(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")

@@ -9,7 +9,7 @@ import csv
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DataConfig
@@ -212,13 +212,34 @@ def load_split(cfg: DataConfig, split: str) -> tuple[list[Example], dict]:
     return examples, info
 
 
+def _seeded_order(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def sample(examples: list[Example], size: int, seed: int, what: str) -> list[Example]:
     """A seeded subset of `size` examples (0 = all, in a seeded order)."""
     if size > len(examples):
         raise UserError(f"{what}: asked for {size} examples but the split has {len(examples)} usable rows")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    return [examples[i] for i in order[: size or len(examples)]]
+    return [examples[i] for i in _seeded_order(len(examples), seed)[: size or len(examples)]]
+
+
+def validation_subset(examples: list[Example], scored: int, size: int, seed: int) -> tuple[list[Example], int]:
+    """`size` examples of the eval split for validation during training, and how many of them are also scored.
+
+    The scored eval subset is the first `scored` of a seeded order of the split (`sample`); validation takes the
+    next `size` of the same order, so the two are disjoint and the scored subset is the one it would be without
+    validation. Where the split is too short for both, validation is topped up from the scored subset: the caller
+    reports that overlap, it is never silent.
+    """
+    if size > len(examples):
+        raise UserError(f"train.eval_size: asked for {size} validation examples but the eval split has "
+                        f"{len(examples)} usable rows")
+    order = _seeded_order(len(examples), seed)
+    chosen = order[scored:scored + size]
+    overlap = size - len(chosen)
+    return [examples[i] for i in chosen + order[:overlap]], overlap
 
 
 @dataclass
@@ -227,6 +248,11 @@ class Splits:
     train_eval: list[Example]  # a subset of `train`, scored for the report's "train" rows
     eval: list[Example]
     info: dict
+    validation: list[Example] = field(default_factory=list)  # validation during training (train.eval_size)
+
+
+def _scored_eval(cfg: DataConfig, eval_all: list[Example], seed: int) -> list[Example]:
+    return sample(eval_all, cfg.eval_size, seed, f"data.eval_size ({cfg.eval_split})") if cfg.eval_size else []
 
 
 def load_eval(cfg: DataConfig, seed: int) -> tuple[list[Example], dict]:
@@ -235,13 +261,15 @@ def load_eval(cfg: DataConfig, seed: int) -> tuple[list[Example], dict]:
     For readers of a finished run (the HTML report's documents), which need neither the training split nor its cost.
     """
     eval_all, info = load_split(cfg, cfg.eval_split)
-    evaluation = sample(eval_all, cfg.eval_size, seed, f"data.eval_size ({cfg.eval_split})") if cfg.eval_size else []
-    return evaluation, info
+    return _scored_eval(cfg, eval_all, seed), info
 
 
-def load_data(cfg: DataConfig, seed: int) -> Splits:
+def load_data(cfg: DataConfig, seed: int, validation_size: int = 0) -> Splits:
+    """The training examples, the scored subsets and `validation_size` validation examples (`validation_subset`;
+    0: none), with the facts the report states (counts, skipped rows, validation overlap)."""
     train_all, info = load_split(cfg, cfg.train_split)
-    evaluation, eval_info = load_eval(cfg, seed)
+    eval_all, eval_info = load_split(cfg, cfg.eval_split)
+    evaluation = _scored_eval(cfg, eval_all, seed)
     train = sample(train_all, cfg.train_size, seed, f"data.train_size ({cfg.train_split})")
     train_eval = train[: cfg.train_eval_size]
     if cfg.train_eval_size > len(train):
@@ -249,7 +277,20 @@ def load_data(cfg: DataConfig, seed: int) -> Splits:
     info = {"source": cfg.source, **info, "skipped": info["skipped"] + eval_info["skipped"],
             "skipped_by_split": {cfg.train_split: info["skipped"], cfg.eval_split: eval_info["skipped"]},
             "train_examples": len(train), "train_eval_examples": len(train_eval), "eval_examples": len(evaluation)}
-    return Splits(train, train_eval, evaluation, info)
+    validation: list[Example] = []
+    if validation_size:
+        validation, overlap = validation_subset(eval_all, len(evaluation), validation_size, seed)
+        info.update(validation_examples=len(validation), validation_overlap=overlap)
+    return Splits(train, train_eval, evaluation, info, validation)
+
+
+def validation_note(info: dict) -> str | None:
+    """One line saying that validation examples are also scored eval examples (a short eval split), or None."""
+    overlap = info.get("validation_overlap")
+    if not overlap:
+        return None
+    return (f"the eval split is too short for validation examples apart from the {info['eval_examples']} scored "
+            f"ones: {overlap} of the {info['validation_examples']} validation examples are also scored")
 
 
 def skipped_note(info: dict) -> str | None:

@@ -11,6 +11,7 @@ example exactly once, in input order. Only rank 0 scores ROUGE and writes the pr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +22,7 @@ from .data import Example
 from .files import write_jsonl
 from .forward import autocast, collate, generate_batch, summary_loss
 from .methods import Adapted
-from .metrics import ROUGE_KEYS, rouge_intervals, rouge_per_document
+from .metrics import ROUGE_KEYS, bootstrap_interval, rouge_intervals, rouge_per_document
 from .prompts import prompt_format
 
 
@@ -131,3 +132,28 @@ def evaluate(adapted: Adapted, tokenizer, examples: list[Example], data_cfg: Dat
     predictions = generate(adapted, tokenizer, [e.document for e in examples], data_cfg, eval_cfg, device, dtype,
                            progress=progress, desc=desc)
     return score_predictions(examples, predictions, eval_cfg.bootstrap_samples, seed, predictions_path, loss, tokens)
+
+
+def validation(tokenizer, examples: list[Example], data_cfg: DataConfig, eval_cfg: EvalConfig, device: torch.device,
+               dtype: torch.dtype, rouge: bool = False) -> Callable[[Adapted], dict]:
+    """The training loop's validation function: a model's mean loss on `examples` ({"loss", "tokens"}), and with
+    `rouge` the mean ROUGE F1 x 100 of summaries generated with the eval settings ({"rouge1", ...}).
+
+    A collective with several processes (every rank calls it, each scores its share); every rank gets the numbers.
+    """
+    references = [e.references or e.summary for e in examples]
+
+    def score(adapted: Adapted) -> dict:
+        loss, tokens = mean_loss(adapted, tokenizer, examples, data_cfg, eval_cfg.batch_size, device, dtype)
+        point = {"loss": loss, "tokens": tokens}
+        if rouge:
+            predictions = generate(adapted, tokenizer, [e.document for e in examples], data_cfg, eval_cfg, device,
+                                   dtype)
+            means = None
+            if distributed.is_main():
+                per_document = rouge_per_document(predictions, references)  # the mean as evaluate takes it:
+                means = {key: bootstrap_interval(per_document[key], 0)["mean"] for key in ROUGE_KEYS}
+            point.update(distributed.broadcast_object(means))
+        return point
+
+    return score

@@ -201,6 +201,13 @@ def _budget(info: CardInfo) -> list[str]:
         lines.append(f"- **Trained**: {t.get('steps', '–'):,} optimizer steps, {epochs_done(t):.2f} epochs, "
                      f"{t.get('tokens', 0):,} tokens in {duration(seconds)} "
                      f"({t.get('tokens_per_s', 0):,.0f} tokens/s)")
+        if "validation" in t:  # validation during training: where it stopped and whose weights these are
+            points = t["validation"]
+            stopped = ", stopped early" if t["stopped_early"] else ""
+            kept = (f"; these are the weights of step {t['weights_step']:,}, the best validation loss"
+                    if t["weights_step"] != t["steps"] else "")
+            lines.append(f"- **Validation**: eval loss on {train.get('eval_size')} held-out examples every "
+                         f"{train.get('eval_every')} steps ({len(points)} points{stopped}){kept}")
     env = info.environment
     if env:
         lines.append(f"- **Hardware**: {env.get('cpu')}; device {env.get('device')}, precision {env.get('precision')}"

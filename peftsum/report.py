@@ -23,7 +23,7 @@ from .results import ZERO_SHOT, PairedTest, Results
 from .report_html import write_html
 from .runs import LOSS_PLOT, REPORT, ROUGE_PLOT
 
-__all__ = ["render_markdown", "write_report"]
+__all__ = ["loss_figure", "render_markdown", "write_report"]
 
 ROUGE = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))
 
@@ -269,6 +269,18 @@ def _baselines_table(results: dict) -> list[str]:
             "The untouched model prompted zero-shot (in the run's prompt format, and in the other where auto chose "
             "chat), lead-k (the document's first k sentences or lines, no model), few-shot (the untouched model shown "
             "training examples); loss is – where a baseline has none.", *([""] + notes if notes else []), ""]
+def _kept_note(method: dict) -> list[str]:
+    """Where keep_best gave the result another step's weights than the last: say which, for every run of it."""
+    notes = []
+    for run in seed_runs(method) or [method]:
+        t = run["training"]
+        if "weights_step" in t and t["weights_step"] != t["steps"]:
+            seed = f"seed {run['seed']}: " if "seed" in run and seed_runs(method) else ""
+            notes.append(f"{seed}step {t['weights_step']} of {t['steps']}")
+    if not notes:
+        return []
+    return [f"\"after\" scores the weights of the best validation point (train.keep_best), not of the last step: "
+            f"{'; '.join(notes)}.", ""]
 
 
 def _results(results: dict) -> list[str]:
@@ -278,7 +290,8 @@ def _results(results: dict) -> list[str]:
     for name, m in results["methods"].items():
         rows = [[f"before / {split}", *_cells(base.get(split), keys)] for split in ("train", "eval")]
         rows += [[f"after / {split}", *_after_cells(m, split, keys)] for split in ("train", "eval")]
-        lines += [f"### {_label(name, m)}", "", *table(["", "Loss", "ROUGE-1", "ROUGE-2", "ROUGE-L"], rows), ""]
+        lines += [f"### {_label(name, m)}", "", *table(["", "Loss", "ROUGE-1", "ROUGE-2", "ROUGE-L"], rows), "",
+                  *_kept_note(m)]
     before = results["baselines"].get(ZERO_SHOT, {}).get("label", BEFORE)
     lines += ["ROUGE: F1 × 100 as mean ± half the width of the 95% bootstrap interval. Loss: mean cross-entropy "
               f"(nats) per summary token. \"before\" is the {before}, shared by all methods.", ""]
@@ -352,6 +365,46 @@ def _prompt_line(prompt: dict) -> str:
                 f"{prompt['instruction']!r} and the document{system}; a summary ends with {prompt['end_of_turn']!r}")
     chosen = " (data.format auto: the tokenizer has no chat template)" if prompt["chosen"] == "auto" else ""
     return f"- **Prompt**: plain format{chosen}: template {prompt['template']!r}, the summary then EOS"
+def _validated_runs(results: dict) -> list[tuple[str, dict]]:
+    """(label, training facts) of every run that validated during training, per seed where there are several."""
+    out = []
+    for name, m in results["methods"].items():
+        for run in seed_runs(m) or [m]:
+            if "validation" in run["training"]:
+                label = f"{name} (seed {run['seed']})" if seed_runs(m) else name
+                out.append((label, run["training"]))
+    return out
+
+
+def _validation(results: dict) -> list[str]:
+    """What validation during training found: the subset, the schedule, and per run its best point and outcome."""
+    validated = _validated_runs(results)
+    if not validated:
+        return []
+    train, data = results["config"]["train"], results["data"]
+    overlap = data.get("validation_overlap", 0)
+    apart = (f"{overlap} of them also among the {data['eval_examples']} scored eval examples (the eval split is too "
+             f"short to keep them apart)" if overlap else
+             f"apart from the {data['eval_examples']} scored eval examples")
+    rouge = " and ROUGE of summaries generated as for the eval split" if train["eval_rouge"] else ""
+    lines = [f"Eval loss{rouge} on {data.get('validation_examples', DASH)} examples of the eval split ({apart}), "
+             f"every {train['eval_every']} steps and at the last step; validation time is not training time."]
+    if train["early_stopping_patience"]:
+        lines[0] += (f" Early stopping: a run stops once {train['early_stopping_patience']} points in a row have "
+                     "not improved on the best.")
+    if train["keep_best"]:
+        lines[0] += " keep_best: each method's result is the weights of its best point."
+    rows = []
+    for label, t in validated:
+        points, best = t["validation"], t["best_step"]
+        best_loss = next((p["loss"] for p in points if p["step"] == best), None)
+        rows.append([label, str(len(points)), fmt(best, ","), fmt(best_loss, ".3f"),
+                     fmt(points[-1]["loss"] if points else None, ".3f"),
+                     f"yes, at step {t['steps']:,}" if t["stopped_early"] else "no",
+                     f"step {t['weights_step']:,}" + (" (best)" if t["weights_step"] == best else " (last)")])
+    header = ["Run", "Points", "Best step", "Best loss", "Last loss", "Stopped early", "Weights from"]
+    return [*lines, "", *table(header, rows), "", "Loss: mean cross-entropy (nats) per summary token of the "
+            "validation examples; the points are drawn on the training loss chart."]
 
 
 def _configuration(results: dict) -> list[str]:
@@ -383,9 +436,11 @@ def render_markdown(results: Results) -> str:
             f"wall time {duration(results['wall_seconds'])}.")
     budget = _budget(results)
     tests = _tests(results)
+    validation = _validation(results)
     lines = ["# peftsum comparison", "", head + (f" {budget}" if budget else ""), "",
              "## Verdict", "", *_verdict(results, tests), "", "## Results", "", *_results(results), "",
              "## Significance", "", *_significance(results, tests), "", "## Resources", "", *_resources(results), "",
+             *(["## Validation during training", "", *validation, ""] if validation else []),
              "## Plots", "", f"![training loss]({LOSS_PLOT})", "", f"![ROUGE before and after]({ROUGE_PLOT})", "",
              "## Configuration", "", *_configuration(results)]
     return "\n".join(lines) + "\n"
@@ -398,12 +453,15 @@ def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(y, np.ones(window) / window, mode="valid")
 
 
-def _plot_loss(results: dict, path: Path) -> None:
+def loss_figure(results: dict) -> Figure:
+    """The training loss of every method (per step and smoothed) with its validation points, where it has them:
+    circles on a dashed line, the point whose weights were kept (keep_best) starred."""
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
-    drawn = False
+    drawn = validated = False
     for i, (name, m) in enumerate(results["methods"].items()):
-        curve = m["training"]["loss_curve"]
+        training = m["training"]
+        curve = training["loss_curve"]
         if not curve:
             continue
         steps, losses = np.asarray(curve, dtype=float).T
@@ -411,15 +469,29 @@ def _plot_loss(results: dict, path: Path) -> None:
         ax.plot(steps, losses, color=f"C{i}", alpha=0.25, linewidth=1)
         ax.plot(steps[window - 1:], _moving_average(losses, window), color=f"C{i}", linewidth=2,
                 label=f"{name} (moving average of {window})")
+        points = training.get("validation") or []
+        if points:
+            ax.plot([p["step"] for p in points], [p["loss"] for p in points], color=f"C{i}", linestyle="--",
+                    marker="o", markersize=4, label=f"{name} validation loss")
+            kept = [p for p in points if p["step"] == training["weights_step"] != training["steps"]]
+            for p in kept:
+                ax.plot([p["step"]], [p["loss"]], color=f"C{i}", marker="*", markersize=14, linestyle="none",
+                        label=f"{name}: weights kept (step {p['step']})")
+            validated = True
         drawn = True
     if drawn:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no training loss recorded", ha="center", va="center", transform=ax.transAxes)
-    ax.set(xlabel="optimizer step", ylabel="training loss (nats per summary token)",
-           title="Training loss (faint: per step, bold: moving average)")
+    title = "Training loss (faint: per step, bold: moving average" + ("; dashed: validation)" if validated else ")")
+    ax.set(xlabel="optimizer step", ylabel=f"{'' if validated else 'training '}loss (nats per summary token)",
+           title=title)
     ax.grid(alpha=0.3)
-    fig.savefig(path, format="png", dpi=120)
+    return fig
+
+
+def _plot_loss(results: dict, path: Path) -> None:
+    loss_figure(results).savefig(path, format="png", dpi=120)
 
 
 def _plot_rouge(results: dict, path: Path) -> None:

@@ -53,6 +53,16 @@ class Epoch(TypedDict):
     of_batches: int
 
 
+class ValidationPoint(TypedDict, total=False):
+    """One validation during training (train.eval_every): the loss on the validation examples at `step`."""
+
+    step: int
+    epoch: int
+    loss: float  # mean cross-entropy (nats) per summary token
+    tokens: int  # summary tokens the loss covers
+    rouge1: float  # with train.eval_rouge: mean F1 x 100 (also rouge2, rougeL, rougeLsum)
+
+
 class Training(TypedDict, total=False):
     epochs: list[Epoch]
     steps: int
@@ -65,6 +75,11 @@ class Training(TypedDict, total=False):
     loss_curve: list[list[float]]  # [step, loss]
     resumed_from_step: int | None
     processes: int  # only with several processes
+    # Only with validation during training (train.eval_every):
+    validation: list[ValidationPoint]
+    best_step: int | None  # the point of lowest validation loss
+    stopped_early: bool  # train.early_stopping_patience ended the run
+    weights_step: int  # the step the saved weights (and the after-training scores) come from: best_step with keep_best
 
 
 class SeedStats(TypedDict):

@@ -4,8 +4,9 @@ A comparison (`compare`, `--out`) holds `results.json`, `report.md` and the char
 untouched model (zero-shot in the run's prompt format), `baselines/<name>/` for the other baselines (lead-k, few-shot,
 zero-shot in the other format) and one folder per method (`<method>/`, or `<method>/seed-<s>/` per seed). A method
 folder (also what `train` writes) holds the trained weights (methods/: each method names its file), `config.yaml`
-(the exact settings, which `summarize`, `evaluate` and `export` rebuild the run from), `train_log.jsonl`, the
-predictions and `metrics.json`, written last: a folder with `metrics.json` is finished.
+(the exact settings, which `summarize`, `evaluate` and `export` rebuild the run from), `train_log.jsonl` (and
+`validation_log.jsonl` with validation during training), the predictions and `metrics.json`, written last: a folder
+with `metrics.json` is finished.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ RUN_CONFIG = "config.yaml"
 RESULTS = "results.json"
 METRICS = "metrics.json"  # a method's (or the baseline's) scores; written last, so it marks the folder finished
 TRAIN_LOG = "train_log.jsonl"
+VALIDATION_LOG = "validation_log.jsonl"  # the validation points (train.eval_every), beside the step log
 REPORT = "report.md"
 REPORT_HTML = "report.html"
 MODEL_CARD = "README.md"  # the Hugging Face model card of a method folder or an export
@@ -34,8 +36,9 @@ SPLITS = ("train", "eval")
 WEIGHT_FILES = tuple(dict.fromkeys(m.weights_file for m in REGISTRY.values()))
 
 # Settings that may differ when a comparison resumes: where it goes, which methods and baselines run, how often it
-# checkpoints.
-RESUMABLE_CHANGES = ("out", "methods", "eval.baselines", "train.checkpoint_every", "train.keep_checkpoints")
+# checkpoints, which trackers it reports to.
+RESUMABLE_CHANGES = ("out", "methods", "eval.baselines", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.report_to")
 
 
 def predictions(split: str) -> str:
@@ -49,7 +52,8 @@ def seed_folder(method: str, seed: int) -> str:
 
 
 # What peftsum writes into a method folder (and nothing else is deleted by --overwrite).
-METHOD_FILES = (METRICS, RUN_CONFIG, MODEL_CARD, TRAIN_LOG, *map(predictions, SPLITS), ADAPTER_CONFIG, *WEIGHT_FILES)
+METHOD_FILES = (METRICS, RUN_CONFIG, MODEL_CARD, TRAIN_LOG, VALIDATION_LOG, *map(predictions, SPLITS), ADAPTER_CONFIG,
+                *WEIGHT_FILES)
 RUN_FILES = (RESULTS, REPORT, REPORT_HTML, LOSS_PLOT, ROUGE_PLOT)
 
 

@@ -58,6 +58,9 @@ def check_fsdp(cfg: RunConfig) -> None:
     if cfg.methods != ["finetune"] or not cfg.finetune.all:
         raise UserError("FSDP shards full fine-tuning only: run the finetune method alone with --finetune.all true "
                         "(LoRA, prompt tuning and partial fine-tuning train few weights: run them without FSDP)")
+    if cfg.train.eval_every:  # a sharded model's forwards must run in lockstep on every rank, which scoring does not
+        raise UserError("not yet: validation during training (train.eval_every) does not run under FSDP; "
+                        "leave train.eval_every at 0 with --fsdp")
     if not distributed.launched():
         raise UserError("FSDP shards the model over several processes: start peftsum with torchrun or "
                         "accelerate launch (see README)")

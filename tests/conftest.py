@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# Nothing a test starts may reach the network: experiment trackers offline and local (trackio's store in a fresh
+# temporary folder, no tracking server even where the developer's shell names one), every telemetry off.
+for name in ("MLFLOW_TRACKING_URI", "TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "WANDB_BASE_URL"):
+    os.environ.pop(name, None)
+os.environ.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "offline",
+                   "WANDB_SILENT": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+                   "TRACKIO_DIR": tempfile.mkdtemp(prefix="peftsum-tests-trackio-")})
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORDS = ("the a council said on monday that new rules for city buses will start next year after long talks with "

@@ -20,7 +20,7 @@ ALIASES = {  # flag -> config key
     "--max-length": "data.max_length", "--template": "data.template", "--precision": "model.precision",
     "--device": "model.device", "--seeds": "seeds", "--budget-seconds": "train.budget_seconds",
     "--budget-tokens": "train.budget_tokens", "--format": "data.format", "--instruction": "data.instruction",
-    "--baselines": "eval.baselines",
+    "--baselines": "eval.baselines", "--report-to": "train.report_to",
 }
 
 
