@@ -64,6 +64,11 @@ def init(device: str = "auto") -> torch.device | None:
     return _device
 
 
+def device() -> torch.device | None:
+    """This process's device once it has joined a process group (`init`), else None (one process: the caller picks)."""
+    return _device
+
+
 def shutdown(wait: bool = True) -> None:
     """Leave the process group, after the others reach this point too (`wait`, on success). Exiting without this
     can abort the process (gloo's threads still running); exiting alone can abort a peer still at work."""

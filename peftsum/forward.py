@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Collection
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .data import IGNORE, Encoded
+from .prompts import IGNORE, Encoded
 from .methods import Adapted
 
 
@@ -31,13 +32,22 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: counted from each row's first real token (padding sits at 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def model_inputs(adapted: Adapted, input_ids, attention_mask, labels=None):
-    """Embeddings (with virtual tokens inserted), mask, position ids and labels for the model."""
+    """Embeddings (with the method's own inputs, e.g. virtual tokens, placed in), mask, position ids and labels."""
     embeds = adapted.model.get_input_embeddings()(input_ids)
-    if adapted.soft_prompt is not None:
-        embeds, attention_mask, labels = adapted.soft_prompt.insert(embeds, attention_mask, labels)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return embeds, attention_mask, position_ids, labels
+    embeds, attention_mask, labels = adapted.method.prepare_inputs(adapted, embeds, attention_mask, labels)
+    return embeds, attention_mask, positions(attention_mask), labels
+
+
+def summary_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, keep): the next-token targets of every position but the last, and where they are summary tokens."""
+    targets = labels[:, 1:]
+    return targets, targets != IGNORE
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -52,15 +62,31 @@ def summary_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torc
     The LM head runs only at positions that predict a summary token: on a 256-token example with a 40-token
     summary that skips ~85% of the head's work and its (vocab-sized) logits.
     """
-    embeds, mask, positions, labels = model_inputs(adapted, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    hidden = adapted.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+    embeds, mask, position_ids, labels = model_inputs(adapted, batch["input_ids"], batch["attention_mask"],
+                                                      batch["labels"])
+    hidden = adapted.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                       use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
+    targets, keep = summary_targets(labels)
     # Gemma 2 caps its logits with tanh inside the causal-LM forward, which this loss bypasses (Gemma 3: no cap).
     softcap = getattr(adapted.model.config, "final_logit_softcapping", None)
     return (head_loss(adapted.model.get_output_embeddings(), hidden[:, :-1][keep], targets[keep], softcap),
             int(keep.sum()))
+
+
+def whole_model_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """`summary_loss` through the model's own forward, which FSDP needs (its hooks run on the root module).
+
+    In a left-padded batch every summary ends the row, so the LM head runs over the last columns only: from the first
+    column that predicts a summary token in any row. (Full fine-tuning has no method inputs to place in.)
+    """
+    labels, mask = batch["labels"], batch["attention_mask"]
+    targets, keep = summary_targets(labels)
+    columns = keep.any(0).nonzero()
+    first = int(columns[0]) if len(columns) else targets.shape[1] - 1
+    logits = adapted.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions(mask),
+                           use_cache=False, logits_to_keep=labels.shape[1] - first).logits[:, :-1]
+    keep = keep[:, first:]
+    return F.cross_entropy(logits[keep].float(), targets[:, first:][keep], reduction="sum"), int(keep.sum())
 
 
 HEAD_ROWS = 256  # positions per LM-head chunk: 256 x 49,152 fp32 logits = 50 MB for SmolLM2, 268 MB for Gemma 3
@@ -94,8 +120,9 @@ def _contiguous_input(module, args):
 
 @torch.no_grad()
 def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, num_beams: int,
-                   no_repeat_ngram_size: int, repetition_penalty: float) -> list[str]:
-    """Greedy (or beam) summaries for a batch of tokenized prompts, decoded and stripped."""
+                   no_repeat_ngram_size: int, repetition_penalty: float, stop_ids: tuple[int, ...]) -> list[str]:
+    """Greedy (or beam) summaries for a batch of tokenized prompts, decoded and stripped; each ends at the first of
+    `stop_ids` it makes (the format's: EOS, and the chat template's end of turn)."""
     device = adapted.model.get_input_embeddings().weight.device
     batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts], tokenizer.pad_token_id)
     embeds, mask, _, _ = model_inputs(adapted, batch["input_ids"].to(device), batch["attention_mask"].to(device))
@@ -105,10 +132,10 @@ def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max
     head = adapted.model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     try:
         if num_beams == 1:
-            output = greedy(adapted.model, embeds, mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            output = greedy(adapted.model, embeds, mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                             no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
         else:
-            output = _hf_generate(adapted.model, tokenizer, embeds, mask, max_new_tokens=max_new_tokens,
+            output = _hf_generate(adapted.model, tokenizer, embeds, mask, stop_ids, max_new_tokens=max_new_tokens,
                                   num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
                                   repetition_penalty=repetition_penalty)
     finally:
@@ -116,14 +143,14 @@ def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max
     return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 
-def _hf_generate(model, tokenizer, embeds, mask, **settings) -> torch.Tensor:
+def _hf_generate(model, tokenizer, embeds, mask, stop_ids: tuple[int, ...], **settings) -> torch.Tensor:
     with warnings.catch_warnings():
         # transformers warns that with inputs_embeds the n-gram ban covers generated tokens only: that is what we
         # want, since a summary may well repeat phrases of its document.
         warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
         # With inputs_embeds, generate returns only the new tokens.
         return model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, temperature=None, top_p=None,
-                              top_k=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              top_k=None, eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id,
                               **settings)
 
 
@@ -172,9 +199,10 @@ class ReservedLayer(DynamicLayer):
             self.keys, self.values = self.key_buffer[..., :self.length, :], self.value_buffer[..., :self.length, :]
 
 
-def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos_token_id: int,
+def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, stop_ids: Collection[int],
            no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0) -> list[list[int]]:
-    """Greedy decoding from left-padded prompt embeddings: the new tokens of each row, up to and including its EOS.
+    """Greedy decoding from left-padded prompt embeddings: the new tokens of each row, up to and including the first
+    of `stop_ids` it makes (EOS, and the chat template's end of turn).
 
     What `generate(num_beams=1)` computes, token for token (tests/test_generation.py checks it), with one difference
     in the work: a row that has ended leaves the batch and its key/value cache, where `generate` keeps computing it
@@ -191,7 +219,8 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
     if no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
     rows = embeds.shape[0]
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    stops = torch.tensor(sorted(set(stop_ids)), device=embeds.device)
+    position_ids = positions(mask)
     # The prompts go through the model PREFILL_ROWS at a time: a whole batch of 64 makes activations of ~40 MB, which
     # the C allocator maps fresh from the OS (and page-faults in) at every use; decoding then runs on all rows at once.
     reservable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers or [None])
@@ -202,7 +231,7 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
         cache = DynamicCache(config=model.config)
         if reservable:
             cache.layers = [ReservedLayer(max_new_tokens) for _ in cache.layers]
-        logits.append(model(inputs_embeds=embeds[part], attention_mask=mask[part], position_ids=positions[part],
+        logits.append(model(inputs_embeds=embeds[part], attention_mask=mask[part], position_ids=position_ids[part],
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float())
         caches.append(cache)
     cache, logits = caches[0], torch.cat(logits)
@@ -210,7 +239,7 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
         for layer, *others in zip(cache.layers, *(c.layers for c in caches[1:])):
             layer.append_rows(others)
     alive = torch.arange(rows)  # the rows still decoding, in batch order
-    position = positions[:, -1]
+    position = position_ids[:, -1]
     history = torch.empty((rows, 0), dtype=torch.long, device=embeds.device)  # alive rows' new tokens
     made: list[list[int]] = [[] for _ in range(rows)]
     for step in range(max_new_tokens):
@@ -218,7 +247,7 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
         for row, token in zip(alive.tolist(), tokens.tolist()):
             made[row].append(token)
         history = torch.cat([history, tokens[:, None]], dim=1)
-        going = tokens != eos_token_id
+        going = ~torch.isin(tokens, stops)
         if step == max_new_tokens - 1 or not bool(going.any()):
             break
         if not bool(going.all()):  # drop the rows that ended, from the batch and from the cache

@@ -15,17 +15,18 @@ tuning): a change across them is a change across these models, and two models ar
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 
 import numpy as np
 # A Figure without pyplot renders headless and leaves the user's global matplotlib backend alone.
 from matplotlib.figure import Figure
 
+from . import lock, runs
+from .analysis import method_scores, upgrade
 from .compare import compare
 from .config import RunConfig
 from .errors import UserError
-from .files import atomic_write, read_json, write_json, write_text
+from .files import atomic_write, write_json, write_text
 from .metrics import bootstrap_interval, paired_bootstrap
 
 DASH = "–"
@@ -44,20 +45,13 @@ def parse_models(text: str) -> list[str]:
     return names
 
 
-def folder_name(model: str) -> str:
-    """The sub-folder of a model: its name (a hub id's slash becomes '_'; a local folder's last part)."""
-    path = Path(model)
-    name = path.name if path.is_dir() else model
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
-
-
 def plan_models(cfg: RunConfig, models: list[str]) -> list[tuple[str, str, RunConfig]]:
     """(model, folder, config) per model: the scale's config with only the model and the output folder changed."""
     if not cfg.data.eval_size:
         raise UserError("data.eval_size is 0: scale compares eval scores across models; give --eval-size N")
     plans = []
     for model in models:
-        folder = folder_name(model)
+        folder = runs.model_folder(model)
         sub = copy.deepcopy(cfg)
         sub.model.name = model
         sub.out = str(Path(cfg.out) / folder)
@@ -77,13 +71,13 @@ def _runs(method: dict) -> list[dict]:
     return method.get("seed_runs") or [method]
 
 
-def _per_document(runs: list[dict], model: str, method: str) -> np.ndarray:
+def _per_document(method: dict, model: str, name: str) -> np.ndarray:
     """Each eval document's ROUGE-1, the mean over the seeds."""
-    scores = [((r.get("after") or {}).get("eval") or {}).get("per_document", {}).get("rouge1") for r in runs]
-    if any(s is None for s in scores):
-        raise UserError(f"the results of {model} ({method}) hold no per-document eval scores; rerun that model "
+    scores = method_scores(method, "rouge1")
+    if scores is None:
+        raise UserError(f"the results of {model} ({name}) hold no per-document eval scores; rerun that model "
                         f"with --overwrite")
-    return np.mean(np.asarray(scores, dtype=float), axis=0)
+    return np.asarray(scores, dtype=float)
 
 
 def _spread(values: list[float]) -> dict:
@@ -100,16 +94,16 @@ def model_record(model: str, folder: str, results: dict, samples: int) -> dict:
     """
     methods, documents = {}, {}
     for name, method in results["methods"].items():
-        runs = _runs(method)
-        documents[name] = _per_document(runs, model, name)
+        seeds = _runs(method)
+        documents[name] = _per_document(method, model, name)
         methods[name] = {
-            "trainable_params": method["params"]["trainable"], "seeds": len(runs),
-            "eval_loss": _spread([r["after"]["eval"]["loss"] for r in runs]),
+            "trainable_params": method["params"]["trainable"], "seeds": len(seeds),
+            "eval_loss": _spread([r["after"]["eval"]["loss"] for r in seeds]),
             "rouge1": bootstrap_interval(documents[name], samples=samples, seed=0),
-            "train_seconds": float(np.mean([r["training"]["seconds"] for r in runs])),
-            "tokens": float(np.mean([r["training"]["tokens"] for r in runs])),
-            "tokens_per_s": float(np.mean([r["training"]["tokens_per_s"] for r in runs])),
-            "steps": float(np.mean([r["training"]["steps"] for r in runs])),
+            "train_seconds": float(np.mean([r["training"]["seconds"] for r in seeds])),
+            "tokens": float(np.mean([r["training"]["tokens"] for r in seeds])),
+            "tokens_per_s": float(np.mean([r["training"]["tokens_per_s"] for r in seeds])),
+            "steps": float(np.mean([r["training"]["steps"] for r in seeds])),
         }
     gap = None
     if all(m in documents for m in GAP):
@@ -199,10 +193,10 @@ def render_scale_markdown(records: list[dict], cfg: dict) -> str:
                   f"({samples} resamples)."]
     hardware = sorted({r["hardware"] for r in records})
     lines += ["", f"Hardware: {'; '.join(hardware)}. Each model's full report is in its folder "
-              f"({', '.join(r['folder'] + '/report.md' for r in records)}).", "",
+              f"({', '.join(r['folder'] + '/' + runs.REPORT for r in records)}).", "",
               "Models differ in more than size (family, tokenizer, pretraining data, instruction tuning), so a change "
               "across them is a change across these models; two models are two points, not a trend.", "",
-              "![scores against model size](scale.png)"]
+              f"![scores against model size]({runs.SCALE_PLOT})"]
     return "\n".join(lines) + "\n"
 
 
@@ -259,23 +253,9 @@ def plot_scale(records: list[dict], path: Path) -> None:
 
 def write_scale(scale: dict, out: Path) -> None:
     """scale.json, scale.md and scale.png into `out`."""
-    write_json(out / "scale.json", scale)
-    write_text(out / "scale.md", render_scale_markdown(scale["models"], scale["config"]))
-    atomic_write(out / "scale.png", lambda p: plot_scale(scale["models"], p))
-
-
-def _finished(folder: Path, cfg: RunConfig) -> dict | None:
-    """The results of a finished comparison of exactly this config in `folder`, or None."""
-    path = folder / "results.json"
-    if not path.is_file():
-        return None
-    results = read_json(path)
-    wanted = cfg.to_dict()
-    if {k: v for k, v in results.get("config", {}).items() if k != "out"} != {k: v for k, v in wanted.items()
-                                                                               if k != "out"}:
-        return None
-    done = set(cfg.methods) <= set(results.get("methods") or {})
-    return results if done and (results.get("baseline") is not None or not cfg.eval.before) else None
+    write_json(out / runs.SCALE_JSON, scale)
+    write_text(out / runs.SCALE_REPORT, render_scale_markdown(scale["models"], scale["config"]))
+    atomic_write(out / runs.SCALE_PLOT, lambda p: plot_scale(scale["models"], p))
 
 
 def run_scale(cfg: RunConfig, models: list[str], resume: bool = False, overwrite: bool = False,
@@ -283,20 +263,23 @@ def run_scale(cfg: RunConfig, models: list[str], resume: bool = False, overwrite
     """Run the comparison of `cfg` for every model into cfg.out/<model>, write the scale's files, return scale.json.
 
     With `resume`, a model whose comparison finished is read back from its results.json (the model is not even
-    loaded), and an unfinished one continues as `compare --resume` does.
+    loaded), and an unfinished one continues as `compare --resume` does. Each model's folder is locked while its
+    comparison runs (the command line locks cfg.out itself), so a `compare` aimed at it meanwhile is refused.
     """
     out = Path(cfg.out)
     plans = plan_models(cfg, models)  # every folder is checked before the first model trains
     samples = cfg.eval.bootstrap_samples
     records = []
     for n, (model, folder, sub) in enumerate(plans, start=1):
-        results = _finished(out / folder, sub) if resume else None
+        results = runs.finished_comparison(out / folder, sub) if resume else None
         if results is not None:
+            results = upgrade(results)
             print(f"scale model {n}/{len(plans)}: {model} finished earlier; results read back from "
-                  f"{out / folder / 'results.json'}")
+                  f"{out / folder / runs.RESULTS}")
         else:
             print(f"scale model {n}/{len(plans)}: {model} -> {out / folder}")
-            results = compare(sub, progress, resume, overwrite)
+            with lock.holding(out / folder):
+                results = compare(sub, progress, resume=resume, overwrite=overwrite)
         records.append(model_record(model, folder, results, samples))
     config = cfg.to_dict()
     config["model"] = {**config["model"], "name": None}  # each record names its model

@@ -24,6 +24,7 @@ from .compare import compare
 from .config import METHODS, RunConfig, _apply, _convert, _field_type, validate
 from .errors import UserError
 from .files import atomic_write, write_json, write_text
+from .runs import BASELINE
 
 METRICS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 CONFIGURED = "configured"  # folder and table label of a method run once at its configured settings
@@ -264,7 +265,7 @@ def run_sweep(cfg: RunConfig, varies: list[Vary], metric: str = "rougeL", progre
         # A comparison of no method is exactly "score the untouched model", with compare's resume and overwrite.
         untouched = copy.deepcopy(cfg)
         untouched.methods = []
-        untouched.out = str(out / "baseline")
+        untouched.out = str(out / BASELINE)
         baseline = _scores(compare(untouched, progress, resume, overwrite)["baseline"]["eval"])
     records = []
     for n, point in enumerate(points, start=1):

@@ -1,13 +1,25 @@
 """The training loop: AdamW over the method's trainable parameters, warmup + decay, clipping, bf16 autocast.
 
-Readable in one sitting on purpose. Per-step losses go to `train_log.jsonl` (rewritten with each checkpoint, so it
-always matches the newest one); the returned dict holds per-epoch wall time and throughput (real tokens only: padding
-and virtual tokens do not count; time spent writing checkpoints does not count either).
+Readable in one sitting on purpose: `train` is the loop, over a `TrainState` (all a checkpoint carries: step, epoch,
+position in the epoch, the unfinished epoch's tallies, the loss log) and a `Budget`; one optimizer step is `_step`,
+saving is `_save`, a validation point is `_validate`. Per-step losses go to `train_log.jsonl` (rewritten with each
+checkpoint, so it always matches the newest one); the returned dict holds per-epoch wall time and throughput (real
+tokens only: padding and virtual tokens do not count; time spent writing checkpoints or validating does not count
+either).
+
+Validation during training (`train.eval_every`): the caller passes a `validate` function (evaluate.validation) that
+the loop calls every N steps and at the last step, with dropout off; the points join the state (so checkpoints carry
+them and a resumed run has the same history), `validation_log.jsonl` and the returned dict. Early stopping and
+keep_best follow from the points alone (`stopped_early`, `best_point`); the best point's weights are kept aside (and
+checkpointed) so that keep_best can hand them back at the end. `on_step` is called with each log row (and the
+validation point of that step, if any) once it is complete, also for the rows a resumed run restored: what a tracker
+needs, without tracker code here.
 
 Given a run folder, the loop checkpoints every `checkpoint_every` steps and at each epoch end, and continues from the
-newest checkpoint found there; the resumed run ends with the same weights as an uninterrupted one. Ctrl-C finishes
-the current step, writes a checkpoint and raises `TrainingInterrupted`; a NaN or infinite loss stops the run before
-it can reach the weights.
+newest checkpoint found there; the resumed run ends with the same weights as an uninterrupted one. A stop request
+(Ctrl-C, SIGTERM or SIGHUP: signals.py; or the `stop` event a caller passes) finishes the current step, writes a
+checkpoint and raises `TrainingInterrupted`; a NaN or infinite loss stops the run before it can reach the weights.
+The clock is an argument too (`clock`), so that time budgets can be tested without waiting.
 
 Started as several processes (`torchrun`, `accelerate launch`: see distributed.py), the loop is data-parallel over
 the same global batches: each rank runs its slice of every batch, the loss is normalised by the summary tokens of the
@@ -24,31 +36,40 @@ import dataclasses
 import hashlib
 import json
 import math
-import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed
-from .compiled import compiled_blocks
+from . import checkpoint, distributed, signals
+from .compiled import compiled_blocks, paused
 from .config import TrainConfig
-from .data import IGNORE, Encoded
+from .prompts import IGNORE, Encoded
 from .errors import UserError
 from .files import write_jsonl
-from .forward import autocast, collate, summary_loss
+from .forward import autocast, collate, summary_loss, whole_model_loss
 from .methods import Adapted
+from .runs import VALIDATION_LOG
+
+# What asks the loop to stop at the next step boundary: anything with is_set(), a StopSignal or a threading.Event.
+StopRequest = signals.StopSignal | threading.Event
 
 # Settings that change how often state is saved, not what is trained: a run may resume with other values.
-# `compile` is one of them: it changes how fast, and the float rounding of fused kernels, not what is trained.
-NOT_TRAINING = ("checkpoint_every", "keep_checkpoints", "compile")
+# `compile` is one of them: it changes how fast, and the float rounding of fused kernels, not what is trained;
+# `report_to` only where the numbers are also sent.
+NOT_TRAINING = ("checkpoint_every", "keep_checkpoints", "compile", "report_to")
+# Validation settings decide where a run stops and which weights it keeps; they count only while validation is on, so
+# that checkpoints written before validation existed still resume.
+VALIDATION = ("eval_every", "eval_size", "eval_rouge", "early_stopping_patience", "keep_best")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training, raised once a checkpoint of the last finished step is on disk."""
+    """A stop request during training (Ctrl-C, SIGTERM, SIGHUP), raised once a checkpoint of the last finished step
+    is on disk."""
 
     def __init__(self, step: int, saved: Path | None):
         super().__init__(f"interrupted at step {step}")
@@ -80,7 +101,7 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return None
 
 
-# ---------------------------------------------------------------- schedule and batches
+# ---------------------------------------------------------------- schedule, batches and budgets
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     def factor(step: int) -> float:
@@ -113,20 +134,11 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gr
 
 def plan_steps(n: int, cfg: TrainConfig) -> int | None:
     """Optimizer steps the run will take; None under a budget with no step cap (it ends when the budget does)."""
-    if budget_of(cfg) is not None:
+    if Budget.of(cfg) is not None:
         return cfg.max_steps or None
     per_epoch = math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum)
     total = per_epoch * cfg.epochs
     return min(total, cfg.max_steps) if cfg.max_steps else total
-
-
-def budget_of(cfg: TrainConfig) -> dict | None:
-    """The run's equal-budget limit, {"kind": "seconds" | "tokens", "limit": ...}, or None for an epoch-bound run."""
-    if cfg.budget_seconds:
-        return {"kind": "seconds", "limit": cfg.budget_seconds}
-    if cfg.budget_tokens:
-        return {"kind": "tokens", "limit": cfg.budget_tokens}
-    return None
 
 
 def budget_factor(schedule: str, warmup_ratio: float, progress: float, per_step: float) -> float:
@@ -145,14 +157,77 @@ def budget_factor(schedule: str, warmup_ratio: float, progress: float, per_step:
     return 1.0
 
 
-# ---------------------------------------------------------------- what a checkpoint holds
+@dataclass
+class Budget:
+    """An equal-budget limit: train until `limit` seconds of training wall-clock, or real tokens, are spent."""
 
-def named_trainable(adapted: Adapted) -> dict[str, torch.nn.Parameter]:
-    """The trainable tensors by a stable name: the model's parameter name, or `soft_prompt.embeddings`."""
-    names = {id(p): n for n, p in adapted.model.named_parameters()}
-    if adapted.soft_prompt is not None:
-        names[id(adapted.soft_prompt.embeddings)] = "soft_prompt.embeddings"
-    return {names[id(p)]: p for p in adapted.trainable}
+    kind: str  # "seconds" | "tokens"
+    limit: float
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> Budget | None:
+        """The run's budget, or None for an epoch-bound run."""
+        if cfg.budget_seconds:
+            return cls("seconds", cfg.budget_seconds)
+        if cfg.budget_tokens:
+            return cls("tokens", cfg.budget_tokens)
+        return None
+
+    def share(self, epochs: list[dict], elapsed: float, tokens: int) -> float:
+        """The share spent: the finished epochs plus the current one's `elapsed` seconds or `tokens`."""
+        done = sum(e[self.kind] for e in epochs) + (elapsed if self.kind == "seconds" else tokens)
+        if self.kind == "seconds" and distributed.world() > 1:  # clocks differ: all follow rank 0's, to stop together
+            done = distributed.broadcast_object(done)
+        return done / self.limit
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- the state a checkpoint carries
+
+def _new_tally() -> dict:
+    return {"seconds": 0.0, "tokens": 0, "loss": 0.0, "steps": 0}
+
+
+@dataclass
+class TrainState:
+    """A run's progress: the log rows hold the loss curve, `tally` the unfinished epoch (seconds, tokens, summed loss,
+    steps), `epochs` the finished ones, `validation` the validation points; `progress` is the share of the budget
+    spent (what the schedule follows under a budget, with `per_step`, the mean share a step spends) and is recomputed
+    on resume, not saved."""
+
+    step: int = 0
+    epoch: int = 1
+    position: int = 0  # batches of the current epoch already trained
+    tally: dict = field(default_factory=_new_tally)
+    log: list[dict] = field(default_factory=list)
+    epochs: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    progress: float = 0.0
+    per_step: float = 0.0
+
+    SAVED = ("step", "epoch", "position", "tally", "log", "epochs", "validation")
+
+    def saved(self) -> dict:
+        return {key: getattr(self, key) for key in self.SAVED}
+
+    def load(self, saved: dict) -> None:
+        """Take the progress of a checkpoint's state, in place."""
+        for key in self.SAVED:
+            # Checkpoints written before validation existed have no "validation"; any other missing key is damage.
+            setattr(self, key, saved.get(key, []) if key == "validation" else saved[key])
+
+
+def best_point(points: list[dict]) -> dict | None:
+    """The validation point of lowest loss (the earliest of equals), or None before the first."""
+    return min(points, key=lambda p: p["loss"], default=None)
+
+
+def stopped_early(points: list[dict], patience: int) -> bool:
+    """Whether the last `patience` validation points all failed to improve on the best before them (0: never)."""
+    best = best_point(points)
+    return bool(patience) and best is not None and len(points) - 1 - points.index(best) >= patience
 
 
 def data_digest(examples: list[Encoded]) -> str:
@@ -164,314 +239,328 @@ def data_digest(examples: list[Encoded]) -> str:
 
 
 def _training_settings(cfg: TrainConfig, run_config: dict | None, method: str) -> dict:
-    """The settings that decide the trained weights (the data itself is checked through its digest)."""
-    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_TRAINING}
+    """The settings that decide the trained weights (the training data itself is checked through its digest); with
+    validation on, also the data settings, which choose the validation examples."""
+    ignored = NOT_TRAINING + (() if cfg.eval_every else VALIDATION)
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     if run_config is None:
         return {"train": train}
-    return {"model": run_config["model"], "train": train, method: run_config.get(method)}
+    data = {"data": run_config["data"]} if cfg.eval_every else {}
+    return {"model": run_config["model"], "train": train, method: run_config.get(method), **data}
 
 
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Turn the first Ctrl-C into a request the loop honours at the next step boundary (where the state is whole:
-    never half an optimizer update); a second Ctrl-C interrupts at once."""
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested  # signals reach the main thread only
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    previous = signal.default_int_handler if previous is None else previous  # None: installed outside Python
+# ---------------------------------------------------------------- what stays fixed during a run
 
-    def handler(signum, frame):
-        requested.set()
-        signal.signal(signal.SIGINT, previous)
+@dataclass
+class _Run:
+    """What a run's steps share: the model, data, optimizer and schedule, where to save (fixed for the run), and the
+    last checkpoint written and the stop all processes agreed on (which follow it)."""
 
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    adapted: Adapted
+    examples: list[Encoded]
+    cfg: TrainConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    budget: Budget | None
+    total_steps: int | None
+    pad_id: int
+    device: torch.device
+    dtype: torch.dtype
+    fsdp: bool
+    clock: Callable[[], float]
+    run_dir: Path | None
+    log_path: Path | None
+    settings: dict
+    digest: str
+    run_config: dict | None
+    targets: list[int]  # summary tokens `summary_loss` counts per example, in whatever batch or rank it lands
+    lengths: list[int]
+    validate: Callable[[Adapted], dict] | None = None
+    on_step: Callable[[dict, dict | None], None] | None = None
+    last_saved: Path | None = None
+    stop_agreed: bool = False  # several processes: the stop request all of them saw at the last step
+    best: dict[str, torch.Tensor] | None = None  # keep_best: the weights of the best validation point
+
+    @property
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        return self.adapted.named_trainable()
+
+    def out_of_steps(self, state: TrainState) -> bool:
+        if self.cfg.max_steps and state.step >= self.cfg.max_steps:
+            return True
+        if stopped_early(state.validation, self.cfg.early_stopping_patience):
+            return True
+        return self.budget is not None and state.progress >= 1.0
+
+    def stop_requested(self, stop: StopRequest, now: bool = False) -> bool:
+        """Whether to stop; with several processes, all stop at the same step: the one they agree on."""
+        if distributed.world() == 1:
+            return stop.is_set()
+        if now:
+            flag = torch.tensor([float(stop.is_set())], device=self.device)
+            self.stop_agreed = bool(distributed.all_reduce_sum(flag).item())
+        return self.stop_agreed
+
+
+def _schedule(cfg: TrainConfig, total_steps: int | None, state: TrainState):
+    """The learning-rate factor per step: over the planned steps, or under a budget over the share of it spent."""
+    if Budget.of(cfg) is None:
+        return lr_lambda(cfg.schedule, int(cfg.warmup_ratio * total_steps), total_steps)
+    return lambda _step: budget_factor(cfg.schedule, cfg.warmup_ratio, state.progress, state.per_step)
 
 
 # ---------------------------------------------------------------- the loop
 
-def whole_model_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """`summary_loss` through the model's own forward, which FSDP needs (its hooks run on the root module).
-
-    In a left-padded batch every summary ends the row, so the LM head runs over the last columns only: from the first
-    column that predicts a summary token in any row.
-    """
-    labels, mask = batch["labels"], batch["attention_mask"]
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    columns = keep.any(0).nonzero()
-    first = int(columns[0]) if len(columns) else targets.shape[1] - 1
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = adapted.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False,
-                           logits_to_keep=labels.shape[1] - first).logits[:, :-1]
-    keep = keep[:, first:]
-    return F.cross_entropy(logits[keep].float(), targets[:, first:][keep], reduction="sum"), int(keep.sum())
-
-
 def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float, *, pad_id: int,
           device: torch.device, dtype: torch.dtype, log_path: Path | None = None, progress: bool = True,
-          run_dir: Path | None = None, run_config: dict | None = None, fsdp: bool = False) -> dict:
+          run_dir: Path | None = None, run_config: dict | None = None, fsdp: bool = False,
+          clock: Callable[[], float] = time.perf_counter, stop: StopRequest | None = None,
+          validate: Callable[[Adapted], dict] | None = None,
+          on_step: Callable[[dict, dict | None], None] | None = None) -> dict:
     """Train `adapted.trainable` on `examples`; returns timing, throughput, memory and the loss curve.
 
     With `run_dir`, checkpoints go to `run_dir/checkpoints/` and training continues from the newest one there.
     With `fsdp`, `adapted.model` is already sharded (`distributed.fully_shard_model`) and `adapted.trainable` holds
-    its sharded parameters.
+    its sharded parameters. `stop` is an event that asks the loop to stop after the current step (default: a
+    `signals.StopSignal`, which the first Ctrl-C, SIGTERM or SIGHUP sets); `clock` gives training wall-clock seconds.
+    `validate` scores the model for a validation point (needed when cfg.eval_every is set; a collective with several
+    processes); `on_step(row, point)` is called with each finished log row and that step's validation point (or None).
     """
-    rank, world, main = distributed.rank(), distributed.world(), distributed.is_main()
-    torch.manual_seed(cfg.seed + rank)  # dropout masks
-    model = adapted.model
-    params = named_trainable(adapted)
-    loss_of = whole_model_loss if fsdp else summary_loss
+    if cfg.eval_every and validate is None:
+        raise ValueError("train.eval_every is set but no validate function was given")
+    torch.manual_seed(cfg.seed + distributed.rank())  # dropout masks
+    state = TrainState()  # filled in place from a checkpoint when resuming: the schedule reads it
     optimizer = torch.optim.AdamW(adapted.trainable, lr=lr, weight_decay=cfg.weight_decay)
-    total_steps, budget = plan_steps(len(examples), cfg), budget_of(cfg)
-    spent = {"progress": 0.0, "per_step": 0.0}  # under a budget: what the schedule follows instead of the step
-    if budget is None:
-        factor = lr_lambda(cfg.schedule, int(cfg.warmup_ratio * total_steps), total_steps)
-    else:
-        def factor(_step: int) -> float:
-            return budget_factor(cfg.schedule, cfg.warmup_ratio, spent["progress"], spent["per_step"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    settings, digest = _training_settings(cfg, run_config, adapted.method), data_digest(examples)
-    # What `summary_loss` counts in each example, in whatever batch (and on whatever rank) it lands.
-    targets = [sum(label != IGNORE for label in e.labels[1:]) for e in examples]
-
-    # Progress, all of which a checkpoint carries: the log rows hold the loss curve, `tally` the unfinished epoch.
-    step, rows, epochs = 0, [], []
-    epoch, position, tally = 1, 0, {"seconds": 0.0, "tokens": 0, "loss": 0.0, "steps": 0}
-    resumed_from = checkpoint.latest(run_dir) if run_dir is not None else None
-    if world > 1 and len(set(distributed.gather_objects([resumed_from and resumed_from.name]))) > 1:
-        raise UserError(f"the processes see different checkpoints in {run_dir}: with several machines, the output "
-                        f"folder must be on a file system they all share")
-    if resumed_from is not None:
-        state = _restore(resumed_from, params, optimizer, scheduler, settings, digest, device, cfg.seed)
-        step, rows, epochs = state["step"], state["log"], state["epochs"]
-        epoch, position, tally = state["epoch"], state["position"], state["tally"]
-        print(f"resuming {adapted.method} from {resumed_from} (step {step}"
-              f"{f' of {total_steps}' if total_steps else ''})")
-    if not fsdp:
-        distributed.broadcast_params(adapted.trainable)  # a no-op in one process
-    last_saved, resumed_step = resumed_from, step if resumed_from else None
-
-    def save(epoch: int, position: int, tally: dict) -> Path | None:
-        """Write a checkpoint (rank 0); with several processes every rank calls this together."""
-        nonlocal last_saved
-        if run_dir is None or step == 0:
-            return last_saved
-        if last_saved is not None and last_saved.name == f"step-{step:08d}":
-            return last_saved
-        finite = all(bool(torch.isfinite(distributed.local_part(p)).all()) for p in params.values())
-        if fsdp:  # each rank saw only its shard
-            finite = not distributed.all_reduce_sum(torch.tensor([float(not finite)], device=device)).item()
-        if not finite:
-            _stop_non_finite("the weights", step, epoch, adapted.method, last_saved, dtype)
-        weights = {f"weight/{name}": distributed.full_tensor(p, keep=main) for name, p in params.items()}
-        optim_tensors, optim_meta = checkpoint.optimizer_state(optimizer)
-        optim_tensors = {k: distributed.full_tensor(v, keep=main) for k, v in optim_tensors.items()}
-        rng_tensors, rng_meta = checkpoint.rng_state(all_cuda=world == 1)
-        if world > 1:
-            rng_tensors.update(_rank_rng(device))
-        state = {"step": step, "epoch": epoch, "position": position, "tally": tally, "epochs": epochs, "log": rows,
-                 "total_steps": total_steps, "method": adapted.method, "settings": settings, "data_digest": digest,
-                 "optimizer": optim_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta, "config": run_config}
-        if main:
-            last_saved = checkpoint.save(run_dir, step, {**weights, **optim_tensors, **rng_tensors}, state,
-                                         cfg.keep_checkpoints)
-            if log_path:  # the log on disk always matches the newest checkpoint
-                write_jsonl(log_path, rows)
-        distributed.barrier()
-        if not main:
-            last_saved = Path(run_dir) / checkpoint.FOLDER / f"step-{step:08d}"
-        return last_saved
-
-    agreed = {"stop": False}  # with several processes, all stop at the same step: the one they agree on
-
-    def stop_requested(stop: threading.Event, now: bool = False) -> bool:
-        if world == 1:
-            return stop.is_set()
-        if now:
-            flag = torch.tensor([float(stop.is_set())], device=device)
-            agreed["stop"] = bool(distributed.all_reduce_sum(flag).item())
-        return agreed["stop"]
-
-    def budget_spent(elapsed: float, tokens: int) -> float:
-        """The share of the budget spent: finished epochs plus the current one's `elapsed` seconds or `tokens`."""
-        key = "seconds" if budget["kind"] == "seconds" else "tokens"
-        done = sum(e[key] for e in epochs) + (elapsed if key == "seconds" else tokens)
-        if key == "seconds" and world > 1:  # clocks differ: all processes follow rank 0's, so they stop together
-            done = distributed.broadcast_object(done)
-        return done / budget["limit"]
-
-    def out_of_steps() -> bool:
-        if cfg.max_steps and step >= cfg.max_steps:
-            return True
-        return budget is not None and spent["progress"] >= 1.0
-
+    total_steps = plan_steps(len(examples), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps, state))
+    run = _Run(adapted, examples, cfg, optimizer, scheduler, Budget.of(cfg), total_steps, pad_id, device, dtype, fsdp,
+               clock, run_dir, log_path, _training_settings(cfg, run_config, adapted.name), data_digest(examples),
+               run_config, targets=[sum(label != IGNORE for label in e.labels[1:]) for e in examples],
+               lengths=[len(e.input_ids) for e in examples], validate=validate, on_step=on_step)
+    _resume(run, state)
+    resumed_step = state.step if run.last_saved is not None else None
+    if on_step is not None:  # a resumed run's listeners see the restored history first, so they hold all of it
+        points = {p["step"]: p for p in state.validation}
+        for row in state.log:
+            on_step(row, points.get(row["step"]))
     reset_peak_memory(device)
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {adapted.method}", disable=not progress or not main,
-               dynamic_ncols=True)
-    lengths = [len(e.input_ids) for e in examples]
+    adapted.model.train()
+    bar = tqdm(total=run.total_steps, initial=state.step, desc=f"train {adapted.name}",
+               disable=not progress or not distributed.is_main(), dynamic_ncols=True)
+    stop_context = contextlib.nullcontext(stop) if stop is not None else signals.StopSignal()
     try:
-        with _sigint_deferred() as stop, compiled_blocks(model, device, max(lengths, default=0),
-                                                         enabled=cfg.compile and not fsdp):
+        with stop_context as stop, compiled_blocks(adapted.model, device, max(run.lengths, default=0),
+                                                   enabled=cfg.compile and not fsdp):
             # Under a budget, epochs go on until the budget is spent, the last one usually partial.
-            while budget is not None or epoch <= cfg.epochs:
-                batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-                started = time.perf_counter() - tally["seconds"]
-                if budget is not None:
-                    spent["progress"] = budget_spent(tally["seconds"], tally["tokens"])
-                if out_of_steps():
+            while run.budget is not None or state.epoch <= cfg.epochs:
+                if not _epoch(run, state, stop, bar):
                     break
-                while position < len(batches) and not out_of_steps():
-                    if stop_requested(stop):
-                        tally["seconds"] = time.perf_counter() - started
-                        raise TrainingInterrupted(step, save(epoch, position, tally))
-                    group = batches[position:position + cfg.grad_accum]
-                    # Normalise by the summary tokens of the whole accumulation group: every token weighs the same.
-                    group_targets = sum(targets[i] for b in group for i in b)
-                    step_loss, step_tokens = 0.0, 0
-                    for global_batch in group:
-                        mine = [global_batch[i] for i in distributed.shard(global_batch)]  # all of it in 1 process
-                        idle = not mine  # a batch with fewer examples than there are processes
-                        if idle and not fsdp:
-                            continue
-                        batch = collate([examples[i] for i in mine or global_batch[:1]], pad_id)
-                        batch = {k: v.to(device) for k, v in batch.items()}
-                        with autocast(device, dtype):
-                            loss_sum, _ = loss_of(adapted, batch)
-                        if idle:  # FSDP needs every rank in every forward and backward: a stand-in adding nothing
-                            loss_sum = loss_sum * 0.0
-                        (loss_sum / group_targets).backward()
-                        step_loss += loss_sum.item() / group_targets
-                        step_tokens += 0 if idle else int(batch["attention_mask"].sum())
-                    if world > 1:
-                        totals = torch.tensor([step_loss, step_tokens, stop.is_set()], dtype=torch.float64,
-                                              device=device)
-                        distributed.all_reduce_sum(totals)
-                        step_loss, step_tokens, agreed["stop"] = totals[0].item(), int(totals[1]), bool(totals[2])
-                        if not fsdp:  # FSDP reduces its gradients itself
-                            distributed.all_reduce_grads(adapted.trainable)
-                    if not math.isfinite(step_loss):
-                        _stop_non_finite(f"the loss ({step_loss})", step + 1, epoch, adapted.method, last_saved, dtype)
-                    if cfg.max_grad_norm > 0:
-                        norm = torch.nn.utils.clip_grad_norm_(adapted.trainable, cfg.max_grad_norm)
-                        norm = distributed.full_tensor(norm)
-                        if not math.isfinite(norm):
-                            _stop_non_finite(f"the gradient norm ({float(norm)})", step + 1, epoch, adapted.method,
-                                             last_saved, dtype)
-                    optimizer.step()
-                    if budget is not None:  # the next step's learning rate follows the share spent so far
-                        spent["progress"] = budget_spent(time.perf_counter() - started, tally["tokens"] + step_tokens)
-                        spent["per_step"] = spent["progress"] / (step + 1)
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step, position = step + 1, position + len(group)
-                    tally["steps"] += 1
-                    tally["loss"] += step_loss
-                    tally["tokens"] += step_tokens
-                    rows.append({"step": step, "epoch": epoch, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
-                    elapsed = time.perf_counter() - started
-                    bar.set_postfix(epoch=epoch, loss=f"{step_loss:.3f}",
-                                    tok_s=f"{tally['tokens'] / max(elapsed, 1e-9):.0f}",
-                                    **({"budget": f"{min(1.0, spent['progress']):.0%}"} if budget else {}))
-                    bar.update()
-                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and position < len(batches):
-                        pause = time.perf_counter()
-                        tally["seconds"] = pause - started
-                        save(epoch, position, tally)
-                        started += time.perf_counter() - pause  # saving is not training time
-                seconds = time.perf_counter() - started
-                if tally["steps"]:
-                    epochs.append({"epoch": epoch, "seconds": seconds, "tokens": tally["tokens"],
-                                   "tokens_per_s": tally["tokens"] / seconds,
-                                   "mean_loss": tally["loss"] / tally["steps"],
-                                   "batches": position, "of_batches": len(batches)})
-                position, tally = 0, {"seconds": 0.0, "tokens": 0, "loss": 0.0, "steps": 0}
-                epoch += 1
-                save(epoch, position, tally)
-            if stop_requested(stop, now=True):  # Ctrl-C during the last step: all is saved, but the user asked to stop
-                raise TrainingInterrupted(step, last_saved)
+            if run.stop_requested(stop, now=True):  # a stop during the last step: all is saved, but it was asked for
+                raise TrainingInterrupted(state.step, run.last_saved)
     finally:
         bar.close()
-        model.eval()
-    if log_path and main:
-        write_jsonl(log_path, rows)
-    seconds = sum(e["seconds"] for e in epochs)
-    tokens = sum(e["tokens"] for e in epochs)
-    result = {"epochs": epochs, "steps": step, "seconds": seconds, "tokens": tokens, "budget": budget,
-              "epochs_completed": sum(e.get("batches", 1) / e.get("of_batches", 1) for e in epochs),
-              "tokens_per_s": tokens / seconds if seconds else 0.0, "peak_memory_mb": peak_memory_mb(device),
-              "loss_curve": [[r["step"], r["loss"]] for r in rows],
-              "resumed_from_step": resumed_step}
-    if world > 1:  # tokens count every process's; time and memory are rank 0's
-        result["processes"] = world
+        adapted.model.eval()
+    if cfg.keep_best and run.best is not None:
+        with torch.no_grad():
+            for name, p in run.params.items():
+                p.copy_(run.best[name])
+    _write_logs(run, state)
+    return _summary(run, state, resumed_step)
+
+
+def _epoch(run: _Run, state: TrainState, stop: StopRequest, bar) -> bool:
+    """Train the rest of the current epoch (or until the steps or budget run out); False when nothing was left."""
+    cfg = run.cfg
+    batches = epoch_batches(run.lengths, cfg.batch_size, cfg.seed, state.epoch)
+    started = run.clock() - state.tally["seconds"]
+    if run.budget is not None:
+        state.progress = run.budget.share(state.epochs, state.tally["seconds"], state.tally["tokens"])
+    if run.out_of_steps(state):
+        return False
+    while state.position < len(batches) and not run.out_of_steps(state):
+        if run.stop_requested(stop):
+            state.tally["seconds"] = run.clock() - started
+            raise TrainingInterrupted(state.step, _save(run, state))
+        group = batches[state.position:state.position + cfg.grad_accum]
+        loss, tokens = _step(run, state, group, stop)
+        if run.budget is not None:  # the next step's learning rate follows the share spent so far
+            state.progress = run.budget.share(state.epochs, run.clock() - started, state.tally["tokens"] + tokens)
+            state.per_step = state.progress / (state.step + 1)
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        state.step, state.position = state.step + 1, state.position + len(group)
+        state.tally.update(steps=state.tally["steps"] + 1, loss=state.tally["loss"] + loss,
+                           tokens=state.tally["tokens"] + tokens)
+        elapsed = run.clock() - started
+        row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
+               "tokens_per_s": state.tally["tokens"] / max(elapsed, 1e-9)}
+        state.log.append(row)
+        _show(bar, run, state, row)
+        point = None
+        if _validation_due(run, state, len(batches)):
+            pause = run.clock()
+            point = _validate(run, state)
+            started += run.clock() - pause  # validating is not training time
+        if run.on_step is not None:
+            run.on_step(row, point)
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.position < len(batches):
+            pause = run.clock()
+            state.tally["seconds"] = pause - started
+            _save(run, state)
+            started += run.clock() - pause  # saving is not training time
+    seconds = run.clock() - started
+    tally = state.tally
+    if tally["steps"]:
+        state.epochs.append({"epoch": state.epoch, "seconds": seconds, "tokens": tally["tokens"],
+                             "tokens_per_s": tally["tokens"] / seconds, "mean_loss": tally["loss"] / tally["steps"],
+                             "batches": state.position, "of_batches": len(batches)})
+    state.epoch, state.position, state.tally = state.epoch + 1, 0, _new_tally()
+    _save(run, state)
+    return True
+
+
+def _step(run: _Run, state: TrainState, group: list[list[int]], stop: StopRequest) -> tuple[float, int]:
+    """Forward and backward over an accumulation group of global batches, then the optimizer update; returns the
+    step's loss (mean over the group's summary tokens) and its real tokens, both over every process."""
+    adapted, world = run.adapted, distributed.world()
+    loss_of = whole_model_loss if run.fsdp else summary_loss
+    # Normalise by the summary tokens of the whole accumulation group: every token weighs the same.
+    group_targets = sum(run.targets[i] for batch in group for i in batch)
+    step_loss, step_tokens = 0.0, 0
+    for global_batch in group:
+        mine = [global_batch[i] for i in distributed.shard(global_batch)]  # all of it in one process
+        idle = not mine  # a batch with fewer examples than there are processes
+        if idle and not run.fsdp:
+            continue
+        batch = collate([run.examples[i] for i in mine or global_batch[:1]], run.pad_id)
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        with autocast(run.device, run.dtype):
+            loss_sum, _ = loss_of(adapted, batch)
+        if idle:  # FSDP needs every rank in every forward and backward: a stand-in adding nothing
+            loss_sum = loss_sum * 0.0
+        (loss_sum / group_targets).backward()
+        step_loss += loss_sum.item() / group_targets
+        step_tokens += 0 if idle else int(batch["attention_mask"].sum())
+    if world > 1:
+        totals = torch.tensor([step_loss, step_tokens, stop.is_set()], dtype=torch.float64, device=run.device)
+        distributed.all_reduce_sum(totals)
+        step_loss, step_tokens, run.stop_agreed = totals[0].item(), int(totals[1]), bool(totals[2])
+        if not run.fsdp:  # FSDP reduces its gradients itself
+            distributed.all_reduce_grads(adapted.trainable)
+    if not math.isfinite(step_loss):
+        _stop_non_finite(run, f"the loss ({step_loss})", state.step + 1, state.epoch)
+    if run.cfg.max_grad_norm > 0:
+        norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(adapted.trainable, run.cfg.max_grad_norm))
+        if not math.isfinite(norm):
+            _stop_non_finite(run, f"the gradient norm ({float(norm)})", state.step + 1, state.epoch)
+    run.optimizer.step()
+    return step_loss, step_tokens
+
+
+def _show(bar, run: _Run, state: TrainState, row: dict) -> None:
+    budget = {"budget": f"{min(1.0, state.progress):.0%}"} if run.budget else {}
+    point = {"val": f"{state.validation[-1]['loss']:.3f}"} if state.validation else {}
+    bar.set_postfix(epoch=state.epoch, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", **point,
+                    **budget)
+    bar.update()
+
+
+# ---------------------------------------------------------------- validation points
+
+def _validation_due(run: _Run, state: TrainState, batches: int) -> bool:
+    """Every eval_every steps, and at the last step (so that the curve and keep_best see the final weights)."""
+    if not run.cfg.eval_every:
+        return False
+    last_epoch = run.budget is None and state.epoch >= run.cfg.epochs and state.position >= batches
+    return state.step % run.cfg.eval_every == 0 or last_epoch or run.out_of_steps(state)
+
+
+def _validate(run: _Run, state: TrainState) -> dict:
+    """Score the current weights (dropout off, compiled blocks paused), record the point, and keep the weights aside
+    when they are the best so far and keep_best asks for them. Every rank records rank 0's numbers."""
+    adapted = run.adapted
+    adapted.model.eval()
+    with paused(adapted.model):
+        scores = run.validate(adapted)
+    adapted.model.train()
+    point = distributed.broadcast_object({"step": state.step, "epoch": state.epoch, **scores})
+    state.validation.append(point)
+    if run.cfg.keep_best and best_point(state.validation) is point:
+        run.best = {name: p.detach().clone() for name, p in run.params.items()}
+    return point
+
+
+def _summary(run: _Run, state: TrainState, resumed_step: int | None) -> dict:
+    seconds = sum(e["seconds"] for e in state.epochs)
+    tokens = sum(e["tokens"] for e in state.epochs)
+    result = {"epochs": state.epochs, "steps": state.step, "seconds": seconds, "tokens": tokens,
+              "budget": run.budget.as_dict() if run.budget else None,
+              "epochs_completed": sum(e.get("batches", 1) / e.get("of_batches", 1) for e in state.epochs),
+              "tokens_per_s": tokens / seconds if seconds else 0.0, "peak_memory_mb": peak_memory_mb(run.device),
+              "loss_curve": [[r["step"], r["loss"]] for r in state.log], "resumed_from_step": resumed_step}
+    if run.cfg.eval_every:
+        best = best_point(state.validation)
+        kept = run.cfg.keep_best and best is not None
+        result.update(validation=state.validation, best_step=best and best["step"],
+                      stopped_early=stopped_early(state.validation, run.cfg.early_stopping_patience),
+                      weights_step=best["step"] if kept else state.step)
+    if distributed.world() > 1:  # tokens count every process's; time and memory are rank 0's
+        result["processes"] = distributed.world()
     return result
 
 
-def _rank_rng(device: torch.device) -> dict[str, torch.Tensor]:
-    """Every rank's torch (and CUDA) generator state, for rank 0's checkpoint (a collective: all ranks call it)."""
-    own = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        own["cuda"] = torch.cuda.get_rng_state(device)
-    return {f"rng/rank{r}/{key}": value for r, states in enumerate(distributed.gather_objects([own]))
-            for key, value in states.items()}
+# ---------------------------------------------------------------- saving and resuming
+
+def _save(run: _Run, state: TrainState) -> Path | None:
+    """Write a checkpoint of `state` (rank 0; with several processes every rank calls this together)."""
+    if run.run_dir is None or state.step == 0:
+        return run.last_saved
+    if run.last_saved is not None and run.last_saved.name == checkpoint.step_name(state.step):
+        return run.last_saved
+    params = run.params
+    finite = all(bool(torch.isfinite(distributed.local_part(p)).all()) for p in params.values())
+    if run.fsdp:  # each rank saw only its shard
+        finite = not distributed.all_reduce_sum(torch.tensor([float(not finite)], device=run.device)).item()
+    if not finite:
+        _stop_non_finite(run, "the weights", state.step, state.epoch)
+    meta = {**state.saved(), "total_steps": run.total_steps, "method": run.adapted.name, "settings": run.settings,
+            "data_digest": run.digest, "scheduler": run.scheduler.state_dict(), "config": run.run_config}
+    run.last_saved = checkpoint.save_training(run.run_dir, state.step, params, run.optimizer, meta,
+                                              run.cfg.keep_checkpoints, run.device, extra=run.best)
+    _write_logs(run, state)  # the logs on disk always match the newest checkpoint
+    return run.last_saved
 
 
-def _restore_rank_rng(tensors: dict[str, torch.Tensor], device: torch.device, seed: int, step: int) -> None:
-    """This rank's generators as checkpointed; reseeded where the checkpoint came from fewer processes."""
-    rank = distributed.rank()
-    own, cuda = tensors.get(f"rng/rank{rank}/torch"), tensors.get(f"rng/rank{rank}/cuda")
-    if own is None and rank > 0:
-        torch.manual_seed((seed + rank) * 1_000_003 + step)
-    elif own is not None:
-        torch.set_rng_state(own)
-    if device.type == "cuda" and cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
+def _write_logs(run: _Run, state: TrainState) -> None:
+    if run.log_path and distributed.is_main():
+        write_jsonl(run.log_path, state.log)
+        if run.cfg.eval_every:
+            write_jsonl(run.log_path.with_name(VALIDATION_LOG), state.validation)
 
 
-def _restore(path: Path, params: dict[str, torch.nn.Parameter], optimizer, scheduler, settings: dict,
-             digest: str, device: torch.device, seed: int) -> dict:
-    """Load checkpoint `path` into weights, optimizer, scheduler and RNGs; returns its state (position, log...)."""
-    tensors, state = checkpoint.load(path)
-    _check_compatible(path, state, settings, digest, params, tensors)
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(distributed.shard_like(tensors[f"weight/{name}"], p))
-    order = [p for group in optimizer.param_groups for p in group["params"]]
-    for key, value in list(tensors.items()):  # FSDP: the moments of a sharded parameter are sharded like it
-        if key.startswith("optimizer/"):
-            p = order[int(key.split("/")[1])]
-            if distributed.is_sharded(p) and tuple(value.shape) == tuple(p.shape):
-                tensors[key] = distributed.shard_like(value, p)
-    checkpoint.load_optimizer_state(optimizer, tensors, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    checkpoint.set_rng_state(tensors, state["rng"], all_cuda=distributed.world() == 1)
-    if distributed.world() > 1:
-        _restore_rank_rng(tensors, device, seed, state["step"])
-    return state
+def _resume(run: _Run, state: TrainState) -> None:
+    """Continue from the newest checkpoint in the run folder, if there is one: weights, optimizer, schedule and RNGs
+    restored from it, its progress loaded into `state`."""
+    found = checkpoint.latest(run.run_dir) if run.run_dir is not None else None
+    if distributed.world() > 1 and len(set(distributed.gather_objects([found and found.name]))) > 1:
+        raise UserError(f"the processes see different checkpoints in {run.run_dir}: with several machines, the output "
+                        f"folder must be on a file system they all share")
+    if found is not None:
+        with checkpoint.reading(found):  # a state.json missing its keys: one line naming it
+            saved, extra = checkpoint.restore_training(found, run.params, run.optimizer, run.settings,
+                                                       run.digest, run.device, run.cfg.seed)
+            run.scheduler.load_state_dict(saved["scheduler"])
+            state.load(saved)
+        run.best = extra or None
+        run.last_saved = found
+        print(f"resuming {run.adapted.name} from {found} (step {state.step}"
+              f"{f' of {run.total_steps}' if run.total_steps else ''})")
+    if not run.fsdp:
+        distributed.broadcast_params(run.adapted.trainable)  # replicas start identical (a no-op in one process)
 
 
-def _check_compatible(path: Path, state: dict, settings: dict, digest: str, params: dict, tensors: dict) -> None:
-    start_over = "rerun with the same settings, or pass --overwrite to start over"
-    changes = checkpoint.config_changes(state["settings"], settings)
-    if changes:
-        raise UserError(f"checkpoint {path} was written with other settings ({'; '.join(changes[:3])}); {start_over}")
-    if state["data_digest"] != digest:
-        raise UserError(f"checkpoint {path} was trained on other examples (did the data change?); {start_over}")
-    for name, p in params.items():
-        saved = tensors.get(f"weight/{name}")
-        if saved is None or tuple(saved.shape) != tuple(p.shape):
-            raise UserError(f"checkpoint {path} does not fit this model ({name}); {start_over}")
-
-
-def _stop_non_finite(what: str, step: int, epoch: int, method: str, last_saved: Path | None,
-                     dtype: torch.dtype) -> None:
-    kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
-    fp32 = " or --precision fp32" if dtype != torch.float32 else ""
+def _stop_non_finite(run: _Run, what: str, step: int, epoch: int) -> None:
+    kept = f"the last good checkpoint is {run.last_saved}" if run.last_saved else "no checkpoint was written"
+    fp32 = " or --precision fp32" if run.dtype != torch.float32 else ""
     raise UserError(f"training stopped: {what} is not finite at step {step} (epoch {epoch}); {kept}; "
-                    f"try a lower learning rate (--{method}.lr){fp32}, with --overwrite to start over")
+                    f"try a lower learning rate (--{run.adapted.name}.lr){fp32}, with --overwrite to start over")

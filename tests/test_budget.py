@@ -2,13 +2,19 @@
 with warmup and decay following the share of the budget spent. Tiny random-init models."""
 
 import json
+import threading
 
 import pytest
+import torch
 
 from peftsum import train as train_module
 from peftsum.cli import main
+from peftsum.config import load_config
+from peftsum.data import load_data
+from peftsum.prompts import encode_example
+from peftsum.methods import adapt
 
-from conftest import max_diff, step_losses, trained_weights
+from conftest import max_diff, tiny_model, trained_weights
 
 # 24 training examples in batches of 4: 6 steps per epoch.
 TINY = ["--random-init", "--precision", "fp32", "--data.max_length", "64", "--data.max_summary_tokens", "12",
@@ -70,40 +76,59 @@ def test_a_token_budget_is_deterministic_and_reported(tiny_model_dirs, tiny_data
     assert max_diff(trained_weights(tmp_path / "a" / "lora"), trained_weights(tmp_path / "b" / "lora")) == 0
 
 
-def test_a_time_budget_stops_near_its_limit(tiny_model_dirs, tiny_data, tmp_path, monkeypatch):
-    # A fake clock that advances one second per call makes the time budget exact and the test fast.
+def tiny_training(tokenizer, data, **train):
+    """A tiny GPT-2 with LoRA, its encoded training examples and the train settings, for calling `train` directly."""
+    cfg = load_config(overrides={"model.precision": "fp32", "data.source": str(data), "data.max_length": 64,
+                                 "data.max_summary_tokens": 12, "data.train_eval_size": 0,
+                                 "data.eval_size": 0, "train.batch_size": 4, "train.checkpoint_every": 0,
+                                 **{f"train.{k}": v for k, v in train.items()}})
+    adapted = adapt(tiny_model("gpt2", tokenizer), tokenizer, "lora", cfg)
+    examples = [encode_example(tokenizer, e, cfg.data) for e in load_data(cfg.data, seed=0).train]
+    return adapted, examples, cfg
+
+
+def run_training(tokenizer, adapted, examples, cfg, **kwargs):
+    return train_module.train(adapted, examples, cfg.train, cfg.lora.lr, pad_id=tokenizer.pad_token_id,
+                              device=torch.device("cpu"), dtype=torch.float32, progress=False, **kwargs)
+
+
+class StopBefore(threading.Event):
+    """A stop request that arrives once `steps` optimizer steps are done (the loop asks before each step)."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.asked, self.steps = 0, steps
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        return self.asked > self.steps
+
+
+def test_a_time_budget_stops_near_its_limit(tokenizer, tiny_data):
+    # A clock that advances one second per reading makes the time budget exact and the test fast.
     clock = iter(range(10**9))
-    monkeypatch.setattr(train_module.time, "perf_counter", lambda: float(next(clock)))
-    out = tmp_path / "seconds"
-    assert main(train_args(tiny_model_dirs["gpt2"], tiny_data, out, "--budget-seconds", "40")) == 0
-    rows = log_rows(out)
-    assert 5 <= len(rows) < 40  # several reads of the clock per step: far fewer steps than seconds
-    assert rows[-1]["lr"] < rows[len(rows) // 2]["lr"]
+    adapted, examples, cfg = tiny_training(tokenizer, tiny_data, budget_seconds=40)
+    result = run_training(tokenizer, adapted, examples, cfg, clock=lambda: float(next(clock)))
+    steps = result["steps"]
+    assert 5 <= steps < 40  # several readings of the clock per step: far fewer steps than seconds
+    assert result["budget"] == {"kind": "seconds", "limit": 40}
+    assert sum(e["seconds"] for e in result["epochs"]) >= 40
 
 
-def test_a_budget_run_resumes_to_the_same_weights(tiny_model_dirs, tiny_data, tmp_path, monkeypatch):
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert main(train_args(tiny_model_dirs["gpt2"], tiny_data, whole, "--budget-tokens", "2500")) == 0
-    # Interrupt the second run after 8 steps (past the first epoch's end checkpoint), then resume it.
-    real_step = train_module.torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(train_module.torch.optim.AdamW, "step", step)
-    try:
-        main(train_args(tiny_model_dirs["gpt2"], tiny_data, cut, "--budget-tokens", "2500"))
-    except KeyboardInterrupt:
-        pass
-    assert not (cut / "adapter_model.safetensors").exists()
-    monkeypatch.setattr(train_module.torch.optim.AdamW, "step", real_step)
-    assert main(train_args(tiny_model_dirs["gpt2"], tiny_data, cut, "--budget-tokens", "2500", "--resume")) == 0
-    assert step_losses(cut) == step_losses(whole)
-    assert max_diff(trained_weights(cut), trained_weights(whole)) < 1e-6
+def test_a_budget_run_resumes_to_the_same_weights(tokenizer, tiny_data, tmp_path):
+    uninterrupted = tiny_training(tokenizer, tiny_data, budget_tokens=2500)
+    whole = run_training(tokenizer, *uninterrupted, run_dir=tmp_path / "a")
+    # Stop the second run after 8 steps (past the first epoch's end checkpoint), then resume it in a fresh model.
+    adapted, examples, cfg = tiny_training(tokenizer, tiny_data, budget_tokens=2500)
+    with pytest.raises(train_module.TrainingInterrupted) as stopped:
+        run_training(tokenizer, adapted, examples, cfg, run_dir=tmp_path / "b", stop=StopBefore(8))
+    assert stopped.value.step == 8 and stopped.value.saved.name == "step-00000008"
+    adapted, examples, cfg = tiny_training(tokenizer, tiny_data, budget_tokens=2500)
+    resumed = run_training(tokenizer, adapted, examples, cfg, run_dir=tmp_path / "b")
+    assert resumed["resumed_from_step"] == 8
+    assert resumed["loss_curve"] == whole["loss_curve"]
+    assert resumed["steps"] == whole["steps"] > 8
+    assert max_diff(adapted.named_trainable(), uninterrupted[0].named_trainable()) < 1e-6
 
 
 @pytest.mark.parametrize("flags, message", [

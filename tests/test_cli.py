@@ -31,7 +31,19 @@ def test_compare_writes_a_complete_report(kind, tiny_model_dirs, tiny_data, tmp_
     assert (out / "lora" / "adapter_model.safetensors").is_file()
     assert (out / "prompt" / "adapter_config.json").is_file()
     assert (out / "finetune" / "finetuned.safetensors").is_file()
+    # The statistics the report shows are in results.json too: every paired test of the Significance section.
+    assert results["schema_version"] == 3
+    analysis = results["analysis"]
+    assert sorted(analysis["ranking"]["rouge1"]) == ["finetune", "lora", "prompt"]
+    tested = {(t["a"], t["b"], t["metric"]) for t in analysis["tests"]}
+    # The tiny tokenizer has no chat template: the plain format, so the baselines are zero-shot and lead.
+    assert list(results["baselines"]) == ["zero-shot", "lead"] and results["prompt"]["format"] == "plain"
+    assert {(m, b, "rouge1") for m in results["methods"] for b in ("untouched model", "lead")} <= tested
+    assert len(tested) == 15 + 3 * 3  # leader, untouched model; each method against lead on three keys
     report = (out / "report.md").read_text()
+    labels = analysis["baselines"]["labels"]
+    for t in analysis["tests"]:
+        assert f"| {labels.get(t['a'], t['a'])} − {labels.get(t['b'], t['b'])} |" in report
     for heading in ("## Verdict", "## Results", "## Resources", "## Configuration", "before / eval", "after / train"):
         assert heading in report
     for png in ("loss_curves.png", "rouge.png"):
@@ -66,6 +78,20 @@ def test_train_then_evaluate_the_saved_run(tiny_model_dirs, tiny_data, tmp_path,
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 4 and set(result["rouge"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
     assert (tmp_path / "ev" / "predictions_eval.jsonl").is_file()
+
+
+def test_evaluate_run_scores_a_dropout_lora_as_compare_did(tiny_model_dirs, tiny_data, tmp_path, capsys):
+    # With dropout left on (the model in training mode), each evaluation would draw new masks: another loss.
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(tiny_model_dirs["llama"]), "--random-init", "--data", str(tiny_data),
+                 "--methods", "lora", "--lora.dropout", "0.5", "--eval.before", "false", "--out", str(out),
+                 *FAST]) == 0
+    scored = json.loads((out / "lora" / "metrics.json").read_text())["after"]["eval"]
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out / "lora"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["loss"] == pytest.approx(scored["loss"], rel=1e-6)
+    assert result["per_document"] == scored["per_document"]
 
 
 def test_score_text_and_jsonl(tmp_path, capsys):

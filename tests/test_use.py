@@ -1,7 +1,7 @@
 """Using a result: `summarize` (runs, peft-made adapters, files, stdin, JSONL) and `export` of a merged model.
 
-Everything runs on tiny random-init GPT-2, Llama and Gemma 3 models in fp32 on CPU, offline. The runs are random-init, so
-`summarize --run` reproducing their predictions also checks that the base weights are rebuilt from the run's seed.
+Everything runs on tiny random-init GPT-2, Llama and Gemma 3 models in fp32 on CPU, offline. The runs are
+random-init, so `summarize --run` reproducing their predictions also checks that the base weights are rebuilt from the run's seed.
 Parity figures are printed (`pytest -s tests/test_use.py`).
 """
 
@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftsum.cli import main
 from peftsum.config import load_config
-from peftsum.data import encode_prompt, prompt_budget
+from peftsum.prompts import encode_prompt, prompt_budget
 from peftsum.forward import model_inputs
-from peftsum.use import adapted_from_adapter_dir, load_run
+from peftsum.session import load_adapter, load_run
 
 KINDS = ["gpt2", "llama", "gemma3"]
 FAST = ["--train.max_steps", "3", "--train.batch_size", "4", "--data.train_eval_size", "2", "--eval-size", "4",
@@ -220,8 +220,8 @@ def test_peft_made_adapter_summarizes_like_peft(kind, method, tokenizer, documen
     cfg.model.precision = "fp32"
     if model_flag:
         cfg.model.name = str(base_dir)
-    _, adapted = adapted_from_adapter_dir(cfg, folder, model_given=bool(model_flag), progress=False)
-    assert adapted.method == method
+    _, adapted = load_adapter(cfg, folder, model_given=bool(model_flag), progress=False)
+    assert adapted.name == method
     n = adapted.virtual_tokens
     with torch.no_grad():
         embeds, mask, positions, _ = model_inputs(adapted, x, torch.ones_like(x))
@@ -287,8 +287,7 @@ def test_pickled_weights_are_refused_not_loaded(runs, tiny_model_dirs, tmp_path,
 
 # ---------------------------------------------------------------- export
 
-@pytest.mark.parametrize("kind, method", [("gpt2", "lora"), ("llama", "lora"), ("gemma3", "lora"), ("gpt2", "finetune"),
-                                          ("llama", "finetune"), ("gemma3", "finetune")])
+@pytest.mark.parametrize("kind, method", [(kind, method) for method in ("lora", "finetune") for kind in KINDS])
 def test_export_is_a_plain_model_that_generates_like_the_run(kind, method, runs, documents, tmp_path, capsys):
     run, out = runs[kind] / method, tmp_path / "merged"
     capsys.readouterr()

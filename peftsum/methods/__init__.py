@@ -1,64 +1,166 @@
-"""The three adaptation methods behind one small interface: `adapt(model, tokenizer, method, cfg)`.
+"""The adaptation methods behind one small protocol, and `adapt(model, tokenizer, name, cfg)`.
 
-Each method lives in its own module (lora.py, prompt.py, finetune.py) with an `apply` entry point; this file only
-dispatches and carries what training and evaluation need to know about the result.
+Each method is one module (lora.py, prompt.py, finetune.py) holding a `METHOD` object that follows `Method`: how it
+attaches to a model, which tensors it trains and saves (under peft's names where peft has the method), how it reads
+and writes a peft `adapter_config.json`, and how it folds into the weights for generation and export, or why it
+cannot. Training, evaluation, adapter files and the command line only talk to that object: adding a method is one
+new module, one line in `REGISTRY`, and its settings section in config.py (where every knob lives).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import RunConfig
+from ..errors import UserError
 from ..models import compute_dtype, count_parameters
-from . import finetune, lora, prompt
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name, used by every method that has a peft form
+
+
+class Method:
+    """What the rest of peftsum needs from a method. The defaults fit a method that changes weights of the model
+    in place and has no peft form; each method module overrides what differs."""
+
+    name: str
+    title: str = ""  # what people call it, for model cards ("LoRA")
+    tags: tuple[str, ...] = ()  # Hugging Face hub tags of a trained result
+    peft_type: str | None = None  # adapter_config.json's peft_type; None: no peft form
+    weights_file: str = ADAPTER_WEIGHTS  # the safetensors file `adapters.save` writes into a method folder
+    can_merge: bool = True  # whether `merge_for_export` gives a plain transformers model
+    merge_refusal: str = ""  # why not, where it cannot
+    encoder_prefix: str = "prompt_encoder."  # checkpoint names of `Adapted.prompt_encoder`'s parameters
+
+    def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
+        """Prepare `model` (in place) for training: freeze what stays, attach what trains."""
+        raise NotImplementedError
+
+    def saved_tensors(self, adapted: Adapted) -> dict[str, torch.Tensor]:
+        """The trained tensors by the names they have in the weights file."""
+        raise NotImplementedError
+
+    def load_tensors(self, adapted: Adapted, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        """Copy `tensors` (read from `path`) into a freshly applied model; refuse names or shapes that do not fit."""
+        raise NotImplementedError
+
+    def adapter_config(self, adapted: Adapted, cfg: RunConfig, base_model: str) -> dict | None:
+        """peft's adapter_config.json for the trained result, or None where the method has no peft form."""
+        return None
+
+    def configure(self, cfg: RunConfig, adapter_config: dict, where: Path) -> None:
+        """Set this method's settings in `cfg` from a peft adapter_config.json (read from `where`)."""
+        raise UserError(f"{where}: peftsum cannot load {self.name} adapters from peft")
+
+    def virtual_tokens(self, adapted: Adapted) -> int:
+        """Input positions the method adds before the real tokens (the data leaves room for them)."""
+        return 0
+
+    def prepare_inputs(self, adapted: Adapted, embeds: torch.Tensor, mask: torch.Tensor,
+                       labels: torch.Tensor | None):
+        """(embeds, mask, labels) as the model should see them: the method's own inputs placed in."""
+        return embeds, mask, labels
+
+    @contextlib.contextmanager
+    def for_generation(self, adapted: Adapted):
+        """A context in which the adapted model generates as fast as it can (e.g. LoRA merged into the weights)."""
+        yield
+
+    def merge_for_export(self, adapted: Adapted) -> nn.Module:
+        """The adapted model as a plain transformers model (for export); raises UserError where it cannot be."""
+        return adapted.model
 
 
 @dataclass
 class Adapted:
-    """A model prepared for one method: which parameters train, and the soft prompt if there is one."""
+    """A model prepared for one method: which parameters train, and the method's own module if it has one."""
 
-    method: str
+    method: Method
     model: nn.Module
     trainable: list[nn.Parameter]
     description: str
-    soft_prompt: prompt.SoftPrompt | None = None
+    prompt_encoder: nn.Module | None = None  # trainable inputs outside the model (peft's name): the soft prompt
     frozen_dtype: torch.dtype = torch.float32  # how the frozen weights are stored; the activations follow it
 
     @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
     def virtual_tokens(self) -> int:
-        return self.soft_prompt.num_virtual_tokens if self.soft_prompt is not None else 0
+        return self.method.virtual_tokens(self)
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors by a stable name (what checkpoints store): the model's parameter name, or the
+        method's prefix + the name inside its prompt encoder."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        if self.prompt_encoder is not None:
+            names.update({id(p): self.method.encoder_prefix + n for n, p in self.prompt_encoder.named_parameters()})
+        return {names[id(p)]: p for p in self.trainable}
 
     def parameter_counts(self) -> dict:
-        extra = [self.soft_prompt.embeddings] if self.soft_prompt is not None else []
+        extra = list(self.prompt_encoder.parameters()) if self.prompt_encoder is not None else []
         total, trainable = count_parameters(self.model, extra)
         return {"total": total, "trainable": trainable, "trainable_percent": 100.0 * trainable / total,
                 "description": self.description}
 
-    @contextlib.contextmanager
     def for_generation(self):
-        """LoRA merged into the weights while generating: same outputs, no extra matmuls per token."""
-        if self.method == "lora":
-            lora.merge(self.model)
-            try:
-                yield
-            finally:
-                lora.unmerge(self.model)
-        else:
-            yield
+        return self.method.for_generation(self)
 
 
-def adapt(model: nn.Module, tokenizer, method: str, cfg: RunConfig) -> Adapted:
-    """Prepare `model` (modified in place) for training with `method`.
+def check_shape(path: Path, key: str, got: torch.Size, want: torch.Size) -> None:
+    """Refuse a saved tensor whose shape does not fit this base model."""
+    if tuple(got) != tuple(want):
+        raise UserError(f"{path}: {key} has shape {tuple(got)}, but this base model needs {tuple(want)} "
+                        f"(was the adapter trained on another model?)")
+
+
+def number(value, kind, where: Path, key: str):
+    """A number from an adapter_config.json, as `kind` (int or float), or a one-line refusal naming the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise UserError(f"{where}: {key} must be a number{' (whole)' if kind is int else ''}, got {value!r}")
+    return kind(value)
+
+
+class Untouched(Method):
+    """The base model as it is: the 'before training' reference every method is measured against."""
+
+    name = "base"
+
+    def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
+        model.requires_grad_(False)
+        return Adapted(self, model, [], "untouched base model")
+
+    def saved_tensors(self, adapted: Adapted) -> dict[str, torch.Tensor]:
+        return {}
+
+
+from . import finetune, lora, prompt  # noqa: E402  (the method modules build on the protocol above)
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (lora.METHOD, prompt.METHOD, finetune.METHOD)}
+BY_PEFT_TYPE: dict[str, Method] = {m.peft_type: m for m in REGISTRY.values() if m.peft_type}
+UNTOUCHED = Untouched()
+
+
+def method_named(name: str) -> Method:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown method {name!r}; choose from {', '.join(REGISTRY)}") from None
+
+
+def adapt(model: nn.Module, tokenizer, name: str, cfg: RunConfig) -> Adapted:
+    """Prepare `model` (modified in place) for training with the method called `name`.
 
     Frozen weights are then stored in the compute precision (bf16 where the hardware has it): autocast would
     otherwise re-cast every frozen matrix at every step, and bf16 activations halve the memory traffic of the
     element-wise work that dominates small models on a CPU. Trainable parameters stay fp32, as does their optimizer state.
     """
-    adapted = _apply(model, tokenizer, method, cfg)
+    adapted = method_named(name).apply(model, tokenizer, cfg)
     device = next(model.parameters()).device
     adapted.frozen_dtype = store_frozen_in(model, compute_dtype(cfg.model.precision, device))
     embedding = model.get_input_embeddings()
@@ -77,21 +179,8 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
     return dtype if frozen else torch.float32
 
 
-def _apply(model: nn.Module, tokenizer, method: str, cfg: RunConfig) -> Adapted:
-    if method == "lora":
-        adapters = lora.apply(model, cfg.lora)
-        params = [p for a in adapters.values() for p in a.parameters()]
-        return Adapted(method, model, params, lora.describe(model, cfg.lora, adapters))
-    if method == "prompt":
-        soft = prompt.apply(model, tokenizer, cfg.prompt, seed=cfg.train.seed)
-        return Adapted(method, model, [soft.embeddings], prompt.describe(cfg.prompt), soft_prompt=soft)
-    if method == "finetune":
-        params = finetune.apply(model, cfg.finetune)
-        return Adapted(method, model, params, finetune.describe(model, cfg.finetune))
-    raise ValueError(f"unknown method {method!r}")
-
-
 def untouched(model: nn.Module, dtype: torch.dtype = torch.float32) -> Adapted:
     """The base model as it is (stored in `dtype`, in place): the 'before training' reference for every method."""
-    model.requires_grad_(False)
-    return Adapted("base", model, [], "untouched base model", frozen_dtype=store_frozen_in(model, dtype))
+    adapted = UNTOUCHED.apply(model, None, RunConfig())
+    adapted.frozen_dtype = store_frozen_in(model, dtype)
+    return adapted

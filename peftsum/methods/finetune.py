@@ -6,11 +6,15 @@ description says so, because the parameter count and the effect on the input sid
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
-from ..config import FinetuneConfig
+from ..config import FinetuneConfig, RunConfig
 from ..errors import UserError
 from ..models import final_norms, ties_embeddings, transformer_blocks
+from . import Adapted, Method, check_shape
 
 
 def apply(model: nn.Module, cfg: FinetuneConfig) -> list[nn.Parameter]:
@@ -55,3 +59,32 @@ def _head(model: nn.Module) -> str:
     memory_text = f"{memory / 1e9:.1f} GB" if memory >= 1e9 else f"{memory / 1e6:.3g} MB"
     return (f"LM head ({tied}{rows:,} x {columns:,} = {size:,} parameters; {memory_text} in training as fp32 "
             f"weight, gradient and AdamW moments)")
+
+
+class FinetuneMethod(Method):
+    """The trained tensors are saved under the model's own parameter names: no adapter, no peft form."""
+
+    name = "finetune"
+    title = "fine-tuning of selected weights"
+    tags = ("fine-tuned",)
+    weights_file = "finetuned.safetensors"
+
+    def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
+        params = apply(model, cfg.finetune)
+        return Adapted(self, model, params, describe(model, cfg.finetune))
+
+    def saved_tensors(self, adapted: Adapted) -> dict[str, torch.Tensor]:
+        names = {id(p): n for n, p in adapted.model.named_parameters()}
+        return {names[id(p)]: p for p in adapted.trainable}
+
+    def load_tensors(self, adapted: Adapted, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        params = dict(adapted.model.named_parameters())
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key not in params:
+                    raise UserError(f"{path}: {key} is not a parameter of this base model")
+                check_shape(path, key, value.shape, params[key].shape)
+                params[key].copy_(value)
+
+
+METHOD = FinetuneMethod()

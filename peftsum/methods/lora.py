@@ -8,15 +8,20 @@ matters when merging.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import LoraConfig
+from ..config import LoraConfig, RunConfig
 from ..errors import UserError
+from ..files import read_text
+from . import Adapted, Method, check_shape, number
 
 # PEFT's matching rule: a target names a module exactly or as a dotted suffix of its full name.
 DEFAULT_TARGETS = {
@@ -25,6 +30,12 @@ DEFAULT_TARGETS = {
     "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],  # Gemma 3's text-only model (Gemma3ForCausalLM)
 }
 FALLBACK_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value", "out_proj"]
+PEFT_PREFIX = "base_model.model."  # peft's key prefix: base_model.model.<module>.lora_A.weight
+# peft LoRA options that change what the adapter computes and that peftsum's LoRA does not implement.
+UNSUPPORTED_PEFT_OPTIONS = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform",
+                            "lora_bias", "exclude_modules", "layer_replication", "target_parameters",
+                            "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "use_bdlora",
+                            "kasa_config", "velora_config", "monteclora_config")
 
 
 class LoRA(nn.Module):
@@ -141,3 +152,84 @@ def remove(model: nn.Module) -> int:
 def describe(model: nn.Module, cfg: LoraConfig, adapters: dict[str, LoRA]) -> str:
     targets = ", ".join(chosen_targets(model, cfg.targets))
     return f"LoRA r={cfg.rank} alpha={cfg.alpha:g} dropout={cfg.dropout:g} on {targets} ({len(adapters)} layers)"
+
+
+def modules(model: nn.Module) -> dict[str, LoRA]:
+    """{target module name: its LoRA}."""
+    return {name: m.lora for name, m in model.named_modules() if isinstance(getattr(m, "lora", None), LoRA)}
+
+
+class LoraMethod(Method):
+    name = "lora"
+    title = "LoRA"
+    tags = ("lora",)
+    peft_type = "LORA"
+
+    def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
+        adapters = apply(model, cfg.lora)
+        params = [p for a in adapters.values() for p in a.parameters()]
+        return Adapted(self, model, params, describe(model, cfg.lora, adapters))
+
+    def saved_tensors(self, adapted: Adapted) -> dict[str, torch.Tensor]:
+        return {f"{PEFT_PREFIX}{name}.{part}.weight": getattr(module, part)
+                for name, module in modules(adapted.model).items() for part in ("lora_A", "lora_B")}
+
+    def load_tensors(self, adapted: Adapted, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        with torch.no_grad():
+            for name, module in modules(adapted.model).items():
+                for part in ("lora_A", "lora_B"):
+                    key = f"{PEFT_PREFIX}{name}.{part}.weight"
+                    if key not in tensors:
+                        raise UserError(f"{path}: no tensor {key} for this base model's layer {name}")
+                    check_shape(path, key, tensors[key].shape, getattr(module, part).shape)
+                    getattr(module, part).copy_(tensors[key])
+        # An rsLoRA adapter from peft scales by alpha / sqrt(r): the setting is in the folder's adapter config.
+        config_path = path.with_name("adapter_config.json")
+        if config_path.is_file() and json.loads(read_text(config_path)).get("use_rslora"):
+            for module in modules(adapted.model).values():
+                module.scale = module.scale * math.sqrt(module.lora_A.shape[0])
+
+    def adapter_config(self, adapted: Adapted, cfg: RunConfig, base_model: str) -> dict:
+        targets = modules(adapted.model)
+        return {
+            "peft_type": self.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
+            "target_modules": chosen_targets(adapted.model, cfg.lora.targets),
+            "fan_in_fan_out": any(isinstance(adapted.model.get_submodule(n), Conv1D) for n in targets),
+            "bias": "none", "inference_mode": True,
+        }
+
+    def configure(self, cfg: RunConfig, adapter_config: dict, where: Path) -> None:
+        targets = adapter_config.get("target_modules")
+        if isinstance(targets, str):
+            raise UserError(f"{where}: target_modules is the regular expression {targets!r}; peftsum matches a list "
+                            f"of module names (suffixes) only; list the modules instead, e.g. [\"q_proj\", \"v_proj\"]")
+        if not targets or not all(isinstance(t, str) for t in targets):
+            raise UserError(f"{where}: target_modules must be a non-empty list of module names, got {targets!r}")
+        unsupported = [k for k in UNSUPPORTED_PEFT_OPTIONS if adapter_config.get(k) not in (None, False, {}, [], "")]
+        if adapter_config.get("bias", "none") != "none":
+            unsupported.append(f"bias={adapter_config['bias']}")
+        if unsupported:
+            raise UserError(f"{where}: LoRA options not supported by peftsum: {', '.join(unsupported)} "
+                            f"(supported: r, lora_alpha, lora_dropout, target_modules as a list, use_rslora)")
+        cfg.lora.rank = number(adapter_config.get("r", 8), int, where, "r")  # peft's defaults where a key is absent
+        cfg.lora.alpha = number(adapter_config.get("lora_alpha", 8), float, where, "lora_alpha")
+        cfg.lora.dropout = number(adapter_config.get("lora_dropout", 0.0), float, where, "lora_dropout")
+        cfg.lora.targets = list(targets)
+        # fan_in_fan_out needs no setting: like peft, peftsum transposes for Conv1D layers and not for nn.Linear.
+
+    @contextlib.contextmanager
+    def for_generation(self, adapted: Adapted):
+        """LoRA merged into the weights while generating: same outputs, no extra matmuls per token."""
+        merge(adapted.model)
+        try:
+            yield
+        finally:
+            unmerge(adapted.model)
+
+    def merge_for_export(self, adapted: Adapted) -> nn.Module:
+        remove(adapted.model)
+        return adapted.model
+
+
+METHOD = LoraMethod()

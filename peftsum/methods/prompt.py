@@ -10,11 +10,16 @@ study. Generation receives the prompt through `inputs_embeds`, so it sits in the
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..config import PromptConfig
+from ..config import PromptConfig, RunConfig
+from ..errors import UserError
+from . import Adapted, Method, check_shape, number
+
+PEFT_KEY = "prompt_embeddings"  # the tensor's name in a peft prompt-tuning adapter
 
 
 class SoftPrompt(nn.Module):
@@ -83,7 +88,10 @@ def _embedded(module: nn.Module, ids: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def _output_std(module: nn.Module, vocab_size: int, rows: int = 16384) -> float:
     """Standard deviation of the embedding module's output over the whole vocabulary, in chunks of `rows` tokens
-    (Gemma's 262k x 640 table at once would be a 0.7 GB temporary), accumulated in float64."""
+    (Gemma's 262k x 640 table at once would be a 0.7 GB temporary), accumulated in float64. A plain nn.Embedding
+    outputs its rows: the table's own std, computed as it always was."""
+    if type(module) is nn.Embedding:
+        return float(module.weight.detach().float().std())
     total = squares = 0.0
     count = 0
     for start in range(0, vocab_size, rows):
@@ -106,3 +114,63 @@ def apply(model: nn.Module, tokenizer, cfg: PromptConfig, seed: int = 0) -> Soft
 def describe(cfg: PromptConfig) -> str:
     init = f"text {cfg.init_text!r}" if cfg.init == "text" else cfg.init
     return f"{cfg.num_virtual_tokens} virtual tokens, initialised from {init}"
+
+
+class PromptMethod(Method):
+    name = "prompt"
+    title = "soft prompt tuning"
+    tags = ("prompt-tuning",)
+    peft_type = "PROMPT_TUNING"
+    can_merge = False
+    merge_refusal = ("its soft prompt is input embeddings placed before every document, not a change of the "
+                     "model's weights")
+    encoder_prefix = "soft_prompt."
+
+    def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
+        soft = apply(model, tokenizer, cfg.prompt, seed=cfg.train.seed)
+        return Adapted(self, model, [soft.embeddings], describe(cfg.prompt), prompt_encoder=soft)
+
+    def saved_tensors(self, adapted: Adapted) -> dict[str, torch.Tensor]:
+        return {PEFT_KEY: adapted.prompt_encoder.embeddings}
+
+    def load_tensors(self, adapted: Adapted, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        if PEFT_KEY not in tensors:
+            raise UserError(f"{path}: no tensor {PEFT_KEY} (a prompt-tuning adapter holds its virtual tokens there)")
+        check_shape(path, PEFT_KEY, tensors[PEFT_KEY].shape, adapted.prompt_encoder.embeddings.shape)
+        with torch.no_grad():
+            adapted.prompt_encoder.embeddings.copy_(tensors[PEFT_KEY])
+
+    def adapter_config(self, adapted: Adapted, cfg: RunConfig, base_model: str) -> dict:
+        model_config = adapted.model.config
+        return {
+            "peft_type": self.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "num_virtual_tokens": self.virtual_tokens(adapted),
+            "token_dim": adapted.prompt_encoder.embeddings.shape[1],
+            "num_transformer_submodules": 1, "num_attention_heads": model_config.num_attention_heads,
+            "num_layers": model_config.num_hidden_layers,
+            "prompt_tuning_init": "TEXT" if cfg.prompt.init == "text" else "RANDOM",
+            "prompt_tuning_init_text": cfg.prompt.init_text if cfg.prompt.init == "text" else None,
+            "tokenizer_name_or_path": base_model, "inference_mode": True,
+        }
+
+    def configure(self, cfg: RunConfig, adapter_config: dict, where: Path) -> None:
+        submodules = adapter_config.get("num_transformer_submodules", 1)
+        if submodules not in (None, 1):
+            raise UserError(f"{where}: num_transformer_submodules {submodules} is for encoder-decoder models; "
+                            f"peftsum supports 1 (causal LMs)")
+        cfg.prompt.num_virtual_tokens = number(adapter_config.get("num_virtual_tokens"), int, where,
+                                               "num_virtual_tokens")
+        cfg.prompt.init = "random"  # replaced by the saved embeddings; avoids tokenizing an init text
+
+    def virtual_tokens(self, adapted: Adapted) -> int:
+        return adapted.prompt_encoder.num_virtual_tokens
+
+    def prepare_inputs(self, adapted: Adapted, embeds: torch.Tensor, mask: torch.Tensor,
+                       labels: torch.Tensor | None):
+        return adapted.prompt_encoder.insert(embeds, mask, labels)
+
+    def merge_for_export(self, adapted: Adapted) -> nn.Module:
+        raise UserError(f"a {self.title} result cannot be exported as a plain model: {self.merge_refusal}")
+
+
+METHOD = PromptMethod()
