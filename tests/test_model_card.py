@@ -114,6 +114,21 @@ def test_a_chat_format_run_is_described_and_prompted_as_trained():
     assert "apply_chat_template(messages, add_generation_prompt=True" in card and "TL;DR" not in card
 
 
+def test_a_gemma_card_carries_the_gemma_terms():
+    """Whatever is trained on Gemma is a Model Derivative: its card names the license and passes on the notice."""
+    gemma = {**EMBEDDED_CONFIG, "model": {**EMBEDDED_CONFIG["model"], "name": "gemma3-270m"}}
+    card = render_card(info(config=gemma))
+    meta = front_matter(card)
+    assert meta["license"] == "gemma" and meta["base_model"] == "google/gemma-3-270m"
+    assert "the Q4_K_M GGUF of google/gemma-3-270m" in card
+    assert card.rstrip().endswith("(ai.google.dev/gemma/prohibited_use_policy).")
+    assert "## License\n\nGemma is provided under and subject to the Gemma Terms of Use" in card
+    smollm = render_card(info())
+    assert "license" not in front_matter(smollm) and "## License" not in smollm
+    random_weights = {**gemma, "model": {**gemma["model"], "random_init": True}}  # no Gemma weights in it
+    assert "## License" not in render_card(info(config=random_weights))
+
+
 def test_local_or_random_bases_and_local_data_have_no_hub_ids():
     config = {**EMBEDDED_CONFIG, "model": {"name": "/models/tiny", "random_init": True},
               "data": {**EMBEDDED_CONFIG["data"], "source": "/data/xsum"}}
