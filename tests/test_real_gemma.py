@@ -44,7 +44,7 @@ def test_the_real_model_matches_its_configuration(gemma):
     assert total == expected_parameters(config) == 268_098_176
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
     # The soft prompt starts at the size of real token embeddings, which Gemma scales by sqrt(640) = 25.3.
-    prompt = fresh_adapted(session, "prompt").prompt_encoder.embeddings
+    prompt = fresh_adapted(session, "prompt").prompt_encoder.embeddings.detach()
     ids = session.loaded.tokenizer(cfg.prompt.init_text, add_special_tokens=False)["input_ids"]
     raw = model.get_input_embeddings().weight[ids].float()
     assert float(prompt.norm(dim=1).mean()) == pytest.approx(float(raw.norm(dim=1).mean()) * 640 ** 0.5, rel=0.01)
