@@ -86,9 +86,12 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50  # optimizer steps between checkpoints (0 = only at the end of each epoch)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept
-    # torch.compile each transformer block for training (compiled.py): ~1.8x faster steps on a CPU, after a one-off
-    # compile of ~40 s (seconds once cached on disk); worth it for runs longer than a few minutes.
-    compile: bool = False
+    # torch.compile the transformer blocks for training (compiled.py): faster steps after a one-off compile. auto:
+    # on where it was measured to pay (a GPU; a CPU once the planned work passes the break-even of
+    # compiled.should_compile); true | false to choose.
+    compile: str = "auto"
+    # Recompute each block's activations in the backward instead of keeping them: less memory, ~1/3 more compute.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -102,6 +105,8 @@ class EvalConfig:
     no_repeat_ngram_size: int = 3  # greedy decoding of small models loops without it
     repetition_penalty: float = 1.0
     bootstrap_samples: int = 1000  # resamples for the 95% ROUGE intervals
+    # int8: the frozen linear layers generate with dynamic int8 matmuls (CPU only; the report says so); none: as trained.
+    quantize: str = "none"
     before: bool = True  # also score the untouched base model
 
 
@@ -277,6 +282,8 @@ def validate(cfg: RunConfig) -> None:
     _check(t.checkpoint_every >= 0,
            f"train.checkpoint_every must be >= 0 (0 = at epoch ends only), got {t.checkpoint_every}")
     _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    t.compile = str(t.compile).lower()  # YAML's true/false arrive as booleans
+    _check(t.compile in ("auto", "true", "false"), f"train.compile must be auto, true or false, got {t.compile!r}")
     e = cfg.eval
     _check(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
     _check(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")
@@ -284,3 +291,4 @@ def validate(cfg: RunConfig) -> None:
     _check(e.no_repeat_ngram_size >= 0, f"eval.no_repeat_ngram_size must be >= 0, got {e.no_repeat_ngram_size}")
     _check(e.repetition_penalty > 0, f"eval.repetition_penalty must be > 0, got {e.repetition_penalty}")
     _check(e.bootstrap_samples >= 0, f"eval.bootstrap_samples must be >= 0, got {e.bootstrap_samples}")
+    _check(e.quantize in ("none", "int8"), f"eval.quantize must be none or int8, got {e.quantize!r}")

@@ -55,25 +55,30 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def summary_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def summary_loss(adapted: Adapted, batch: dict[str, torch.Tensor], count: int | None = None) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over summary tokens, number of those tokens).
 
     The LM head runs only at positions that predict a summary token: on a 256-token example with a 40-token
-    summary that skips ~85% of the head's work and its (vocab-sized) logits.
+    summary that skips ~85% of the head's work and its (vocab-sized) logits. `count`, the number of summary tokens
+    when the caller knows it (training does, from the examples), spares a GPU the wait for the device to count them.
     """
     embeds, mask, position_ids, labels = model_inputs(adapted, batch["input_ids"], batch["attention_mask"],
                                                       batch["labels"])
     hidden = adapted.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                       use_cache=False).last_hidden_state
     targets, keep = summary_targets(labels)
-    return head_loss(adapted.model.get_output_embeddings(), hidden[:, :-1][keep], targets[keep]), int(keep.sum())
+    count = int(keep.sum()) if count is None else count
+    rows, columns = torch.nonzero_static(keep, size=count).unbind(1)  # the positions of hidden[:, :-1][keep]
+    return head_loss(adapted.model.get_output_embeddings(), hidden[rows, columns], targets[rows, columns]), count
 
 
-def whole_model_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def whole_model_loss(adapted: Adapted, batch: dict[str, torch.Tensor], count: int | None = None
+                     ) -> tuple[torch.Tensor, int]:
     """`summary_loss` through the model's own forward, which FSDP needs (its hooks run on the root module).
 
     In a left-padded batch every summary ends the row, so the LM head runs over the last columns only: from the first
-    column that predicts a summary token in any row. (Full fine-tuning has no method inputs to place in.)
+    column that predicts a summary token in any row. (Full fine-tuning has no method inputs to place in.) `count` is
+    accepted for `summary_loss`'s signature; the columns are counted on the device.
     """
     labels, mask = batch["labels"], batch["attention_mask"]
     targets, keep = summary_targets(labels)

@@ -48,8 +48,8 @@ def on_training_forward(monkeypatch, call: int, action) -> None:
     """Run `action(loss)` on the `call`-th forward pass of training (evaluation is not counted)."""
     real, calls = train_module.summary_loss, itertools.count(1)
 
-    def loss(adapted, batch):
-        value, n = real(adapted, batch)
+    def loss(adapted, batch, *rest):
+        value, n = real(adapted, batch, *rest)
         return (action(value) if next(calls) == call else value), n
 
     monkeypatch.setattr(train_module, "summary_loss", loss)
