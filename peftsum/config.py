@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses, loadable from YAML, overridable from the command line.
 
-Every knob lives in exactly one section (`model`, `data`, `lora`, `prompt`, `finetune`, `train`, `eval`) and is
-reachable as `--section.field VALUE` on the command line; `validate` checks the whole config once, at the boundary.
+Every knob lives in exactly one section (`model`, `data`, `train`, `eval`, and one per method: `lora`, `prompt`,
+`finetune`, `prefix`, `ptuning`) and is reachable as `--section.field VALUE` on the command line; `validate` checks
+the whole config once, at the boundary.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import yaml
 
 from .errors import UserError
 
-METHODS = ("lora", "prompt", "finetune")
+METHODS = ("lora", "prompt", "finetune", "prefix", "ptuning")
 
 
 @dataclass
@@ -70,6 +71,26 @@ class FinetuneConfig:
 
 
 @dataclass
+class PrefixConfig:
+    num_virtual_tokens: int = 10  # prefix length: keys and values this many positions long, in every layer
+    init: str = "text"  # text (the keys/values the model computes for init_text) | random (peft's: unit normal)
+    init_text: str = "Summarize the following article in one or two sentences:"
+    projection: bool = False  # train the prefix through peft's reparameterisation MLP (prefix_projection)
+    encoder_hidden_size: int = 0  # that MLP's hidden width; 0 = the key/value width (peft's default)
+    lr: float = 1e-2
+
+
+@dataclass
+class PtuningConfig:
+    num_virtual_tokens: int = 10
+    encoder_reparameterization_type: str = "mlp"  # mlp | lstm: the prompt encoder (peft's PromptEncoderConfig)
+    encoder_hidden_size: int = 0  # 0 = the model's hidden size (peft's default)
+    encoder_num_layers: int = 2  # LSTM layers (peft's MLP always has three linear layers)
+    encoder_dropout: float = 0.0  # between LSTM layers
+    lr: float = 1e-2
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 1
     batch_size: int = 8
@@ -114,6 +135,8 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    ptuning: PtuningConfig = field(default_factory=PtuningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: str = "runs/latest"
@@ -260,6 +283,26 @@ def validate(cfg: RunConfig) -> None:
            "finetune trains nothing: set finetune.head, finetune.last_blocks > 0 or finetune.all")
     for m in METHODS:
         _check(getattr(cfg, m).lr > 0, f"{m}.lr must be > 0, got {getattr(cfg, m).lr}")
+    _check(cfg.prefix.init in ("text", "random"), f"prefix.init must be text or random, got {cfg.prefix.init!r}")
+    _check(cfg.prefix.encoder_hidden_size >= 0,
+           f"prefix.encoder_hidden_size must be >= 0 (0 = the key/value width), got {cfg.prefix.encoder_hidden_size}")
+    p = cfg.ptuning
+    _check(p.encoder_reparameterization_type in ("mlp", "lstm"),
+           f"ptuning.encoder_reparameterization_type must be mlp or lstm, got {p.encoder_reparameterization_type!r}")
+    _check(p.encoder_hidden_size >= 0,
+           f"ptuning.encoder_hidden_size must be >= 0 (0 = the model's hidden size), got {p.encoder_hidden_size}")
+    _check(p.encoder_num_layers >= 1, f"ptuning.encoder_num_layers must be >= 1, got {p.encoder_num_layers}")
+    _check(0 <= p.encoder_dropout < 1, f"ptuning.encoder_dropout must be in [0, 1), got {p.encoder_dropout}")
+    _check(p.encoder_reparameterization_type == "lstm" or (p.encoder_num_layers == 2 and p.encoder_dropout == 0),
+           "ptuning.encoder_num_layers and ptuning.encoder_dropout apply to the lstm encoder only (peft's mlp encoder "
+           "has three linear layers and no dropout); set ptuning.encoder_reparameterization_type lstm or leave them")
+    _check(p.encoder_dropout == 0 or p.encoder_num_layers >= 2,
+           "ptuning.encoder_dropout acts between LSTM layers: it needs ptuning.encoder_num_layers >= 2")
+    for m in ("prefix", "ptuning"):
+        n = getattr(cfg, m).num_virtual_tokens
+        _check(n >= 1, f"{m}.num_virtual_tokens must be >= 1, got {n}")
+        _check(n + d.max_summary_tokens + 2 <= d.max_length,
+               f"{m}.num_virtual_tokens ({n}) leaves no room for the document within data.max_length ({d.max_length})")
     t = cfg.train
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")

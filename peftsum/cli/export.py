@@ -18,10 +18,11 @@ def add_export(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="write into DIR even if it is not empty")
 
 
-def _cannot_merge(source: Path, flag: str, method: str) -> UserError:
-    return UserError(f"{source} is a {method} result, which cannot be exported as a plain model: its soft prompt "
-                     f"is input embeddings placed before every document, not a change of the model's weights; use "
-                     f"'peftsum summarize {flag} {source}' (or load the adapter with peft) instead")
+def _cannot_merge(source: Path, flag: str, method) -> UserError:
+    label = "prompt-tuning" if method.name == "prompt" else method.name
+    return UserError(f"{source} is a {label} result, which cannot be exported as a plain model: "
+                     f"{method.no_merge_reason}; use 'peftsum summarize {flag} {source}' (or load the adapter with "
+                     f"peft) instead")
 
 
 def export(args) -> int:
@@ -45,7 +46,7 @@ def export(args) -> int:
     else:
         method = BY_PEFT_TYPE.get(str(adapters.read_adapter_config(source).get("peft_type") or "").upper())
     if method is not None and not method.can_merge:
-        raise _cannot_merge(source, flag, "prompt-tuning" if method.name == "prompt" else method.name)
+        raise _cannot_merge(source, flag, method)
     setattr(args, "model.precision", "fp32")  # merge into, and write, full-precision weights
     cfg, session, adapted = open_source(args)
     model = merged_model(adapted)

@@ -1,9 +1,10 @@
 """The adaptation methods behind one small protocol, and `adapt(model, tokenizer, name, cfg)`.
 
-Each method is one module (lora.py, prompt.py, finetune.py) holding a `METHOD` object that follows `Method`: how it
-attaches to a model, which tensors it trains and saves (under peft's names where peft has the method), how it reads
-and writes a peft `adapter_config.json`, and how it folds into the weights for generation and export, or why it
-cannot. Training, evaluation, adapter files and the command line only talk to that object: adding a method is one
+Each method is one module (lora.py, prompt.py, finetune.py, prefix.py, ptuning.py) holding a `METHOD` object that
+follows `Method`: how it attaches to a model, which tensors it trains and saves (under peft's names where peft has the
+method), how it reads and writes a peft `adapter_config.json`, what it adds to the model's inputs (embeddings placed
+among the tokens, or keys and values every layer attends to before them), and how it folds into the weights for
+generation and export, or why it cannot. Training, evaluation, adapter files and the command line only talk to that object: adding a method is one
 new module, one line in `REGISTRY`, and its settings section in config.py (where every knob lives).
 """
 
@@ -31,6 +32,7 @@ class Method:
     peft_type: str | None = None  # adapter_config.json's peft_type; None: no peft form
     weights_file: str = ADAPTER_WEIGHTS  # the safetensors file `adapters.save` writes into a method folder
     can_merge: bool = True  # whether `merge_for_export` gives a plain transformers model
+    no_merge_reason: str = ""  # where it cannot: why, as the end of a sentence ("its soft prompt is ...")
     encoder_prefix: str = "prompt_encoder."  # checkpoint names of `Adapted.prompt_encoder`'s parameters
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
@@ -59,8 +61,14 @@ class Method:
 
     def prepare_inputs(self, adapted: Adapted, embeds: torch.Tensor, mask: torch.Tensor,
                        labels: torch.Tensor | None):
-        """(embeds, mask, labels) as the model should see them: the method's own inputs placed in."""
+        """(embeds, mask, labels) as the model should see them: the method's own inputs placed in. Where the method
+        has a `key_value_prefix`, the mask covers it too, in front: (B, prefix + L) for embeds of length L."""
         return embeds, mask, labels
+
+    def key_value_prefix(self, adapted: Adapted, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Keys and values every layer attends to before the inputs, per layer (rows, kv heads, length, head dim) in
+        the frozen weights' dtype, already in the key/value cache when the inputs arrive; None: the method has none."""
+        return None
 
     @contextlib.contextmanager
     def for_generation(self, adapted: Adapted):
@@ -69,6 +77,8 @@ class Method:
 
     def merge_for_export(self, adapted: Adapted) -> nn.Module:
         """The adapted model as a plain transformers model (for export); raises UserError where it cannot be."""
+        if not self.can_merge:
+            raise UserError(f"a {self.name} result cannot be exported as a plain model: {self.no_merge_reason}")
         return adapted.model
 
 
@@ -136,9 +146,10 @@ class Untouched(Method):
         return {}
 
 
-from . import finetune, lora, prompt  # noqa: E402  (the method modules build on the protocol above)
+from . import finetune, lora, prefix, prompt, ptuning  # noqa: E402  (the method modules build on the protocol above)
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (lora.METHOD, prompt.METHOD, finetune.METHOD)}
+REGISTRY: dict[str, Method] = {m.name: m for m in (lora.METHOD, prompt.METHOD, finetune.METHOD,
+                                                   prefix.METHOD, ptuning.METHOD)}
 BY_PEFT_TYPE: dict[str, Method] = {m.peft_type: m for m in REGISTRY.values() if m.peft_type}
 UNTOUCHED = Untouched()
 
