@@ -18,6 +18,7 @@ import yaml
 from .errors import UserError
 
 METHODS = ("lora", "prompt", "finetune", "prefix", "ptuning")
+DEFAULT_METHODS = ("lora", "prompt", "finetune")  # compared unless --methods says otherwise (the reference study's)
 
 
 @dataclass
@@ -130,7 +131,7 @@ class EvalConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: int = 1  # train each method this many times (seeds train.seed, train.seed + 1, ...); report mean ± std
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
