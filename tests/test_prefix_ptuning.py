@@ -279,6 +279,30 @@ def test_rows_leaving_the_batch_keep_their_prefix(kind, tokenizer):
     assert run(rows, eos) == alone
 
 
+@pytest.mark.parametrize("method, settings", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_frozen_weights_train_and_generate(kind, method, settings, tokenizer):
+    """Frozen weights in bf16 next to the fp32 prefix or encoder: the prefix joins the bf16 cache, gradients reach it."""
+    from peftsum.forward import autocast
+
+    cfg = _run_config(method, settings)
+    cfg.model.precision = "bf16"
+    adapted = adapt(tiny_model(kind, tokenizer), tokenizer, method, cfg)
+    assert adapted.frozen_dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in adapted.trainable)
+    ids, mask = _ids(tokenizer, TEXTS)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, IGNORE)}
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        loss, count = summary_loss(adapted, batch)
+    (loss / count).backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapted.trainable)
+    prompts = [ids[row, -n:].tolist() for row, n in enumerate(mask.sum(1).tolist())]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for beams in (1, 2):
+            texts = generate_batch(adapted, tokenizer, prompts, max_new_tokens=3, num_beams=beams,
+                                   no_repeat_ngram_size=0, repetition_penalty=1.0)
+            assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
 # ---------------------------------------------------------------- interrupted runs
 
 TINY = ["--random-init", "--precision", "fp32", "--data.max_length", "64", "--data.max_summary_tokens", "12",
