@@ -1,12 +1,13 @@
 """Typed run configuration: dataclasses, loadable from YAML, overridable from the command line.
 
-Every knob lives in exactly one section (`model`, `data`, `lora`, `prompt`, `finetune`, `train`, `eval`) and is
+Every knob lives in exactly one section (`model`, `data`, `train`, `eval`, and one per method) and is
 reachable as `--section.field VALUE` on the command line; `validate` checks the whole config once, at the boundary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,10 @@ import yaml
 
 from .errors import UserError
 
-METHODS = ("lora", "prompt", "finetune")
+METHODS = ("lora", "prompt", "finetune", "ia3")  # every method (methods.REGISTRY holds them, in this order)
+DEFAULT_METHODS = ("lora", "prompt", "finetune")  # what a comparison runs unless told: `--methods all` runs every one
+LORA_VARIANTS = ("lora", "dora", "rslora")
+LORA_INITS = ("default", "pissa", "olora")  # and pissa_niter_N: PiSSA from a randomized SVD with N iterations
 
 
 @dataclass
@@ -51,6 +55,14 @@ class LoraConfig:
     dropout: float = 0.0  # peft's default; with dropout each target layer draws its own mask every step
     targets: list[str] | None = None  # module names (suffixes); default chosen per architecture
     lr: float = 5e-4
+    # lora: scale alpha / r | dora: weight-decomposed (a trained magnitude per output row times the normalised
+    # direction W + BA) | rslora: scale alpha / sqrt(r), which keeps large ranks learning
+    variant: str = "lora"
+    # default: A random, B zero | pissa: A, B from the weights' top-r singular vectors (pissa_niter_N: randomized SVD,
+    # N iterations) | olora: from their QR decomposition; both take B @ A out of the frozen weights, and the saved
+    # adapter is the plain LoRA (rank 2r) that applies to the original weights, as peft converts them
+    init: str = "default"
+    lr_ratio: float = 1.0  # LoRA+: the B matrices (and DoRA magnitudes) learn at lr_ratio x lr; 1 = plain LoRA
 
 
 @dataclass
@@ -67,6 +79,15 @@ class FinetuneConfig:
     last_blocks: int = 0  # also train the last K transformer blocks and the final norm
     all: bool = False  # train every parameter
     lr: float = 5e-4  # measured for the head (docs/defaults.md); lower it when training many blocks or all
+
+
+@dataclass
+class Ia3Config:
+    # Modules whose output (attention keys/values) or, for `feedforward`, input is scaled by a learned vector;
+    # default per architecture, as peft's (llama: k_proj, v_proj and down_proj's input; gpt2: c_attn, mlp.c_proj).
+    targets: list[str] | None = None
+    feedforward: list[str] | None = None  # the targets scaled on their input; default: the architecture's among targets
+    lr: float = 1e-2  # IA3 learns only scales starting at 1: far larger steps than LoRA's
 
 
 @dataclass
@@ -109,11 +130,12 @@ class EvalConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # "all": every method
     seeds: int = 1  # train each method this many times (seeds train.seed, train.seed + 1, ...); report mean ± std
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ia3: Ia3Config = field(default_factory=Ia3Config)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: str = "runs/latest"
@@ -204,6 +226,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             node = node.setdefault(part, {})
         node[leaf] = value
         _apply(cfg, nested)
+    if cfg.methods == ["all"]:
+        cfg.methods = list(METHODS)
     validate(cfg)
     return cfg
 
@@ -235,7 +259,7 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Refuse impossible settings with one line naming the value and what would be accepted."""
     for m in cfg.methods:
-        _check(m in METHODS, f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        _check(m in METHODS, f"unknown method {m!r}; choose from {', '.join(METHODS)}, or all")
     _check(len(cfg.methods) > 0, "no methods given; choose from " + ", ".join(METHODS))
     _check(cfg.model.precision in ("auto", "bf16", "fp32"), f"model.precision must be auto, bf16 or fp32, got {cfg.model.precision!r}")
     _check(cfg.model.device in ("auto", "cpu", "cuda", "mps") or cfg.model.device.startswith("cuda:"),
@@ -250,6 +274,14 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
     _check(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
     _check(0 <= cfg.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    _check(cfg.lora.variant in LORA_VARIANTS,
+           f"lora.variant must be {', '.join(LORA_VARIANTS)}, got {cfg.lora.variant!r}")
+    _check(cfg.lora.init in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", cfg.lora.init) is not None,
+           f"lora.init must be {', '.join(LORA_INITS)} or pissa_niter_N (N >= 1), got {cfg.lora.init!r}")
+    _check(not (cfg.lora.variant == "dora" and cfg.lora.init != "default"),
+           f"lora.init {cfg.lora.init} does not combine with lora.variant dora: the saved adapter must apply to the "
+           f"original weights as a plain LoRA, which a DoRA magnitude is not (peft drops it in that conversion)")
+    _check(cfg.lora.lr_ratio > 0, f"lora.lr_ratio must be > 0 (1 = plain LoRA), got {cfg.lora.lr_ratio}")
     _check(cfg.prompt.num_virtual_tokens >= 1, f"prompt.num_virtual_tokens must be >= 1, got {cfg.prompt.num_virtual_tokens}")
     _check(cfg.prompt.init in ("text", "vocab", "random"), f"prompt.init must be text, vocab or random, got {cfg.prompt.init!r}")
     _check(cfg.prompt.num_virtual_tokens + d.max_summary_tokens + 2 <= d.max_length,
@@ -258,6 +290,11 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.finetune.last_blocks >= 0, f"finetune.last_blocks must be >= 0, got {cfg.finetune.last_blocks}")
     _check(cfg.finetune.head or cfg.finetune.last_blocks > 0 or cfg.finetune.all,
            "finetune trains nothing: set finetune.head, finetune.last_blocks > 0 or finetune.all")
+    ia3 = cfg.ia3
+    _check(ia3.targets is None or len(ia3.targets) > 0, "ia3.targets is empty; name modules, or leave it unset")
+    if ia3.targets is not None and ia3.feedforward is not None:
+        extra = [m for m in ia3.feedforward if m not in ia3.targets]
+        _check(not extra, f"ia3.feedforward {extra} must be among ia3.targets {ia3.targets}")
     for m in METHODS:
         _check(getattr(cfg, m).lr > 0, f"{m}.lr must be > 0, got {getattr(cfg, m).lr}")
     t = cfg.train

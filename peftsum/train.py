@@ -307,7 +307,7 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
     """
     torch.manual_seed(cfg.seed + distributed.rank())  # dropout masks
     state = TrainState()  # filled in place from a checkpoint when resuming: the schedule reads it
-    optimizer = torch.optim.AdamW(adapted.trainable, lr=lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(adapted.method.param_groups(adapted, lr), lr=lr, weight_decay=cfg.weight_decay)
     total_steps = plan_steps(len(examples), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps, state))
     run = _Run(adapted, examples, cfg, optimizer, scheduler, Budget.of(cfg), total_steps, pad_id, device, dtype, fsdp,

@@ -1,6 +1,6 @@
 """The adaptation methods behind one small protocol, and `adapt(model, tokenizer, name, cfg)`.
 
-Each method is one module (lora.py, prompt.py, finetune.py) holding a `METHOD` object that follows `Method`: how it
+Each method is one module (lora.py, prompt.py, finetune.py, ia3.py) holding a `METHOD` object that follows `Method`: how it
 attaches to a model, which tensors it trains and saves (under peft's names where peft has the method), how it reads
 and writes a peft `adapter_config.json`, and how it folds into the weights for generation and export, or why it
 cannot. Training, evaluation, adapter files and the command line only talk to that object: adding a method is one
@@ -45,6 +45,16 @@ class Method:
         """Copy `tensors` (read from `path`) into a freshly applied model; refuse names or shapes that do not fit."""
         raise NotImplementedError
 
+    def saved_as(self, cfg: RunConfig) -> RunConfig:
+        """The settings whose freshly applied model the saved weights load into: `cfg` itself, unless the method
+        saves another form than it trains (LoRA from PiSSA/OLoRA is saved as the plain LoRA it amounts to)."""
+        return cfg
+
+    def param_groups(self, adapted: Adapted, lr: float) -> list[dict]:
+        """The optimizer's parameter groups (AdamW's `params` argument): one group at `lr` unless the method wants
+        several (LoRA+ trains its B matrices faster)."""
+        return [{"params": adapted.trainable}]
+
     def adapter_config(self, adapted: Adapted, cfg: RunConfig, base_model: str) -> dict | None:
         """peft's adapter_config.json for the trained result, or None where the method has no peft form."""
         return None
@@ -82,6 +92,7 @@ class Adapted:
     description: str
     prompt_encoder: nn.Module | None = None  # trainable inputs outside the model (peft's name): the soft prompt
     frozen_dtype: torch.dtype = torch.float32  # how the frozen weights are stored; the activations follow it
+    settings: object = None  # the method's config section it was applied with (e.g. LoraConfig)
 
     @property
     def name(self) -> str:
@@ -136,9 +147,9 @@ class Untouched(Method):
         return {}
 
 
-from . import finetune, lora, prompt  # noqa: E402  (the method modules build on the protocol above)
+from . import finetune, ia3, lora, prompt  # noqa: E402  (the method modules build on the protocol above)
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (lora.METHOD, prompt.METHOD, finetune.METHOD)}
+REGISTRY: dict[str, Method] = {m.name: m for m in (lora.METHOD, prompt.METHOD, finetune.METHOD, ia3.METHOD)}
 BY_PEFT_TYPE: dict[str, Method] = {m.peft_type: m for m in REGISTRY.values() if m.peft_type}
 UNTOUCHED = Untouched()
 
@@ -158,6 +169,7 @@ def adapt(model: nn.Module, tokenizer, name: str, cfg: RunConfig) -> Adapted:
     element-wise work that dominates small models on a CPU. Trainable parameters stay fp32, as does their optimizer state.
     """
     adapted = method_named(name).apply(model, tokenizer, cfg)
+    adapted.settings = getattr(cfg, name)
     device = next(model.parameters()).device
     adapted.frozen_dtype = store_frozen_in(model, compute_dtype(cfg.model.precision, device))
     embedding = model.get_input_embeddings()
