@@ -29,13 +29,15 @@ def export(args) -> int:
 
     from .. import adapters
     from ..export import check_target, merged_model, write_model
-    from ..methods import BY_PEFT_TYPE, method_named
+    from ..methods import BY_PEFT_TYPE, REGISTRY, method_named
     from .source import open_source, source_config
 
     out = Path(args.merged)
     check_target(out, args.overwrite)
     if not args.run and not args.adapter:
-        raise UserError("export needs --run DIR (a trained lora or finetune run) or --adapter DIR (a LoRA adapter)")
+        mergeable = ", ".join(m.name for m in REGISTRY.values() if m.can_merge)
+        raise UserError(f"export needs --run DIR (a trained run of {mergeable}) or --adapter DIR (a peft adapter of "
+                        f"one of those)")
     source, flag = (Path(args.run), "--run") if args.run else (Path(args.adapter), "--adapter")
     if out.resolve() == source.resolve():
         raise UserError(f"--merged {out} is the {flag} folder itself; choose a new folder")
