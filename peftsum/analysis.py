@@ -119,9 +119,9 @@ def significant(test: PairedTest, alpha: float = ALPHA) -> bool:
 def upgrade(results: dict) -> Results:
     """`results` at the current schema: an older file gains its statistics (computed now), and the settings that
     did not exist when it was written read as their defaults (which keep the old behaviour); in place."""
-    from .config import RunConfig
+    from .config import fill_defaults
 
-    _fill_missing(results["config"], RunConfig().to_dict())
+    fill_defaults(results["config"])
     for method in results["methods"].values():
         method.setdefault("after", {"train": None, "eval": None})
         for run in [method, *(method.get("seed_runs") or [])]:
@@ -135,10 +135,3 @@ def upgrade(results: dict) -> Results:
         results["schema_version"] = SCHEMA_VERSION
     return results
 
-
-def _fill_missing(config: dict, defaults: dict) -> None:
-    for key, value in defaults.items():
-        if key not in config:
-            config[key] = value
-        elif isinstance(value, dict) and isinstance(config[key], dict):
-            _fill_missing(config[key], value)

@@ -232,6 +232,20 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return cfg
 
 
+def fill_defaults(saved: dict) -> dict:
+    """A config dict written by an older peftsum, in place, with the settings it lacks at their defaults (which keep
+    that version's behaviour: every new setting defaults to what was done before it existed)."""
+    def fill(config: dict, defaults: dict) -> None:
+        for key, value in defaults.items():
+            if key not in config:
+                config[key] = value
+            elif isinstance(value, dict) and isinstance(config[key], dict):
+                fill(config[key], value)
+
+    fill(saved, RunConfig().to_dict())
+    return saved
+
+
 def config_from_args(args, base: str | Path | None = None) -> RunConfig:
     """Defaults, then --config FILE (else `base`, e.g. a run's saved config.yaml), then every config flag given."""
     overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("methods", "out", "seeds")}

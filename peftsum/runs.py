@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .adapters import ADAPTER_CONFIG
-from .config import METHODS, RunConfig
+from .config import METHODS, RunConfig, fill_defaults
 from .errors import UserError
 from .files import read_json
 from .methods import REGISTRY
@@ -97,7 +97,7 @@ def prepare_compare_folder(out: Path, cfg: RunConfig, resume: bool, overwrite: b
     if overwrite or not (out / RESULTS).is_file():
         return
     previous = read_json(out / RESULTS)
-    changes = [c for c in checkpoint.config_changes(previous.get("config", {}), cfg.to_dict())
+    changes = [c for c in checkpoint.config_changes(fill_defaults(previous.get("config", {})), cfg.to_dict())
                if c.split(":")[0] not in RESUMABLE_CHANGES]
     if changes:
         raise UserError(f"{out} holds a comparison with other settings ({'; '.join(changes[:3])}); pass --overwrite "

@@ -14,6 +14,7 @@ check prints its max abs difference (`pytest -s tests/test_lora_variants.py`).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import signal
 import warnings
@@ -442,3 +443,18 @@ def test_bad_settings_are_refused(overrides, message):
 def test_pissa_rank_beyond_the_weight_is_refused(tokenizer):
     with pytest.raises(UserError, match="exceeds what lora.init pissa can take"):
         adapt(tiny_model("llama", tokenizer), tokenizer, "lora", _cfg(init="pissa", rank=64))
+
+
+def test_a_comparison_written_before_these_settings_existed_still_resumes(tmp_path):
+    """Settings an older results.json lacks (lora.variant, the ia3 section...) read as their defaults, which are
+    what that version did; a non-default value is still a change that refuses the folder."""
+    from peftsum import runs
+
+    cfg = load_config(None, {"out": str(tmp_path)})
+    old = cfg.to_dict()
+    del old["ia3"], old["lora"]["variant"], old["lora"]["lr_ratio"]
+    (tmp_path / runs.RESULTS).write_text(json.dumps({"config": old, "methods": {}, "baseline": None}))
+    runs.prepare_compare_folder(tmp_path, cfg, resume=True, overwrite=False)
+    cfg.lora.variant = "dora"
+    with pytest.raises(UserError, match="lora.variant: 'lora' -> 'dora'"):
+        runs.prepare_compare_folder(tmp_path, cfg, resume=True, overwrite=False)
