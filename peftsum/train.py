@@ -1,4 +1,4 @@
-"""The training loop: AdamW over the method's trainable parameters, warmup + decay, clipping, bf16 autocast.
+"""The training loop: AdamW over the method's parameter groups, warmup + decay, clipping, bf16 autocast.
 
 Readable in one sitting on purpose: `train` is the loop, over a `TrainState` (all a checkpoint carries: step, epoch,
 position in the epoch, the unfinished epoch's tallies, the loss log) and a `Budget`; one optimizer step is `_step`,
