@@ -140,7 +140,8 @@ def test_variant_forward_and_gradients_match_peft(kind, variant, tokenizer):
         assert layer.scaling["default"] == pytest.approx(ours[name].scale)
     assert ours[next(iter(ours))].scale == pytest.approx(ALPHA / (math.sqrt(RANK) if variant == "rslora" else RANK))
     if variant == "dora":  # the same initial magnitudes, the rows' norms: the model starts as the base
-        init = max(_diff(ours[n].magnitude, layer.lora_magnitude_vector["default"].weight) for n, layer in theirs.items())
+        init = max(_diff(ours[n].magnitude, layer.lora_magnitude_vector["default"].weight)
+                   for n, layer in theirs.items())
         _report("DoRA initial magnitudes vs peft", kind, init)
         assert init < 1e-5
         adapted.model.eval()
@@ -167,7 +168,8 @@ def test_variant_forward_and_gradients_match_peft(kind, variant, tokenizer):
     train_diff = _diff(grads[0], grads[1], mask)
     grad_diff = 0.0
     for name, layer in theirs.items():
-        pairs = [(ours[name].lora_A, layer.lora_A["default"].weight), (ours[name].lora_B, layer.lora_B["default"].weight)]
+        pairs = [(ours[name].lora_A, layer.lora_A["default"].weight),
+                 (ours[name].lora_B, layer.lora_B["default"].weight)]
         if variant == "dora":
             pairs.append((ours[name].magnitude, layer.lora_magnitude_vector["default"].weight))
         for a, b in pairs:
@@ -187,8 +189,10 @@ def test_init_from_weights_matches_peft(kind, init, tokenizer):
     targets = lora.chosen_targets(base, None)
     peft_model = peft.get_peft_model(copy.deepcopy(base), _peft_config(kind, targets, init_lora_weights=init)).eval()
     ours, theirs = lora.modules(adapted.model), _peft_layers(peft_model)
-    weights = max(max(_diff(ours[n].lora_A, t.lora_A["default"].weight), _diff(ours[n].lora_B, t.lora_B["default"].weight),
-                      _diff(adapted.model.get_submodule(n).weight, t.get_base_layer().weight)) for n, t in theirs.items())
+    weights = max(max(_diff(ours[n].lora_A, t.lora_A["default"].weight),
+                      _diff(ours[n].lora_B, t.lora_B["default"].weight),
+                      _diff(adapted.model.get_submodule(n).weight, t.get_base_layer().weight))
+                  for n, t in theirs.items())
     changed = max(_diff(adapted.model.get_submodule(n).weight, base.get_submodule(n).weight) for n in ours)
     logits = _logits(adapted.model, ids, mask)
     _report(f"{init} initial A, B and residual weights vs peft", kind, weights)

@@ -1,7 +1,7 @@
 """The adaptation methods behind one small protocol, and `adapt(model, tokenizer, name, cfg)`.
 
-Each method is one module (lora.py, prompt.py, finetune.py, ia3.py) holding a `METHOD` object that follows `Method`: how it
-attaches to a model, which tensors it trains and saves (under peft's names where peft has the method), how it reads
+Each method is one module (lora.py, prompt.py, finetune.py, ia3.py) holding a `METHOD` object that follows
+`Method`: how it attaches to a model, which tensors it trains and saves (under peft's names where peft has the method), how it reads
 and writes a peft `adapter_config.json`, and how it folds into the weights for generation and export, or why it
 cannot. Training, evaluation, adapter files and the command line only talk to that object: adding a method is one
 new module, one line in `REGISTRY`, and its settings section in config.py (where every knob lives).

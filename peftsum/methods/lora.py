@@ -244,7 +244,8 @@ def unmerge(model: nn.Module) -> None:
 
 
 def remove(model: nn.Module) -> int:
-    """Merge every LoRA for good and detach it (hooks and `lora` children): a plain model again; returns layers merged."""
+    """Merge every LoRA for good and detach it (hooks and `lora` children): a plain model again; returns layers
+    merged."""
     merge(model)
     count = 0
     for module in model.modules():
