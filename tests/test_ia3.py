@@ -204,3 +204,18 @@ def test_compare_all_methods_then_export_and_sweep(tiny_model_dirs, tiny_data, t
                  "lora.variant=lora,dora,rslora", "--out", str(sweep), *FAST]) == 0
     points = json.loads((sweep / "sweep.json").read_text())["points"]
     assert sorted(p["value"] for p in points if p["method"] == "lora") == ["dora", "lora", "rslora"]
+
+
+def test_budgets_and_seeds_take_the_new_methods(tiny_model_dirs, tiny_data, tmp_path):
+    out = tmp_path / "budget"
+    i = FAST.index("--train.max_steps")
+    args = FAST[:i] + FAST[i + 2:]  # the budget decides
+    assert main(["compare", "--model", str(tiny_model_dirs["llama"]), "--data", str(tiny_data), "--methods", "ia3,lora",
+                 "--lora.variant", "dora", "--lora.lr_ratio", "4", "--budget-tokens", "1500", "--seeds", "2",
+                 "--eval.before", "false", "--out", str(out), *args]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for method in ("ia3", "lora"):
+        seed_runs = results["methods"][method]["seed_runs"]
+        assert [r["seed"] for r in seed_runs] == [0, 1] and "across_seeds" in results["methods"][method]
+        assert all(r["training"]["tokens"] >= 1500 and r["training"]["budget"]["kind"] == "tokens" for r in seed_runs)
+    assert "2 seeds" in (out / "report.md").read_text()
