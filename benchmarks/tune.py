@@ -72,6 +72,13 @@ TRIALS = [
      {"lora.lr": 5e-4, "lora.targets": ALL_LINEAR, "data.template": INSTRUCTION, "eval.before": True}),
     ("Template and context", "lora-all-5e-4-len512", "lora",
      {"lora.lr": 5e-4, "lora.targets": ALL_LINEAR, "data.max_length": 512}),
+    # The chat format (data.format chat, the xsum instruction): does each method's learning rate still fit? Compare
+    # with lora-attn-5e-4 and prompt-text-1e-1 (plain) at the same --budget-tokens.
+    ("Learning rates in the chat format", "chat-lora-5e-4", "lora",
+     {"lora.lr": 5e-4, "data.format": "chat", "eval.before": True}),
+    ("Learning rates in the chat format", "chat-lora-1e-3", "lora", {"lora.lr": 1e-3, "data.format": "chat"}),
+    ("Learning rates in the chat format", "chat-prompt-1e-1", "prompt", {"prompt.lr": 1e-1, "data.format": "chat"}),
+    ("Learning rates in the chat format", "chat-prompt-3e-1", "prompt", {"prompt.lr": 3e-1, "data.format": "chat"}),
 ]
 # (trial name, trained trial it re-scores, eval overrides)
 DECODING = [
@@ -87,6 +94,8 @@ def base_overrides(args) -> dict:
     return {"data.source": args.data, "data.train_size": args.train_size, "data.eval_size": args.eval_size,
             "data.train_eval_size": 0, "train.budget_tokens": args.budget_tokens, "train.checkpoint_every": 0,
             "eval.batch_size": args.eval_batch_size, "eval.before": False, "model.device": args.device,
+            # The trials before the chat format were measured in the plain format, against the untouched model alone.
+            "data.format": "plain", "eval.baselines": ["zero-shot"],
             **({"model.name": args.model, "model.random_init": args.random_init} if args.model else {})}
 
 
@@ -108,8 +117,9 @@ def run_trial(args, question: str, name: str, method: str, overrides: dict, firs
     results = compare(load_config(None, settings), progress=False, resume=True)
     rows = []
     if results.get("baseline") and results["baseline"].get("eval"):
-        template = "instruction" if "data.template" in overrides else "TL;DR"
-        rows.append(row(question, f"untouched ({template} template)", results["baseline"]["eval"], 0.0))
+        template = ("chat format" if overrides.get("data.format") == "chat" else
+                    "instruction template" if "data.template" in overrides else "TL;DR template")
+        rows.append(row(question, f"untouched ({template})", results["baseline"]["eval"], 0.0))
     m = results["methods"][method]
     rows.append(row(question, name, m["after"]["eval"], time.perf_counter() - started, m["training"]))
     return rows
@@ -122,7 +132,8 @@ def run_decoding(args, name: str, trained: str | None, overrides: dict) -> dict:
         cfg = load_config(None, {**base_overrides(args), "methods": ["lora"], **overrides})
     else:
         cfg = load_config(run / RUN_CONFIG,
-                          {"eval.batch_size": args.eval_batch_size, "model.device": args.device, **overrides})
+                          {"eval.batch_size": args.eval_batch_size, "model.device": args.device, **overrides},
+                          saved=True)
     session = open_session(cfg, progress=False)
     if run is None:
         adapted = untouched(session.loaded.model, session.dtype)

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftsum.cli import main
 from peftsum.config import load_config
-from peftsum.data import encode_prompt, prompt_budget
+from peftsum.prompts import encode_prompt, prompt_budget
 from peftsum.forward import model_inputs
 from peftsum.session import load_adapter, load_run
 

@@ -28,9 +28,12 @@ class Method:
     in place and has no peft form; each method module overrides what differs."""
 
     name: str
+    title: str = ""  # what people call it, for model cards ("LoRA")
+    tags: tuple[str, ...] = ()  # Hugging Face hub tags of a trained result
     peft_type: str | None = None  # adapter_config.json's peft_type; None: no peft form
     weights_file: str = ADAPTER_WEIGHTS  # the safetensors file `adapters.save` writes into a method folder
     can_merge: bool = True  # whether `merge_for_export` gives a plain transformers model
+    merge_refusal: str = ""  # why not, where it cannot
     encoder_prefix: str = "prompt_encoder."  # checkpoint names of `Adapted.prompt_encoder`'s parameters
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:

@@ -276,6 +276,8 @@ def _key(name: str, part: str) -> str:
 
 class LoraMethod(Method):
     name = "lora"
+    title = "LoRA"
+    tags = ("lora",)
     peft_type = "LORA"
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:

@@ -89,8 +89,12 @@ def describe(cfg: PromptConfig) -> str:
 
 class PromptMethod(Method):
     name = "prompt"
+    title = "soft prompt tuning"
+    tags = ("prompt-tuning",)
     peft_type = "PROMPT_TUNING"
-    can_merge = False  # the soft prompt is input placed before every document, not a change of the weights
+    can_merge = False
+    merge_refusal = ("its soft prompt is input embeddings placed before every document, not a change of the "
+                     "model's weights")
     encoder_prefix = "soft_prompt."
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
@@ -137,8 +141,7 @@ class PromptMethod(Method):
         return adapted.prompt_encoder.insert(embeds, mask, labels)
 
     def merge_for_export(self, adapted: Adapted) -> nn.Module:
-        raise UserError("a prompt-tuning result cannot be exported as a plain model: its soft prompt is input "
-                        "embeddings placed before every document, not a change of the model's weights")
+        raise UserError(f"a {self.title} result cannot be exported as a plain model: {self.merge_refusal}")
 
 
 METHOD = PromptMethod()
