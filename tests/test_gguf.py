@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftsum.cli import main
 from peftsum.config import load_config
-from peftsum.data import encode_prompt, prompt_budget
+from peftsum.prompts import encode_prompt, prompt_budget
 from peftsum.errors import UserError
 from peftsum.gguf_export import write_gguf
 

@@ -11,7 +11,8 @@ import torch
 from peftsum import train as train_module
 from peftsum.cli import main
 from peftsum.config import load_config
-from peftsum.data import Example, encode_example, load_data, validation_note, validation_subset
+from peftsum.data import Example, load_data, validation_note, validation_subset
+from peftsum.prompts import encode_example
 from peftsum.evaluate import evaluate, generate, mean_loss, validation
 from peftsum.methods import adapt
 from peftsum.report import loss_figure, render_markdown
