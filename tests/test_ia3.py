@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from peftsum import adapters
 from peftsum.cli import main
 from peftsum.config import METHODS, RunConfig, load_config
-from peftsum.data import encode_prompt, prompt_budget
+from peftsum.prompts import encode_prompt, prompt_budget
 from peftsum.errors import UserError
 from peftsum.methods import adapt, ia3
 from peftsum.session import load_run

@@ -31,7 +31,7 @@ from peftsum import adapters
 from peftsum import train as train_module
 from peftsum.cli import main
 from peftsum.config import METHODS, LoraConfig, RunConfig, load_config
-from peftsum.data import encode_prompt, prompt_budget
+from peftsum.prompts import encode_prompt, prompt_budget
 from peftsum.errors import UserError
 from peftsum.methods import REGISTRY, adapt, lora
 from peftsum.session import fresh_adapted, load_run, open_session
