@@ -37,12 +37,14 @@ def setup(args):
     import torch
 
     from peftsum.config import load_config
-    from peftsum.data import encode_example, load_data
+    from peftsum.data import load_data
+    from peftsum.prompts import encode_example
     from peftsum.models import load_model
 
     cfg = load_config(None, {
         "data.source": str(DATA), "data.train_size": str(args.steps * args.batch_size),
         "data.train_eval_size": "0", "data.eval_size": "32", "data.max_length": str(args.max_length),
+        "data.format": "plain",  # BENCHMARKS.md's figures were measured on plain-format examples
         "lora.dropout": "0", "lora.lr": str(LR["lora"]), "prompt.lr": str(LR["prompt"]),
         "finetune.lr": str(LR["finetune"]), "prompt.init_text": PROMPT_TEXT, "train.schedule": "constant",
         "train.warmup_ratio": "0", "train.max_grad_norm": "0", "train.epochs": "1",
@@ -173,13 +175,15 @@ def run_generation(args) -> dict:
     import torch
 
     from peftsum.config import load_config
-    from peftsum.data import encode_prompt, load_data, prompt_budget
+    from peftsum.data import load_data
+    from peftsum.prompts import prompt_format
     from peftsum.evaluate import generate
     from peftsum.methods import untouched
     from peftsum.metrics import rouge_summary
     from peftsum.models import compute_dtype, load_model
 
-    overrides = {"data.source": str(DATA), "data.train_eval_size": "0", "data.eval_size": "64",
+    overrides = {"data.source": str(DATA), "data.format": "plain", "data.train_eval_size": "0",
+                 "data.eval_size": "64",
                  "eval.max_new_tokens": str(args.max_new_tokens), "eval.no_repeat_ngram_size": "0"}
     if args.eval_batch_size:  # else peftsum's default
         overrides["eval.batch_size"] = str(args.eval_batch_size)
@@ -196,8 +200,8 @@ def run_generation(args) -> dict:
         seconds = time.perf_counter() - started
     else:
         tokenizer, model = loaded.tokenizer, loaded.model
-        budget = prompt_budget(cfg.data)
-        prompts = [encode_prompt(tokenizer, d, cfg.data.template, budget) for d in documents]
+        fmt = prompt_format(tokenizer, cfg.data)  # the prompts peftsum makes, in the same format
+        prompts = [fmt.prompt(d, fmt.budget(cfg.data)) for d in documents]
         predictions = []
         started = time.perf_counter()
         size = cfg.eval.batch_size
@@ -206,7 +210,7 @@ def run_generation(args) -> dict:
             batch = tokenizer.pad({"input_ids": chunk}, return_tensors="pt")  # left padding
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                 output = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=list(fmt.stop_ids))
             predictions += [t.strip() for t in tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
                                                                       skip_special_tokens=True)]
         seconds = time.perf_counter() - started

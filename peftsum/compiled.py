@@ -62,3 +62,18 @@ def compiled_blocks(model: nn.Module, device: torch.device, max_length: int, ena
             block._compiled_call_impl = None
         if swap:
             model.set_attn_implementation(attention)
+
+
+@contextlib.contextmanager
+def paused(model: nn.Module):
+    """Within the block, compiled blocks run their plain forward (validation during training: no-grad passes and
+    generation, which the compiled training graph was not built for); compiled again after. A no-op otherwise."""
+    blocks = transformer_blocks(model)
+    saved = [block._compiled_call_impl for block in blocks]
+    for block in blocks:
+        block._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for block, call in zip(blocks, saved):
+            block._compiled_call_impl = call

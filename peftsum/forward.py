@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Collection
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .data import IGNORE, Encoded
+from .prompts import IGNORE, Encoded
 from .methods import Adapted
 
 
@@ -133,8 +134,9 @@ def _contiguous_input(module, args):
 
 @torch.no_grad()
 def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, num_beams: int,
-                   no_repeat_ngram_size: int, repetition_penalty: float) -> list[str]:
-    """Greedy (or beam) summaries for a batch of tokenized prompts, decoded and stripped."""
+                   no_repeat_ngram_size: int, repetition_penalty: float, stop_ids: tuple[int, ...]) -> list[str]:
+    """Greedy (or beam) summaries for a batch of tokenized prompts, decoded and stripped; each ends at the first of
+    `stop_ids` it makes (the format's: EOS, and the chat template's end of turn)."""
     device = adapted.model.get_input_embeddings().weight.device
     batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts], tokenizer.pad_token_id)
     embeds, mask, _, _ = model_inputs(adapted, batch["input_ids"].to(device), batch["attention_mask"].to(device))
@@ -145,19 +147,19 @@ def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max
     head = adapted.model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     try:
         if num_beams == 1:
-            output = greedy(adapted.model, embeds, mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            output = greedy(adapted.model, embeds, mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                             no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
                             prefix=prefix)
         else:
-            output = _hf_generate(adapted.model, tokenizer, embeds, mask, prefix, max_new_tokens=max_new_tokens,
-                                  num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
-                                  repetition_penalty=repetition_penalty)
+            output = _hf_generate(adapted.model, tokenizer, embeds, mask, stop_ids, prefix,
+                                  max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                  no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
     finally:
         head.remove()
     return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 
-def _hf_generate(model, tokenizer, embeds, mask, prefix=None, **settings) -> torch.Tensor:
+def _hf_generate(model, tokenizer, embeds, mask, stop_ids: tuple[int, ...], prefix=None, **settings) -> torch.Tensor:
     if prefix is not None:
         # generate takes inputs_embeds for the whole sequence, the part already in the cache included, and passes the
         # model only the rest: placeholders stand for the prefix (the mask covers it already).
@@ -170,7 +172,7 @@ def _hf_generate(model, tokenizer, embeds, mask, prefix=None, **settings) -> tor
         warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
         # With inputs_embeds, generate returns only the new tokens.
         return model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, temperature=None, top_p=None,
-                              top_k=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              top_k=None, eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id,
                               **settings)
 
 
@@ -219,10 +221,11 @@ class ReservedLayer(DynamicLayer):
             self.keys, self.values = self.key_buffer[..., :self.length, :], self.value_buffer[..., :self.length, :]
 
 
-def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos_token_id: int,
+def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, stop_ids: Collection[int],
            no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
            prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[list[int]]:
-    """Greedy decoding from left-padded prompt embeddings: the new tokens of each row, up to and including its EOS.
+    """Greedy decoding from left-padded prompt embeddings: the new tokens of each row, up to and including the first
+    of `stop_ids` it makes (EOS, and the chat template's end of turn).
 
     With a key/value `prefix` (per layer, one row per prompt), each prompt is prefilled into a cache that holds it
     already, and `mask` covers it in front.
@@ -242,6 +245,7 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
     if no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
     rows = embeds.shape[0]
+    stops = torch.tensor(sorted(set(stop_ids)), device=embeds.device)
     position_ids = positions(mask)[:, -embeds.shape[1]:]
     # The prompts go through the model PREFILL_ROWS at a time: a whole batch of 64 makes activations of ~40 MB, which
     # the C allocator maps fresh from the OS (and page-faults in) at every use; decoding then runs on all rows at once.
@@ -269,7 +273,7 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
         for row, token in zip(alive.tolist(), tokens.tolist()):
             made[row].append(token)
         history = torch.cat([history, tokens[:, None]], dim=1)
-        going = tokens != eos_token_id
+        going = ~torch.isin(tokens, stops)
         if step == max_new_tokens - 1 or not bool(going.any()):
             break
         if not bool(going.all()):  # drop the rows that ended, from the batch and from the cache

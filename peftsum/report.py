@@ -8,7 +8,6 @@ Every number that may be missing (a skipped split, no baseline, no GPU memory on
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -18,76 +17,15 @@ from matplotlib.figure import Figure
 
 from .analysis import ALPHA, BEFORE, eval_after, samples_of, seed_runs, significant
 from .files import atomic_write, write_text
-from .results import PairedTest, Results
+from .formatting import (DASH, ci, duration, epochs_done, fmt, number, overlap, p_value, pm, rouge, sig4, signed,
+                         table)
+from .results import ZERO_SHOT, PairedTest, Results
+from .report_html import write_html
 from .runs import LOSS_PLOT, REPORT, ROUGE_PLOT
 
-__all__ = ["render_markdown", "write_report"]
+__all__ = ["loss_figure", "render_markdown", "write_report"]
 
-DASH = "–"
-MINUS = "−"
 ROUGE = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))
-
-
-# ---------------------------------------------------------------- small formatting helpers
-
-
-def _fmt(x: float | int | None, spec: str) -> str:
-    return DASH if x is None else format(x, spec)
-
-
-def _sig4(x: float | None) -> str:
-    """Four significant digits without the scientific notation that "%.4g" gives for tiny shares like 0.00004."""
-    if x is None:
-        return DASH
-    if x == 0:
-        return "0"
-    return f"{x:.{max(0, 3 - math.floor(math.log10(abs(x))))}f}"
-
-
-def _pm(r: dict | None) -> str:
-    """Table cell: mean ± half the width of the 95% interval."""
-    return DASH if r is None else f"{r['mean']:.1f} ± {(r['high'] - r['low']) / 2:.1f}"
-
-
-def _ci(r: dict) -> str:
-    """Prose form, which keeps the interval's asymmetry: mean [low, high]."""
-    return f"{r['mean']:.1f} [{r['low']:.1f}, {r['high']:.1f}]"
-
-
-def _rouge(split: dict | None, key: str) -> dict | None:
-    return None if split is None else split["rouge"][key]
-
-
-def _overlap(a: dict, b: dict) -> bool:
-    return a["low"] <= b["high"] and b["low"] <= a["high"]
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def _signed(x: float) -> str:
-    return f"{x:+.1f}".replace("-", MINUS)
-
-
-def _number(x: float) -> str:
-    """800.0 -> "800", 0.5 -> "0.5", 50000 -> "50,000"."""
-    return format(x, ",.10g")
-
-
-def _p_value(p: float, samples: int) -> str:
-    # A bootstrap cannot resolve p-values below 1/samples, and three decimals are plenty below that.
-    floor = max(0.001, 1 / samples)
-    if p < floor:
-        return f"< {floor:.2g}"
-    return f"= {p:.2f}" if p >= 0.1 else f"= {p:.3f}"
 
 
 # ---------------------------------------------------------------- seeds, budgets, paired tests
@@ -96,7 +34,7 @@ def _p_value(p: float, samples: int) -> str:
 def _seeds(cfg: dict) -> str:
     """"seed 7", or "seeds 7–9" when each method was trained with seeds train.seed, train.seed + 1, ..."""
     seed, n = cfg["train"]["seed"], cfg["seeds"]
-    return f"seeds {seed}–{seed + n - 1}" if n > 1 and seed is not None else f"seed {_fmt(seed, '')}"
+    return f"seeds {seed}–{seed + n - 1}" if n > 1 and seed is not None else f"seed {fmt(seed, '')}"
 
 
 def _label(name: str, method: dict) -> str:
@@ -104,17 +42,12 @@ def _label(name: str, method: dict) -> str:
     return f"{name} ({len(runs)} seeds)" if runs else name
 
 
-def _epochs_done(training: dict) -> float:
-    """Epochs as a decimal: a partial last epoch (a budget ran out) counts by its share of batches."""
-    return sum(e["batches"] / e["of_batches"] for e in training["epochs"])
-
-
 def _budget(results: dict) -> str | None:
     train = results["config"]["train"]
     if train["budget_seconds"]:
-        return f"Equal budget: {_number(train['budget_seconds'])} s of training wall-clock per method."
+        return f"Equal budget: {number(train['budget_seconds'])} s of training wall-clock per method."
     if train["budget_tokens"]:
-        return f"Equal budget: {_number(train['budget_tokens'])} training tokens per method."
+        return f"Equal budget: {number(train['budget_tokens'])} training tokens per method."
     return None
 
 
@@ -127,11 +60,16 @@ def _eval_mean(results: Results, name: str, key: str) -> float:
     return results["analysis"]["eval_means"][name][key]
 
 
+def _name(results: Results, name: str) -> str:
+    """A test's side as the tables name it: a method, or a baseline's label."""
+    return results["analysis"]["baselines"]["labels"].get(name, name)
+
+
 def _test_text(test: dict, samples: int, prefix: str = "") -> str:
     """"(95% CI −0.4 to +4.6, p = 0.10): **no significant difference**", or "(not tested)" without resamples."""
     if test["p_value"] is None:
         return f"({prefix}not tested)"
-    interval = f"95% CI {_signed(test['low'])} to {_signed(test['high'])}, p {_p_value(test['p_value'], samples)}"
+    interval = f"95% CI {signed(test['low'])} to {signed(test['high'])}, p {p_value(test['p_value'], samples)}"
     return f"({prefix}{interval}): " + ("significant at the 5% level" if significant(test)
                                         else "**no significant difference**")
 
@@ -149,16 +87,16 @@ def _leader_lines(results: dict, tests: dict) -> list[str]:
             test = tests.get((first, other, key))
             if test is not None:
                 leader = f"**{first}**" if significant(test) else first
-                lines.append(f"- {leader} leads {other} on {label} by {_signed(test['diff'])} "
+                lines.append(f"- {leader} leads {other} on {label} by {signed(test['diff'])} "
                              f"{_test_text(test, samples)}.")
                 continue
             # Older results have no per-document scores: only the intervals can be compared.
             a, b = eval_after(methods[first])["rouge"][key], eval_after(methods[other])["rouge"][key]
-            if _overlap(a, b):
-                lines.append(f"- {first} leads on {label} ({_ci(a)}) but its interval overlaps {other}'s "
-                             f"({_ci(b)}): no clear winner.")
+            if overlap(a, b):
+                lines.append(f"- {first} leads on {label} ({ci(a)}) but its interval overlaps {other}'s "
+                             f"({ci(b)}): no clear winner.")
             else:
-                lines.append(f"- **{first}** wins on {label} ({_ci(a)}), clear of {other} ({_ci(b)}).")
+                lines.append(f"- **{first}** wins on {label} ({ci(a)}), clear of {other} ({ci(b)}).")
     return lines
 
 
@@ -175,14 +113,66 @@ def _baseline_lines(results: dict, tests: dict) -> list[str]:
         after, test = eval_after(m)["rouge"]["rouge1"], tests.get((name, BEFORE, "rouge1"))
         change = "improved" if _eval_mean(results, name, "rouge1") > before["mean"] else "did not improve"
         if test is not None:
-            difference = f"difference {_signed(test['diff'])}, "
+            difference = f"difference {signed(test['diff'])}, "
             lines.append(f"- {name} {change} eval ROUGE-1 over the untouched model "
                          f"{_test_text(test, samples_of(results), difference)}.")
             continue
-        noise = "the intervals overlap, so the change is within noise" if _overlap(before, after) \
+        noise = "the intervals overlap, so the change is within noise" if overlap(before, after) \
             else "the intervals do not overlap"
         lines.append(f"- {name} {change} eval ROUGE-1 over the untouched model "
-                     f"({_ci(before)} → {_ci(after)}); {noise}.")
+                     f"({ci(before)} → {ci(after)}); {noise}.")
+    return lines
+
+
+def _what_it_is(results: dict, name: str) -> tuple[str, str]:
+    """(what a baseline is, in prose; the advice when a method does not beat it)."""
+    key = ZERO_SHOT if name == BEFORE else name
+    baseline = results["baselines"][key]
+    if baseline["kind"] == "lead":
+        k, unit = baseline["settings"]["k"], baseline["settings"]["unit"]
+        return (f"{baseline['label']} (copying the document's first {k} {unit}{'s' if k > 1 else ''})",
+                "an extractive baseline does as well")
+    form = baseline["settings"]["format"]
+    if baseline["kind"] == "few-shot":
+        return f"few-shot prompting of the untouched model ({form} format)", "consider not training"
+    return f"prompting the untouched model ({form} format)", "consider not training"
+
+
+def _strongest_lines(results: dict, tests: dict) -> list[str]:
+    """The baselines on ROUGE-1, and each method against the strongest of them: the question "is training worth it"."""
+    analysis, samples = results["analysis"]["baselines"], samples_of(results)
+    ranked = analysis["ranking"].get("rouge1", [])
+    if not ranked:
+        return []
+    rouge = {n: results["baselines"][ZERO_SHOT if n == BEFORE else n]["eval"]["rouge"]["rouge1"] for n in ranked}
+    listed = ", ".join(f"{_name(results, n)} {ci(rouge[n])}" for n in ranked[1:])
+    lines = [f"- Strongest baseline on eval ROUGE-1: **{_name(results, ranked[0])}** ({ci(rouge[ranked[0]])})"
+             + (f"; then {listed}." if listed else ".")]
+    for (a, b, key), test in tests.items():
+        if a == BEFORE and key == "rouge1":  # the untouched model in its two formats
+            lines.append(f"- {_name(results, a)} against {_name(results, b)} on ROUGE-1: {signed(test['diff'])} "
+                         f"{_test_text(test, samples)}.")
+    strongest = ranked[0]
+    what, advice = _what_it_is(results, strongest)
+    for name, m in results["methods"].items():
+        if eval_after(m) is None:
+            continue
+        test = tests.get((name, strongest, "rouge1"))
+        if test is None:  # no per-document scores: only the intervals can be compared
+            after = eval_after(m)["rouge"]["rouge1"]
+            beaten, below = after["low"] > rouge[strongest]["high"], after["high"] < rouge[strongest]["low"]
+            detail = f"{ci(after)} against {ci(rouge[strongest])}; intervals only, not tested"
+        else:
+            beaten, below = (significant(test) and test["diff"] > 0), (significant(test) and test["diff"] < 0)
+            interval = "not tested" if test["p_value"] is None else (
+                f"95% CI {signed(test['low'])} to {signed(test['high'])}, p {p_value(test['p_value'], samples)}")
+            detail = f"ROUGE-1 {signed(test['diff'])}, {interval}"
+        if beaten:
+            lines.append(f"- {name} beats the strongest baseline, {_name(results, strongest)} ({detail}).")
+        elif below:
+            lines.append(f"- **{name} scores significantly below {what}; {advice}** ({detail}).")
+        else:
+            lines.append(f"- **{name}: no significant gain over {what}; {advice}** ({detail}).")
     return lines
 
 
@@ -199,7 +189,7 @@ def _method_note(results: dict, tests: dict) -> list[str]:
 def _verdict(results: dict, tests: dict) -> list[str]:
     methods = results["methods"]
     if not methods:
-        return ["- No method was run."]
+        return ["- No method was run.", *_strongest_lines(results, tests)]
     lines = _method_note(results, tests)
     if len(methods) == 1:
         lines.append(f"- Only one method was run ({next(iter(methods))}), so there is nothing to rank it against.")
@@ -212,26 +202,27 @@ def _verdict(results: dict, tests: dict) -> list[str]:
                      f"{others}).")
         lines += _leader_lines(results, tests)
     lines += _baseline_lines(results, tests)
+    lines += _strongest_lines(results, tests)
     if len(methods) > 1:
         fastest = max(methods, key=lambda n: methods[n]["training"]["tokens_per_s"])
         smallest = min(methods, key=lambda n: methods[n]["params"]["trainable"])
         p = methods[smallest]["params"]
         lines.append(f"- Fastest training: **{fastest}** ({methods[fastest]['training']['tokens_per_s']:,.0f} tokens/s).")
         lines.append(f"- Fewest trainable parameters: **{smallest}** ({p['trainable']:,}, "
-                     f"{_sig4(p['trainable_percent'])} % of the model).")
+                     f"{sig4(p['trainable_percent'])} % of the model).")
     return lines
 
 
 def _cells(split: dict | None, keys: list[str]) -> list[str]:
     """Loss and ROUGE cells of one scored split, ROUGE as mean ± half the 95% interval."""
-    return [_fmt(split["loss"] if split else None, ".3f"), *(_pm(_rouge(split, k)) for k in keys)]
+    return [fmt(split["loss"] if split else None, ".3f"), *(pm(rouge(split, k)) for k in keys)]
 
 
 def _seed_cells(stats: dict | None, keys: list[str]) -> list[str]:
     """The same cells over several seeds: mean ± sample standard deviation."""
     if stats is None:
         return [DASH] * (1 + len(keys))
-    return [f"{stats[k]['mean']:{spec}} ± {_fmt(stats[k]['std'], spec)}"
+    return [f"{stats[k]['mean']:{spec}} ± {fmt(stats[k]['std'], spec)}"
             for k, spec in [("loss", ".3f"), *((k, ".1f") for k in keys)]]
 
 
@@ -250,12 +241,46 @@ def _per_seed_cells(split: dict | None) -> list[str]:
 
 def _per_seed(results: dict) -> list[str]:
     rows = [[name, str(run["seed"]), *_per_seed_cells(run["after"]["eval"]),
-             _fmt(run["training"]["steps"], ","), f"{_epochs_done(run['training']):.2f}"]
+             fmt(run["training"]["steps"], ","), f"{epochs_done(run['training']):.2f}"]
             for name, m in results["methods"].items() for run in seed_runs(m)]
     if not rows:
         return []
     header = ["Method", "Seed", "Eval loss", "ROUGE-1", "ROUGE-2", "ROUGE-L", "Steps", "Epochs"]
-    return ["### Per seed", "", *_table(header, rows), "", "ROUGE: mean F1 × 100 on the eval split."]
+    return ["### Per seed", "", *table(header, rows), "", "ROUGE: mean F1 × 100 on the eval split."]
+
+
+def _baselines_table(results: dict) -> list[str]:
+    """Every baseline on both splits, and what each note says (a few-shot prompt's size, a skipped baseline)."""
+    baselines = results["baselines"]
+    if not baselines:
+        return []
+    keys = [k for k, _ in ROUGE] + ["rougeLsum"]
+    rows = [[b["label"], *_cells(b["train"], keys[:1]), *_cells(b["eval"], keys)] for b in baselines.values()]
+    header = ["Baseline", "Train loss", "Train ROUGE-1", "Eval loss", *(label for _, label in ROUGE), "ROUGE-Lsum"]
+    notes = []
+    for b in baselines.values():
+        if b["kind"] == "few-shot" and b.get("shots"):
+            examples = "example" if b["shots"] == 1 else "examples"
+            notes.append(f"- {b['label']}: {b['shots']} training {examples} in every prompt (ids "
+                         f"{', '.join(map(str, b['shot_ids']))}), drawn with the run's seed.")
+        if b.get("note"):
+            notes.append(f"- {b['label']}: {b['note']}.")
+    return ["### Baselines", "", *table(header, rows), "",
+            "The untouched model prompted zero-shot (in the run's prompt format, and in the other where auto chose "
+            "chat), lead-k (the document's first k sentences or lines, no model), few-shot (the untouched model shown "
+            "training examples); loss is – where a baseline has none.", *([""] + notes if notes else []), ""]
+def _kept_note(method: dict) -> list[str]:
+    """Where keep_best gave the result another step's weights than the last: say which, for every run of it."""
+    notes = []
+    for run in seed_runs(method) or [method]:
+        t = run["training"]
+        if "weights_step" in t and t["weights_step"] != t["steps"]:
+            seed = f"seed {run['seed']}: " if "seed" in run and seed_runs(method) else ""
+            notes.append(f"{seed}step {t['weights_step']} of {t['steps']}")
+    if not notes:
+        return []
+    return [f"\"after\" scores the weights of the best validation point (train.keep_best), not of the last step: "
+            f"{'; '.join(notes)}.", ""]
 
 
 def _results(results: dict) -> list[str]:
@@ -265,20 +290,32 @@ def _results(results: dict) -> list[str]:
     for name, m in results["methods"].items():
         rows = [[f"before / {split}", *_cells(base.get(split), keys)] for split in ("train", "eval")]
         rows += [[f"after / {split}", *_after_cells(m, split, keys)] for split in ("train", "eval")]
-        lines += [f"### {_label(name, m)}", "", *_table(["", "Loss", "ROUGE-1", "ROUGE-2", "ROUGE-L"], rows), ""]
+        lines += [f"### {_label(name, m)}", "", *table(["", "Loss", "ROUGE-1", "ROUGE-2", "ROUGE-L"], rows), "",
+                  *_kept_note(m)]
+    before = results["baselines"].get(ZERO_SHOT, {}).get("label", BEFORE)
     lines += ["ROUGE: F1 × 100 as mean ± half the width of the 95% bootstrap interval. Loss: mean cross-entropy "
-              "(nats) per summary token. \"before\" is the untouched base model, shared by all methods.", ""]
+              f"(nats) per summary token. \"before\" is the {before}, shared by all methods.", ""]
     if any(seed_runs(m) for m in results["methods"].values()):
         lines += ["For a method trained with several seeds, \"after\" shows loss and ROUGE as mean ± sample standard "
                   "deviation (ddof=1) over its seeds instead.", ""]
+    lines += _baselines_table(results)
     keys += ["rougeLsum"]
-    rows = [[BEFORE, *_cells(base.get("eval"), keys)]]
+    rows = [[b["label"], *_cells(b["eval"], keys)] for b in results["baselines"].values()]
     rows += [[_label(n, m), *_after_cells(m, "eval", keys)] for n, m in results["methods"].items()]
     labels = [label for _, label in ROUGE] + ["ROUGE-Lsum"]
-    lines += ["### All methods, eval split", "", *_table(["Method", "Loss", *labels], rows), "",
+    lines += ["### All methods and baselines, eval split", "", *table(["Method", "Loss", *labels], rows), "",
               f"Eval split: {results['data']['eval_examples']} examples; same formats as above."]
     per_seed = _per_seed(results)
     return lines + ["", *per_seed] if per_seed else lines
+
+
+def _test_rows(results: dict, tests: dict) -> list[list[str]]:
+    samples, labels = samples_of(results), dict(ROUGE)
+    return [[f"{_name(results, a)} − {_name(results, b)}", labels[key], signed(t["diff"]),
+             f"{signed(t['low'])} to {signed(t['high'])}",
+             DASH if t["p_value"] is None else p_value(t["p_value"], samples).removeprefix("= "),
+             "not tested" if t["p_value"] is None else "significant" if significant(t) else "not significant"]
+            for (a, b, key), t in tests.items()]
 
 
 def _significance(results: dict, tests: dict) -> list[str]:
@@ -286,14 +323,15 @@ def _significance(results: dict, tests: dict) -> list[str]:
         return ["No paired tests: they need per-document eval scores for two models (the untouched one counts), "
                 "which these results do not have (results from older peftsum versions never do). The Verdict "
                 "compares 95% intervals instead."]
-    samples, labels = samples_of(results), dict(ROUGE)
-    rows = [[f"{a} − {b}", labels[key], _signed(t["diff"]), f"{_signed(t['low'])} to {_signed(t['high'])}",
-             DASH if t["p_value"] is None else _p_value(t["p_value"], samples).removeprefix("= "),
-             "not tested" if t["p_value"] is None else "significant" if significant(t) else "not significant"]
-            for (a, b, key), t in tests.items()]
-    lines = [*_table(["Pair", "Metric", "Difference", "95% interval", "p-value", "Verdict"], rows), "",
-             "Difference: first minus second, in mean F1 × 100 on the eval split; interval and p-value (two-sided) "
-             "from the paired bootstrap described in the Verdict."]
+    header = ["Pair", "Metric", "Difference", "95% interval", "p-value", "Verdict"]
+    methods = set(results["methods"])
+    between = {k: t for k, t in tests.items() if k[0] in methods and (k[1] in methods or k[1] == BEFORE)}
+    others = {k: t for k, t in tests.items() if k not in between}
+    lines = [*table(header, _test_rows(results, between))]
+    if others:
+        lines += ["", "Against the other baselines:", "", *table(header, _test_rows(results, others))]
+    lines += ["", "Difference: first minus second, in mean F1 × 100 on the eval split; interval and p-value "
+              "(two-sided) from the paired bootstrap described in the Verdict."]
     multi = [n for n, m in results["methods"].items() if seed_runs(m)]
     if multi:
         lines.append(f"For {', '.join(multi)} (several seeds), each document's score is the mean of its seeds' scores "
@@ -305,18 +343,68 @@ def _resources(results: dict) -> list[str]:
     rows = []
     for name, m in results["methods"].items():
         p, t = m["params"], m["training"]
-        epochs = _epochs_done(t)
+        epochs = epochs_done(t)
         seconds = sum(e["seconds"] for e in t["epochs"])
-        rows.append([name, f"{p['total']:,}", f"{p['trainable']:,}", _sig4(p["trainable_percent"]),
-                     _fmt(t["steps"], ","), f"{epochs:.2f}", _fmt(seconds / epochs if epochs else None, ".1f"),
-                     _fmt(t["tokens_per_s"], ",.0f"), _fmt(t["peak_memory_mb"], ",.0f")])
+        rows.append([name, f"{p['total']:,}", f"{p['trainable']:,}", sig4(p["trainable_percent"]),
+                     fmt(t["steps"], ","), f"{epochs:.2f}", fmt(seconds / epochs if epochs else None, ".1f"),
+                     fmt(t["tokens_per_s"], ",.0f"), fmt(t["peak_memory_mb"], ",.0f")])
     header = ["Method", "Total params", "Trainable params", "% trainable", "Steps", "Epochs", "Time per epoch (s)",
               "Tokens/s", "Peak memory (MB)"]
     notes = [f"- **{n}**: {m['params']['description']}" for n, m in results["methods"].items()]
     budget = _budget(results)
-    return [*([budget, ""] if budget else []), *_table(header, rows), "",
+    return [*([budget, ""] if budget else []), *table(header, rows), "",
             "Epochs count a partial last epoch by its share of batches; time per epoch is training time divided by "
             f"epochs. Peak memory is {DASH} where the device does not report it.", "", *notes]
+
+
+def _prompt_line(prompt: dict) -> str:
+    chosen = " (data.format auto: the tokenizer has a chat template)" if prompt["chosen"] == "auto" else ""
+    if prompt["format"] == "chat":
+        system = f", system message {prompt['system']!r}" if prompt.get("system") else ""
+        return (f"- **Prompt**: chat format{chosen}: the tokenizer's chat template, user turn "
+                f"{prompt['instruction']!r} and the document{system}; a summary ends with {prompt['end_of_turn']!r}")
+    chosen = " (data.format auto: the tokenizer has no chat template)" if prompt["chosen"] == "auto" else ""
+    return f"- **Prompt**: plain format{chosen}: template {prompt['template']!r}, the summary then EOS"
+def _validated_runs(results: dict) -> list[tuple[str, dict]]:
+    """(label, training facts) of every run that validated during training, per seed where there are several."""
+    out = []
+    for name, m in results["methods"].items():
+        for run in seed_runs(m) or [m]:
+            if "validation" in run["training"]:
+                label = f"{name} (seed {run['seed']})" if seed_runs(m) else name
+                out.append((label, run["training"]))
+    return out
+
+
+def _validation(results: dict) -> list[str]:
+    """What validation during training found: the subset, the schedule, and per run its best point and outcome."""
+    validated = _validated_runs(results)
+    if not validated:
+        return []
+    train, data = results["config"]["train"], results["data"]
+    overlap = data.get("validation_overlap", 0)
+    apart = (f"{overlap} of them also among the {data['eval_examples']} scored eval examples (the eval split is too "
+             f"short to keep them apart)" if overlap else
+             f"apart from the {data['eval_examples']} scored eval examples")
+    rouge = " and ROUGE of summaries generated as for the eval split" if train["eval_rouge"] else ""
+    lines = [f"Eval loss{rouge} on {data.get('validation_examples', DASH)} examples of the eval split ({apart}), "
+             f"every {train['eval_every']} steps and at the last step; validation time is not training time."]
+    if train["early_stopping_patience"]:
+        lines[0] += (f" Early stopping: a run stops once {train['early_stopping_patience']} points in a row have "
+                     "not improved on the best.")
+    if train["keep_best"]:
+        lines[0] += " keep_best: each method's result is the weights of its best point."
+    rows = []
+    for label, t in validated:
+        points, best = t["validation"], t["best_step"]
+        best_loss = next((p["loss"] for p in points if p["step"] == best), None)
+        rows.append([label, str(len(points)), fmt(best, ","), fmt(best_loss, ".3f"),
+                     fmt(points[-1]["loss"] if points else None, ".3f"),
+                     f"yes, at step {t['steps']:,}" if t["stopped_early"] else "no",
+                     f"step {t['weights_step']:,}" + (" (best)" if t["weights_step"] == best else " (last)")])
+    header = ["Run", "Points", "Best step", "Best loss", "Last loss", "Stopped early", "Weights from"]
+    return [*lines, "", *table(header, rows), "", "Loss: mean cross-entropy (nats) per summary token of the "
+            "validation examples; the points are drawn on the training loss chart."]
 
 
 def _configuration(results: dict) -> list[str]:
@@ -329,6 +417,7 @@ def _configuration(results: dict) -> list[str]:
         f"- **Data**: {data['source']}, columns `{data['document_column']}` → `{data['summary_column']}`; "
         f"{data['train_examples']} train, {data['train_eval_examples']} train-eval, {data['eval_examples']} eval "
         f"examples; {data['skipped']} rows skipped",
+        _prompt_line(results["prompt"]),
         f"- **Hardware**: {env.get('cpu', DASH)}; device {env.get('device', DASH)}, precision "
         f"{env.get('precision', DASH)}, {env.get('threads', DASH)} threads, GPU {env.get('gpu') or DASH}",
         f"- **Software**: peftsum {results.get('peftsum_version', DASH)}, {versions}; {env.get('platform', DASH)}",
@@ -344,12 +433,14 @@ def render_markdown(results: Results) -> str:
     data = results["data"]
     head = (f"Model **{results['model']['name']}** on **{data['source']}**: {data['train_examples']:,} train / "
             f"{data['eval_examples']:,} eval examples, {_seeds(results['config'])}, "
-            f"wall time {_duration(results['wall_seconds'])}.")
+            f"wall time {duration(results['wall_seconds'])}.")
     budget = _budget(results)
     tests = _tests(results)
+    validation = _validation(results)
     lines = ["# peftsum comparison", "", head + (f" {budget}" if budget else ""), "",
              "## Verdict", "", *_verdict(results, tests), "", "## Results", "", *_results(results), "",
              "## Significance", "", *_significance(results, tests), "", "## Resources", "", *_resources(results), "",
+             *(["## Validation during training", "", *validation, ""] if validation else []),
              "## Plots", "", f"![training loss]({LOSS_PLOT})", "", f"![ROUGE before and after]({ROUGE_PLOT})", "",
              "## Configuration", "", *_configuration(results)]
     return "\n".join(lines) + "\n"
@@ -362,12 +453,15 @@ def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(y, np.ones(window) / window, mode="valid")
 
 
-def _plot_loss(results: dict, path: Path) -> None:
+def loss_figure(results: dict) -> Figure:
+    """The training loss of every method (per step and smoothed) with its validation points, where it has them:
+    circles on a dashed line, the point whose weights were kept (keep_best) starred."""
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
-    drawn = False
+    drawn = validated = False
     for i, (name, m) in enumerate(results["methods"].items()):
-        curve = m["training"]["loss_curve"]
+        training = m["training"]
+        curve = training["loss_curve"]
         if not curve:
             continue
         steps, losses = np.asarray(curve, dtype=float).T
@@ -375,38 +469,53 @@ def _plot_loss(results: dict, path: Path) -> None:
         ax.plot(steps, losses, color=f"C{i}", alpha=0.25, linewidth=1)
         ax.plot(steps[window - 1:], _moving_average(losses, window), color=f"C{i}", linewidth=2,
                 label=f"{name} (moving average of {window})")
+        points = training.get("validation") or []
+        if points:
+            ax.plot([p["step"] for p in points], [p["loss"] for p in points], color=f"C{i}", linestyle="--",
+                    marker="o", markersize=4, label=f"{name} validation loss")
+            kept = [p for p in points if p["step"] == training["weights_step"] != training["steps"]]
+            for p in kept:
+                ax.plot([p["step"]], [p["loss"]], color=f"C{i}", marker="*", markersize=14, linestyle="none",
+                        label=f"{name}: weights kept (step {p['step']})")
+            validated = True
         drawn = True
     if drawn:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no training loss recorded", ha="center", va="center", transform=ax.transAxes)
-    ax.set(xlabel="optimizer step", ylabel="training loss (nats per summary token)",
-           title="Training loss (faint: per step, bold: moving average)")
+    title = "Training loss (faint: per step, bold: moving average" + ("; dashed: validation)" if validated else ")")
+    ax.set(xlabel="optimizer step", ylabel=f"{'' if validated else 'training '}loss (nats per summary token)",
+           title=title)
     ax.grid(alpha=0.3)
-    fig.savefig(path, format="png", dpi=120)
+    return fig
+
+
+def _plot_loss(results: dict, path: Path) -> None:
+    loss_figure(results).savefig(path, format="png", dpi=120)
 
 
 def _plot_rouge(results: dict, path: Path) -> None:
-    base = (results["baseline"] or {}).get("eval")
-    bars = [(BEFORE, base, "0.6")] + [(n, eval_after(m), f"C{i}") for i, (n, m) in enumerate(results["methods"].items())]
+    greys = ("0.45", "0.6", "0.75", "0.85")
+    bars = [(b["label"], b["eval"], greys[i % len(greys)], False) for i, b in enumerate(results["baselines"].values())]
+    bars += [(n, eval_after(m), f"C{i}", True) for i, (n, m) in enumerate(results["methods"].items())]
     bars = [b for b in bars if b[1] is not None]
     fig = Figure(figsize=(8, 4.8), layout="constrained")
     ax = fig.subplots()
     x, width = np.arange(len(ROUGE)), 0.8 / max(1, len(bars))
-    for j, (label, split, color) in enumerate(bars):
+    for j, (label, split, color, trained) in enumerate(bars):
         r = [split["rouge"][k] for k, _ in ROUGE]
         xs = x + (j - (len(bars) - 1) / 2) * width
         means = [v["mean"] for v in r]
         err = [[v["mean"] - v["low"] for v in r], [v["high"] - v["mean"] for v in r]]
-        ax.bar(xs, means, width, yerr=err, capsize=3, color=color, label=label if label == BEFORE else f"{label} (after)")
+        ax.bar(xs, means, width, yerr=err, capsize=3, color=color, label=f"{label} (after)" if trained else label)
         for xi, v in zip(xs, r):  # value above the error bar, so the two never collide
             ax.annotate(f"{v['mean']:.1f}", (xi, v["high"]), xytext=(0, 3), textcoords="offset points",
                         ha="center", va="bottom", fontsize=8)
     if not bars:
         ax.text(0.5, 0.5, "no eval scores", ha="center", va="center", transform=ax.transAxes)
     else:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(bars), frameon=False)
-        ax.set_ylim(0, max(1.0, max(s["rouge"][k]["high"] for _, s, _ in bars for k, _ in ROUGE)) * 1.12)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(len(bars), 4), frameon=False)
+        ax.set_ylim(0, max(1.0, max(s["rouge"][k]["high"] for _, s, _, _ in bars for k, _ in ROUGE)) * 1.12)
     ax.set_xticks(x, [label for _, label in ROUGE])
     ax.set(ylabel="F1 × 100", title=f"ROUGE on the eval split (n = {results['data']['eval_examples']}), "
                                     "error bars: 95% bootstrap interval")
@@ -415,7 +524,8 @@ def _plot_rouge(results: dict, path: Path) -> None:
 
 
 def write_report(results: Results, out_dir: Path) -> Path:
-    """Write report.md, loss_curves.png and rouge.png into out_dir (created if needed); return the report's path."""
+    """Write report.md, report.html, loss_curves.png and rouge.png into out_dir (created if needed); return
+    report.md's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / LOSS_PLOT, lambda p: _plot_loss(results, p))
@@ -423,4 +533,5 @@ def write_report(results: Results, out_dir: Path) -> Path:
     report = out_dir / REPORT
     text = render_markdown(results)
     write_text(report, text)
+    write_html(results, out_dir, text)
     return report

@@ -52,6 +52,8 @@ class FinetuneMethod(Method):
     """The trained tensors are saved under the model's own parameter names: no adapter, no peft form."""
 
     name = "finetune"
+    title = "fine-tuning of selected weights"
+    tags = ("fine-tuned",)
     weights_file = "finetuned.safetensors"
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:

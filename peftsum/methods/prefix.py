@@ -133,10 +133,12 @@ def describe(cfg: PrefixConfig, encoder: PrefixEncoder) -> str:
 
 class PrefixMethod(Method):
     name = "prefix"
+    title = "prefix tuning"
+    tags = ("prefix-tuning",)
     peft_type = "PREFIX_TUNING"
     can_merge = False
-    no_merge_reason = ("its prefix is keys and values every layer attends to before the document, not a change of "
-                       "the model's weights")
+    merge_refusal = ("its prefix is keys and values every layer attends to before the document, not a change of "
+                     "the model's weights")
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
         encoder = apply(model, tokenizer, cfg.prefix)

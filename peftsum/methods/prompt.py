@@ -95,10 +95,12 @@ def describe(cfg: PromptConfig) -> str:
 
 class PromptMethod(Method):
     name = "prompt"
+    title = "soft prompt tuning"
+    tags = ("prompt-tuning",)
     peft_type = "PROMPT_TUNING"
     can_merge = False
-    no_merge_reason = ("its soft prompt is input embeddings placed before every document, not a change of the "
-                       "model's weights")
+    merge_refusal = ("its soft prompt is input embeddings placed before every document, not a change of the "
+                     "model's weights")
     encoder_prefix = "soft_prompt."
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
@@ -145,7 +147,7 @@ class PromptMethod(Method):
         return adapted.prompt_encoder.insert(embeds, mask, labels)
 
     def merge_for_export(self, adapted: Adapted) -> nn.Module:
-        raise UserError(f"a prompt-tuning result cannot be exported as a plain model: {self.no_merge_reason}")
+        raise UserError(f"a {self.title} result cannot be exported as a plain model: {self.merge_refusal}")
 
 
 METHOD = PromptMethod()

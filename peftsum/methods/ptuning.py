@@ -72,10 +72,12 @@ def describe(cfg: PtuningConfig, dim: int) -> str:
 
 class PtuningMethod(Method):
     name = "ptuning"
+    title = "P-tuning"
+    tags = ("p-tuning",)
     peft_type = "P_TUNING"
     can_merge = False
-    no_merge_reason = ("its virtual tokens are input embeddings placed before every document, not a change of the "
-                       "model's weights")
+    merge_refusal = ("its virtual tokens are input embeddings placed before every document, not a change of the "
+                     "model's weights")
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
         model.requires_grad_(False)
