@@ -167,6 +167,8 @@ def _names(value, where: Path, key: str) -> list[str] | None:
 
 class Ia3Method(Method):
     name = "ia3"
+    title = "(IA)³"
+    tags = ("ia3",)
     peft_type = "IA3"
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
