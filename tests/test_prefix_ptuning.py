@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from peftsum import adapters, checkpoint
 from peftsum.cli import main
 from peftsum.config import RunConfig, load_config
-from peftsum.data import IGNORE, Encoded, encode_prompt, prompt_budget
+from peftsum.prompts import IGNORE, Encoded, encode_prompt, prompt_budget
 from peftsum.forward import collate, generate_batch, greedy, model_inputs, prefix_cache, summary_loss
 from peftsum.methods import adapt
 from peftsum.session import load_adapter
