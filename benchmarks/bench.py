@@ -139,12 +139,14 @@ def setup(args):
     import torch
 
     from peftsum.config import load_config
-    from peftsum.data import encode_example, load_data
+    from peftsum.data import load_data
+    from peftsum.prompts import encode_example
     from peftsum.models import load_model
 
     cfg = load_config(None, {
         "data.source": str(DATA), "data.train_size": str(args.steps * args.batch_size),
         "data.train_eval_size": "0", "data.eval_size": "32", "data.max_length": str(args.max_length),
+        "data.format": "plain",  # BENCHMARKS.md's figures were measured on plain-format examples
         "lora.dropout": "0", "lora.lr": str(LR["lora"]), "prompt.lr": str(LR["prompt"]),
         "finetune.lr": str(LR["finetune"]), "prompt.init_text": PROMPT_TEXT, "train.schedule": "constant",
         "train.warmup_ratio": "0", "train.max_grad_norm": "0", "train.epochs": "1",
@@ -317,8 +319,9 @@ def time_forwards(model, device) -> dict:
     return times
 
 
-def peer_generate(model, tokenizer, prompts, batch_size, max_new_tokens, no_repeat, device, dtype):
-    """Batched `generate` in data-set order, as a plain loop over a DataLoader would."""
+def peer_generate(model, tokenizer, prompts, batch_size, max_new_tokens, no_repeat, device, dtype, stop_ids=None):
+    """Batched `generate` in data-set order, as a plain loop over a DataLoader would, ending at EOS (or any of
+    `stop_ids`: the chat format's end of turn too)."""
     import torch
 
     predictions = []
@@ -327,7 +330,7 @@ def peer_generate(model, tokenizer, prompts, batch_size, max_new_tokens, no_repe
         with torch.no_grad(), peer_autocast(device, dtype):
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                     no_repeat_ngram_size=no_repeat, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id)
+                                    eos_token_id=list(stop_ids) if stop_ids else tokenizer.eos_token_id)
         predictions += [t.strip() for t in tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
                                                                   skip_special_tokens=True)]
     return predictions
@@ -336,16 +339,17 @@ def peer_generate(model, tokenizer, prompts, batch_size, max_new_tokens, no_repe
 def run_generation(args) -> dict:
     """Summaries/s of peftsum's evaluation vs the peer's batched generate, same 64 documents, same max_new_tokens."""
     from peftsum.config import load_config
-    from peftsum.data import encode_prompt, load_data, prompt_budget
+    from peftsum.data import load_data
+    from peftsum.prompts import prompt_format
     from peftsum.evaluate import generate
     from peftsum.methods import untouched
     from peftsum.metrics import rouge_summary
     from peftsum.models import load_model
 
     device, dtype = pick(args)
-    overrides = {"data.source": str(DATA), "data.train_eval_size": "0", "data.eval_size": "64",
-                 "eval.max_new_tokens": str(args.max_new_tokens), "eval.no_repeat_ngram_size": "0",
-                 "eval.quantize": args.quantize}
+    overrides = {"data.source": str(DATA), "data.format": "plain", "data.train_eval_size": "0",
+                 "data.eval_size": "64", "eval.max_new_tokens": str(args.max_new_tokens),
+                 "eval.no_repeat_ngram_size": "0", "eval.quantize": args.quantize}
     if args.eval_batch_size:  # else peftsum's default
         overrides["eval.batch_size"] = str(args.eval_batch_size)
     cfg = load_config(None, overrides)
@@ -359,8 +363,8 @@ def run_generation(args) -> dict:
         adapted = untouched(loaded.model, dtype)
         predictions = generate(adapted, loaded.tokenizer, documents, cfg.data, cfg.eval, device, dtype)
     else:
-        budget = prompt_budget(cfg.data)
-        prompts = [encode_prompt(loaded.tokenizer, d, cfg.data.template, budget) for d in documents]
+        fmt = prompt_format(loaded.tokenizer, cfg.data)  # the prompts peftsum makes (plain format, above)
+        prompts = [fmt.prompt(d, fmt.budget(cfg.data)) for d in documents]
         predictions = peer_generate(loaded.model, loaded.tokenizer, prompts, cfg.eval.batch_size,
                                     args.max_new_tokens, 0, device, dtype)
     seconds = time.perf_counter() - started
@@ -401,9 +405,10 @@ def run_whole_peer(args) -> dict:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from peftsum.data import encode_example, encode_prompt, load_data, prompt_budget
+    from peftsum.data import load_data
     from peftsum.metrics import rouge_summary
     from peftsum.models import load_model
+    from peftsum.prompts import prompt_format
 
     cfg = demo_config(args)
     device, dtype = pick(args)
@@ -416,19 +421,19 @@ def run_whole_peer(args) -> dict:
 
     loaded = fresh()
     tokenizer, pad = loaded.tokenizer, loaded.tokenizer.pad_token_id
+    fmt = prompt_format(tokenizer, cfg.data)  # the demo's format (auto: chat for the instruct default), as peftsum
 
     def score(model, reserved: int) -> float:
         model.eval()
         rouge = None
         for examples in (splits.train_eval, splits.eval):
-            encoded = [encode_example(tokenizer, e, cfg.data, reserved) for e in examples]
+            encoded = [fmt.example(e, cfg.data, reserved=reserved) for e in examples]
             with torch.no_grad():
                 for i in range(0, len(encoded), cfg.eval.batch_size):
                     peer_loss(model, encoded[i:i + cfg.eval.batch_size], pad, device, dtype)
-            budget = prompt_budget(cfg.data, reserved)
-            prompts = [encode_prompt(tokenizer, e.document, cfg.data.template, budget) for e in examples]
+            prompts = [fmt.prompt(e.document, fmt.budget(cfg.data, reserved=reserved)) for e in examples]
             predictions = peer_generate(model, tokenizer, prompts, PEER_EVAL_BATCH, cfg.eval.max_new_tokens,
-                                        cfg.eval.no_repeat_ngram_size, device, dtype)
+                                        cfg.eval.no_repeat_ngram_size, device, dtype, fmt.stop_ids)
             rouge = rouge_summary(predictions, [e.summary for e in examples], samples=cfg.eval.bootstrap_samples)
         return rouge["rouge1"]["mean"]  # the eval split's
 
@@ -439,7 +444,7 @@ def run_whole_peer(args) -> dict:
         torch.manual_seed(cfg.train.seed)
         model = peer_model(loaded, method, cfg)
         reserved = cfg.prompt.num_virtual_tokens if method == "prompt" else 0
-        train = [encode_example(tokenizer, e, cfg.data, reserved) for e in splits.train]
+        train = [fmt.example(e, cfg.data, reserved=reserved) for e in splits.train]
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.method_lr(method), weight_decay=cfg.train.weight_decay)
         steps = -(-len(train) // cfg.train.batch_size) * cfg.train.epochs

@@ -29,7 +29,7 @@ from peftsum.session import open_session  # noqa: E402
 from peftsum.config import load_config  # noqa: E402
 from peftsum.data import load_data  # noqa: E402
 from peftsum.evaluate import evaluate  # noqa: E402
-from peftsum.methods import adapt, untouched  # noqa: E402
+from peftsum.methods import adapt, method_named, untouched  # noqa: E402
 
 INSTRUCTION = "Summarize the following text in one sentence.\n\n{document}\n\nSummary:"
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -57,10 +57,42 @@ TRIALS = [
      {"finetune.lr": 2e-4, "finetune.last_blocks": 2, "finetune.head": False}),
     ("Fine-tuning: what to unfreeze and learning rate", "finetune-last4-1e-4", "finetune",
      {"finetune.lr": 1e-4, "finetune.last_blocks": 4, "finetune.head": False}),
+    # The newer methods and LoRA options, on a small CPU budget (--budget-tokens 50000 --eval-size 50), each
+    # against lora-attn-5e-4 on the same budget.
+    ("IA3 learning rate", "ia3-3e-3", "ia3", {"ia3.lr": 3e-3}),
+    ("IA3 learning rate", "ia3-1e-2", "ia3", {"ia3.lr": 1e-2}),
+    ("IA3 learning rate", "ia3-3e-2", "ia3", {"ia3.lr": 3e-2}),
+    ("IA3 learning rate", "ia3-1e-1", "ia3", {"ia3.lr": 1e-1}),
+    ("DoRA learning rate and LoRA+ ratio", "dora-5e-4", "lora", {"lora.lr": 5e-4, "lora.variant": "dora"}),
+    ("DoRA learning rate and LoRA+ ratio", "dora-1e-3", "lora", {"lora.lr": 1e-3, "lora.variant": "dora"}),
+    ("DoRA learning rate and LoRA+ ratio", "dora-2e-3", "lora", {"lora.lr": 2e-3, "lora.variant": "dora"}),
+    ("DoRA learning rate and LoRA+ ratio", "loraplus-5e-4-x4", "lora", {"lora.lr": 5e-4, "lora.lr_ratio": 4}),
+    ("DoRA learning rate and LoRA+ ratio", "loraplus-5e-4-x16", "lora", {"lora.lr": 5e-4, "lora.lr_ratio": 16}),
+    ("Prefix tuning: learning rate and initialisation", "prefix-text-3e-3", "prefix", {"prefix.lr": 3e-3}),
+    ("Prefix tuning: learning rate and initialisation", "prefix-text-1e-2", "prefix", {"prefix.lr": 1e-2}),
+    ("Prefix tuning: learning rate and initialisation", "prefix-text-3e-2", "prefix", {"prefix.lr": 3e-2}),
+    ("Prefix tuning: learning rate and initialisation", "prefix-text-1e-1", "prefix", {"prefix.lr": 1e-1}),
+    ("Prefix tuning: learning rate and initialisation", "prefix-random-3e-2", "prefix",
+     {"prefix.lr": 3e-2, "prefix.init": "random"}),
+    ("Prefix tuning: learning rate and initialisation", "prefix-projection-3e-3", "prefix",
+     {"prefix.lr": 3e-3, "prefix.projection": True}),
+    ("P-tuning: learning rate and encoder", "ptuning-mlp-3e-3", "ptuning", {"ptuning.lr": 3e-3}),
+    ("P-tuning: learning rate and encoder", "ptuning-mlp-1e-2", "ptuning", {"ptuning.lr": 1e-2}),
+    ("P-tuning: learning rate and encoder", "ptuning-mlp-3e-2", "ptuning", {"ptuning.lr": 3e-2}),
+    ("P-tuning: learning rate and encoder", "ptuning-mlp-1e-1", "ptuning", {"ptuning.lr": 1e-1}),
+    ("P-tuning: learning rate and encoder", "ptuning-lstm-1e-2", "ptuning",
+     {"ptuning.lr": 1e-2, "ptuning.encoder_reparameterization_type": "lstm"}),
     ("Template and context", "lora-all-5e-4-instruction", "lora",
      {"lora.lr": 5e-4, "lora.targets": ALL_LINEAR, "data.template": INSTRUCTION, "eval.before": True}),
     ("Template and context", "lora-all-5e-4-len512", "lora",
      {"lora.lr": 5e-4, "lora.targets": ALL_LINEAR, "data.max_length": 512}),
+    # The chat format (data.format chat, the xsum instruction): does each method's learning rate still fit? Compare
+    # with lora-attn-5e-4 and prompt-text-1e-1 (plain) at the same --budget-tokens.
+    ("Learning rates in the chat format", "chat-lora-5e-4", "lora",
+     {"lora.lr": 5e-4, "data.format": "chat", "eval.before": True}),
+    ("Learning rates in the chat format", "chat-lora-1e-3", "lora", {"lora.lr": 1e-3, "data.format": "chat"}),
+    ("Learning rates in the chat format", "chat-prompt-1e-1", "prompt", {"prompt.lr": 1e-1, "data.format": "chat"}),
+    ("Learning rates in the chat format", "chat-prompt-3e-1", "prompt", {"prompt.lr": 3e-1, "data.format": "chat"}),
 ]
 # (trial name, trained trial it re-scores, eval overrides)
 DECODING = [
@@ -76,6 +108,8 @@ def base_overrides(args) -> dict:
     return {"data.source": args.data, "data.train_size": args.train_size, "data.eval_size": args.eval_size,
             "data.train_eval_size": 0, "train.budget_tokens": args.budget_tokens, "train.checkpoint_every": 0,
             "eval.batch_size": args.eval_batch_size, "eval.before": False, "model.device": args.device,
+            # The trials before the chat format were measured in the plain format, against the untouched model alone.
+            "data.format": "plain", "eval.baselines": ["zero-shot"],
             **({"model.name": args.model, "model.random_init": args.random_init} if args.model else {})}
 
 
@@ -97,8 +131,9 @@ def run_trial(args, question: str, name: str, method: str, overrides: dict, firs
     results = compare(load_config(None, settings), progress=False, resume=True)
     rows = []
     if results.get("baseline") and results["baseline"].get("eval"):
-        template = "instruction" if "data.template" in overrides else "TL;DR"
-        rows.append(row(question, f"untouched ({template} template)", results["baseline"]["eval"], 0.0))
+        template = ("chat format" if overrides.get("data.format") == "chat" else
+                    "instruction template" if "data.template" in overrides else "TL;DR template")
+        rows.append(row(question, f"untouched ({template})", results["baseline"]["eval"], 0.0))
     m = results["methods"][method]
     rows.append(row(question, name, m["after"]["eval"], time.perf_counter() - started, m["training"]))
     return rows
@@ -111,12 +146,14 @@ def run_decoding(args, name: str, trained: str | None, overrides: dict) -> dict:
         cfg = load_config(None, {**base_overrides(args), "methods": ["lora"], **overrides})
     else:
         cfg = load_config(run / RUN_CONFIG,
-                          {"eval.batch_size": args.eval_batch_size, "model.device": args.device, **overrides})
+                          {"eval.batch_size": args.eval_batch_size, "model.device": args.device, **overrides},
+                          saved=True)
     session = open_session(cfg, progress=False)
     if run is None:
         adapted = untouched(session.loaded.model, session.dtype)
     else:
-        adapted = adapt(session.loaded.model, session.loaded.tokenizer, cfg.methods[0], cfg)
+        method = method_named(cfg.methods[0])  # a PiSSA/OLoRA trial is saved as a plain LoRA: load it as such
+        adapted = adapt(session.loaded.model, session.loaded.tokenizer, method.name, method.saved_as(cfg))
         adapters.load_into(adapted, run)
     splits = load_data(cfg.data, seed=cfg.train.seed)
     result = evaluate(adapted, session.loaded.tokenizer, splits.eval, cfg.data, cfg.eval, session.device,

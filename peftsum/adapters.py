@@ -8,15 +8,14 @@ method's business (methods/); this module only reads and writes. Only safetensor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import UserError
-from .files import atomic_write, read_text, write_json
+from .files import atomic_write, damaged, read_json, read_tensors, require_file, write_json
 from .methods import Adapted, Method
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,19 +40,16 @@ def save(adapted: Adapted, folder: Path, base_model: str, cfg) -> list[Path]:
 def load_into(adapted: Adapted, folder: Path) -> None:
     """Load trained weights saved by `save` (or by peft) into a freshly adapted model of the same configuration."""
     path = weights_path(folder, adapted.method)
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file: {exc}") from None
-    adapted.method.load_tensors(adapted, tensors, path)
+    tensors = read_tensors(path)
+    with torch.no_grad(), damaged(path):  # e.g. a tensor missing from a foreign file
+        adapted.method.load_tensors(adapted, tensors, path)
 
 
 def read_adapter_config(folder: Path) -> dict:
-    path = folder / ADAPTER_CONFIG
-    try:
-        return json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
+    config = read_json(folder / ADAPTER_CONFIG, advice="")
+    if not isinstance(config, dict):
+        raise UserError(f"{folder / ADAPTER_CONFIG} must hold a JSON object")
+    return config
 
 
 def refuse_pickled(expected: Path) -> None:
@@ -69,14 +65,16 @@ def refuse_pickled(expected: Path) -> None:
 def weights_path(folder: Path, method: Method) -> Path:
     """The safetensors file `load_into` will read for `method`; refuses a missing or pickled-only one up front."""
     path = folder / method.weights_file
-    if not path.is_file():
+    if not path.exists():
         refuse_pickled(path)
         raise UserError(f"missing weights file {path}")
+    require_file(path, "weights file")  # a folder or a named pipe by that name: say so
     return path
 
 
 def unused_keys(adapted: Adapted, folder: Path) -> list[str]:
     """Tensors of the adapter file in `folder` that `load_into` does not use (e.g. LoRA on an embedding layer)."""
-    with safe_open(str(weights_path(folder, adapted.method)), framework="pt") as f:
+    path = weights_path(folder, adapted.method)
+    with damaged(path), safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
     return sorted(keys - set(adapted.method.saved_tensors(adapted)))

@@ -12,9 +12,10 @@ import math
 import numpy as np
 
 from .metrics import ROUGE_KEYS, paired_bootstrap
-from .results import SCHEMA_VERSION, Analysis, MethodResult, PairedTest, Results, SeedSummary, Split
+from .results import (SCHEMA_VERSION, ZERO_SHOT, Analysis, BaselineAnalysis, BaselineResult, MethodResult,
+                      PairedTest, Results, SeedSummary, Split)
 
-BEFORE = "untouched model"  # the name the untouched model goes by in tests and tables
+BEFORE = "untouched model"  # the name the untouched model in the run's format goes by in tests
 ALPHA = 0.05  # significance threshold of the paired tests
 DEFAULT_SAMPLES = 1000  # EvalConfig's default, for results written before the config recorded it
 TESTED_KEYS = ("rouge1", "rouge2", "rougeL")  # the ROUGE keys the verdict draws conclusions on
@@ -86,30 +87,54 @@ def _ranking(methods: dict[str, MethodResult], key: str) -> list[str]:
     return sorted(scored, key=lambda n: sign * _eval_mean(methods[n], key))
 
 
-def _pairs(ranking: dict[str, list[str]]) -> list[tuple[str, str, str]]:
-    """(a, b, key) for every test the report states: leader vs each other method, and each method vs untouched."""
+def baseline_name(key: str) -> str:
+    """A baseline's name in tests: BEFORE for the run-format zero-shot (today's "untouched model"), else its key."""
+    return BEFORE if key == ZERO_SHOT else key
+
+
+def _scored_baselines(results: dict) -> dict[str, BaselineResult]:
+    """Baselines with eval scores, by test name, in the order they were scored."""
+    return {baseline_name(k): b for k, b in results["baselines"].items() if b.get("eval") is not None}
+
+
+def _baseline_analysis(baselines: dict[str, BaselineResult]) -> BaselineAnalysis:
+    means = {n: {key: b["eval"]["rouge"][key]["mean"] for key in TESTED_KEYS} for n, b in baselines.items()}
+    ranking = {key: sorted(means, key=lambda n: -means[n][key]) for key in TESTED_KEYS}
+    return {"labels": {n: b["label"] for n, b in baselines.items()}, "ranking": ranking,
+            "strongest": {key: ranked[0] for key, ranked in ranking.items() if ranked}, "eval_means": means}
+
+
+def _pairs(ranking: dict[str, list[str]], baselines: dict[str, BaselineResult]) -> list[tuple[str, str, str]]:
+    """(a, b, key) for every test the report states: the leader against each other method, each method against
+    the untouched model and against every other baseline, and the untouched model in the run's format against the
+    same model in the other format."""
+    others = [n for n in baselines if n != BEFORE]
+    zero_shots = [n for n in others if baselines[n]["kind"] == "zero-shot"]
     pairs = []
     for key in TESTED_KEYS:
         ranked = ranking[key]
         pairs += [(ranked[0], other, key) for other in ranked[1:]] + [(n, BEFORE, key) for n in ranked]
-    return pairs
+        pairs += [(n, b, key) for n in ranked for b in others] + [(BEFORE, b, key) for b in zero_shots]
+    return list(dict.fromkeys(pairs))
 
 
 def analyze(results: dict) -> Analysis:
-    """The ranking and every paired test, where both sides have per-document scores on the same documents."""
+    """The ranking, the baselines' ranking and every paired test, where both sides have per-document scores on the
+    same documents."""
     methods, samples = results["methods"], samples_of(results)
-    baseline = (results.get("baseline") or {}).get("eval")
+    baselines = _scored_baselines(results)
     ranking = {key: _ranking(methods, key) for key in ("loss", *TESTED_KEYS)}
     tests: list[PairedTest] = []
-    for a, b, key in _pairs(ranking):
-        xs = method_scores(methods[a], key)
-        ys = _per_document(baseline, key) if b == BEFORE else method_scores(methods[b], key)
+    for a, b, key in _pairs(ranking, baselines):
+        xs, ys = (_per_document(baselines[n]["eval"], key) if n in baselines else
+                  method_scores(methods[n], key) if n in methods else None for n in (a, b))
         if xs is not None and ys is not None and len(xs) == len(ys):
             test = paired_bootstrap(xs, ys, samples=samples, seed=0)
             p_value = None if math.isnan(test["p_value"]) else test["p_value"]
             tests.append({"a": a, "b": b, "metric": key, **test, "p_value": p_value})
     means = {n: {key: _eval_mean(methods[n], key) for key in ranking} for n in ranking["loss"]}
-    return {"alpha": ALPHA, "samples": samples, "ranking": ranking, "eval_means": means, "tests": tests}
+    return {"alpha": ALPHA, "samples": samples, "ranking": ranking, "eval_means": means, "tests": tests,
+            "baselines": _baseline_analysis(baselines)}
 
 
 def significant(test: PairedTest, alpha: float = ALPHA) -> bool:
@@ -119,9 +144,16 @@ def significant(test: PairedTest, alpha: float = ALPHA) -> bool:
 def upgrade(results: dict) -> Results:
     """`results` at the current schema: an older file gains its statistics (computed now), and the settings that
     did not exist when it was written read as their defaults (which keep the old behaviour); in place."""
-    from .config import RunConfig
+    from .config import complete_saved
 
-    _fill_missing(results["config"], RunConfig().to_dict())
+    complete_saved(results["config"])
+    if "baselines" not in results:  # before there were several: the untouched model alone, in the plain format
+        base = results.get("baseline")
+        results["baselines"] = {} if base is None else {ZERO_SHOT: {
+            "kind": "zero-shot", "label": "untouched model (plain)", "dir": "baseline",
+            "settings": {"format": "plain"}, "note": None, "train": base.get("train"), "eval": base.get("eval")}}
+    results.setdefault("prompt", {"format": "plain", "chosen": "plain",
+                                  "template": results["config"]["data"]["template"]})
     for method in results["methods"].values():
         method.setdefault("after", {"train": None, "eval": None})
         for run in [method, *(method.get("seed_runs") or [])]:
@@ -135,10 +167,3 @@ def upgrade(results: dict) -> Results:
         results["schema_version"] = SCHEMA_VERSION
     return results
 
-
-def _fill_missing(config: dict, defaults: dict) -> None:
-    for key, value in defaults.items():
-        if key not in config:
-            config[key] = value
-        elif isinstance(value, dict) and isinstance(config[key], dict):
-            _fill_missing(config[key], value)

@@ -1,8 +1,9 @@
 """Training checkpoints: everything `train` needs to continue a run exactly where it stopped.
 
 A checkpoint is a folder `<method folder>/checkpoints/step-XXXXXXXX/` with two files: `tensors.safetensors`
-(trainable weights by parameter name, AdamW moments, torch RNG states) and `state.json` (scheduler, Python and NumPy
-RNG states, position in the epoch's batch list, loss log, epoch stats, configuration). No pickles either way.
+(trainable weights by parameter name, AdamW moments, torch RNG states, and with keep_best the best validation point's
+weights) and `state.json` (scheduler, Python and NumPy RNG states, position in the epoch's batch list, loss log,
+validation points, epoch stats, configuration). No pickles either way.
 
 A checkpoint is written under a temporary name, flushed to disk and then renamed: a folder named `step-*` is
 complete by construction, and a crash mid-write leaves only a `.tmp-*` folder that is ignored and later removed.
@@ -13,6 +14,7 @@ complete by construction, and a crash mid-write leaves only a `.tmp-*` folder th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import distributed
 from .errors import UserError
-from .files import fsync
+from .files import NO_SPACE, damaged, fsync, os_error, read_json, read_tensors, write_problem
 
 FOLDER = "checkpoints"
 TENSORS = "tensors.safetensors"
@@ -55,7 +57,11 @@ def step_name(step: int) -> str:
 
 
 def save(run: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
-    """Write checkpoint `step` of `run` atomically, then keep only the newest `keep`."""
+    """Write checkpoint `step` of `run` atomically, then keep only the newest `keep`.
+
+    Whatever stops the write (a full disk, a second Ctrl-C or SIGTERM), the temporary folder is removed and the
+    checkpoints already complete stay as they were.
+    """
     root = Path(run) / FOLDER
     target = root / step_name(step)
     if target.is_dir():  # reached twice (an interrupt right after a resume): same step, same state
@@ -70,20 +76,36 @@ def save(run: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, ke
             fsync(path)
         os.replace(tmp, target)
         fsync(root)
-    except OSError as exc:  # a full disk, most likely: say so, and keep the previous checkpoint
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error type
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint {target}: {exc.strerror or exc}; free some space "
-                        f"or raise train.checkpoint_every") from None
+        with contextlib.suppress(OSError):
+            root.rmdir()  # only if no checkpoint is there
+        if os_error(exc) is None:
+            raise
+        more = " (or lower train.keep_checkpoints)" if os_error(exc).errno in NO_SPACE else ""
+        raise UserError(f"cannot write checkpoint {target}: {write_problem(exc)}{more}; earlier checkpoints "
+                        f"are kept") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     prune(run, keep)
     return target
 
 
+ADVICE = "delete it to resume from an older one, or pass --overwrite to start over"
+
+
+def reading(path: Path):
+    """A block that reads checkpoint `path`: a damaged or incomplete one (a missing tensor or state key) is refused
+    in one line naming it, with what to do."""
+    return damaged(path, ADVICE)
+
+
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    try:
-        return load_file(str(path / TENSORS)), json.loads((path / STATE).read_text(encoding="utf-8"))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"checkpoint {path} cannot be read ({exc}); delete it to resume from an older one, "
-                        f"or pass --overwrite to start over") from None
+    tensors, state = read_tensors(path / TENSORS, ADVICE), read_json(path / STATE, ADVICE)
+    if not isinstance(state, dict):
+        raise UserError(f"{path / STATE} must hold a JSON object; {ADVICE}")
+    return tensors, state
 
 
 def prune(run: Path, keep: int) -> None:
@@ -177,14 +199,16 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------- a training run's checkpoint, over N processes
 
 def save_training(run: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                  state: dict, keep: int, device: torch.device) -> Path:
-    """Checkpoint a training run: the trainable weights by name, the optimizer, every generator and `state` (JSON).
+                  state: dict, keep: int, device: torch.device, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Checkpoint a training run: the trainable weights by name, the optimizer, every generator and `state` (JSON),
+    and `extra` tensors by name (the best validation point's weights), which `restore_training` hands back.
 
     A collective with several processes (every rank calls it): sharded tensors are gathered whole, each rank's
     generators are collected, and rank 0 writes; returns the checkpoint's path on every rank.
     """
     main, world = distributed.is_main(), distributed.world()
     weights = {f"weight/{name}": distributed.full_tensor(p, keep=main) for name, p in params.items()}
+    weights.update({f"extra/{name}": t for name, t in (extra or {}).items()})
     optim_tensors, optim_meta = optimizer_state(optimizer)
     optim_tensors = {k: distributed.full_tensor(v, keep=main) for k, v in optim_tensors.items()}
     rng_tensors, rng_meta = rng_state(all_cuda=world == 1)
@@ -199,8 +223,9 @@ def save_training(run: Path, step: int, params: dict[str, torch.nn.Parameter], o
 
 
 def restore_training(path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                     settings: dict, digest: str, device: torch.device, seed: int) -> dict:
-    """Load checkpoint `path` into the weights, optimizer and generators (each rank its own part); returns its state.
+                     settings: dict, digest: str, device: torch.device, seed: int) -> tuple[dict, dict]:
+    """Load checkpoint `path` into the weights, optimizer and generators (each rank its own part); returns its state
+    and the `extra` tensors it was saved with (on the device, by name).
 
     Refuses, in one line, a checkpoint written with other training settings, on other data (`digest`), or for
     other tensors.
@@ -220,7 +245,8 @@ def restore_training(path: Path, params: dict[str, torch.nn.Parameter], optimize
     set_rng_state(tensors, state["rng"], all_cuda=distributed.world() == 1)
     if distributed.world() > 1:
         _restore_rank_rng(tensors, device, seed, state["step"])
-    return state
+    extra = {key.removeprefix("extra/"): value.to(device) for key, value in tensors.items() if key.startswith("extra/")}
+    return state, extra
 
 
 def _check_compatible(path: Path, state: dict, settings: dict, digest: str, params: dict, tensors: dict) -> None:

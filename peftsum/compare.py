@@ -1,11 +1,16 @@
-"""Orchestration: load model and data once, score the untouched model, then train and score each method.
+"""Orchestration: load model and data once, score the baselines (baselines.py), then train and score each method.
 
 Every method starts from its own copy of the same base weights, with the same data, seed and step budget. Results
 are written after each method (results.json, report.md, plots), so a long comparison shows progress on disk.
 
-A comparison survives interruption: the untouched model's scores (`baseline/metrics.json`) and each finished
-method's (`<method>/metrics.json`, written last) are read back instead of recomputed, and a method interrupted while
-training continues from its newest checkpoint. A finished run is never overwritten without `--overwrite`.
+With `train.eval_every`, each method is validated during training on examples of the eval split kept apart from the
+scored ones (`data.validation_subset`); with `train.report_to`, every method and seed is a run of each named
+experiment tracker (trackers.py), fed the numbers as they are computed.
+
+A comparison survives interruption: each baseline's scores (`baseline/metrics.json` for the untouched model,
+`baselines/<name>/metrics.json`) and each finished method's (`<method>/metrics.json`, written last) are read back
+instead of recomputed, and a method interrupted while training continues from its newest checkpoint. A finished run
+is never overwritten without `--overwrite`.
 
 Started as several processes (torchrun, accelerate launch), every rank runs the same steps on its share of the work
 (see distributed.py) and only rank 0 touches the output folder. With FSDP (full fine-tuning only), the base model
@@ -23,18 +28,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import __version__, adapters, checkpoint, distributed, runs
+from . import __version__, adapters, baselines, checkpoint, distributed, runs
 from .config import RunConfig
-from .data import Splits, encode_example, load_data, skipped_note
-from .evaluate import evaluate
+from .data import Splits, load_data, skipped_note, validation_note
+from .evaluate import evaluate, validation
 from .files import make_folder, read_json, write_json, write_text
 from .methods import Adapted, untouched
 from .model_card import write_cards
 from .models import transformer_blocks
+from .prompts import prompt_format, settle
 from .analysis import analyze, seed_summary
 from .report import write_report
-from .results import SCHEMA_VERSION
+from .results import SCHEMA_VERSION, ZERO_SHOT
 from .session import Session, base_copy, check_fsdp, environment, fresh_adapted, model_facts, open_session
+from .trackers import Tracking, group_name, open_tracking, require, result_metrics
 from .train import train
 
 def plan(session: Session) -> dict:
@@ -57,23 +64,30 @@ def score_splits(session: Session, adapted: Adapted, splits: Splits, folder: Pat
     return out
 
 
-def train_method(session: Session, method: str, splits: Splits, folder: Path) -> tuple[Adapted, dict]:
+def train_method(session: Session, method: str, splits: Splits, folder: Path,
+                 on_step=None) -> tuple[Adapted, dict]:
     """Train one method into `folder` (weights, config, step log); returns the adapted model and its training facts.
 
-    Training continues from the newest checkpoint in `folder/checkpoints`, if there is one.
+    Training continues from the newest checkpoint in `folder/checkpoints`, if there is one. With train.eval_every,
+    the loop validates on `splits.validation`; `on_step` gets each log row (see train.train).
     """
     cfg = session.cfg
     if distributed.is_main():
         folder.mkdir(parents=True, exist_ok=True)
     adapted = fresh_adapted(session, method)
-    encoded = [encode_example(session.loaded.tokenizer, e, cfg.data, reserved=adapted.virtual_tokens)
-               for e in splits.train]
+    fmt = prompt_format(session.tokenizer, cfg.data)
+    encoded = [fmt.example(e, cfg.data, reserved=adapted.virtual_tokens) for e in splits.train]
     if session.fsdp:
         distributed.fully_shard_model(adapted.model, transformer_blocks(adapted.model), session.device)
         adapted.trainable = [p for p in adapted.model.parameters() if p.requires_grad]
+    validate = None
+    if cfg.train.eval_every:
+        validate = validation(session.tokenizer, splits.validation, cfg.data, cfg.eval, session.device, session.dtype,
+                              rouge=cfg.train.eval_rouge)
     training = train(adapted, encoded, cfg.train, cfg.method_lr(method), pad_id=session.loaded.tokenizer.pad_token_id,
                      device=session.device, dtype=session.dtype, log_path=folder / runs.TRAIN_LOG,
-                     progress=session.progress, run_dir=folder, run_config=cfg.to_dict(), fsdp=session.fsdp)
+                     progress=session.progress, run_dir=folder, run_config=cfg.to_dict(), fsdp=session.fsdp,
+                     validate=validate, on_step=on_step)
     if session.fsdp:
         adapted = gathered(session, method, adapted)
     if distributed.is_main():
@@ -81,6 +95,7 @@ def train_method(session: Session, method: str, splits: Splits, folder: Path) ->
         method_cfg = copy.deepcopy(cfg)
         method_cfg.methods = [method]
         method_cfg.out = str(folder)
+        settle(method_cfg.data, fmt)
         write_text(folder / runs.RUN_CONFIG, yaml.safe_dump(method_cfg.to_dict(), sort_keys=False))
     return adapted, training
 
@@ -97,25 +112,30 @@ def gathered(session: Session, method: str, sharded: Adapted) -> Adapted:
     return whole
 
 
-def run_method(session: Session, method: str, splits: Splits, out: Path, folder_name: str) -> dict | None:
+def run_method(session: Session, method: str, splits: Splits, out: Path, folder_name: str, tracking: Tracking,
+               baseline: dict | None) -> dict | None:
     """Train and score `method` into out/folder_name, or read back its scores if that folder finished earlier.
 
-    Returns the method's results (None on ranks other than 0 when read back: only rank 0 writes results).
+    Returns the method's results (None on ranks other than 0 when read back: only rank 0 writes results). A method
+    trained here is a tracker run (named after its folder), left open for the report that will include it.
     """
     folder = out / folder_name
     if distributed.broadcast_object(runs.finished(folder)):  # rank 0 decides: all ranks take one branch
         print(f"{folder_name}: finished earlier; results read back from {folder / runs.METRICS}")
         return read_json(folder / runs.METRICS) if distributed.is_main() else None
-    adapted, training = train_method(session, method, splits, folder)
+    tracking.start(folder_name.replace("/", "-"), group_name(out), {**session.cfg.to_dict(), "methods": [method]})
+    adapted, training = train_method(session, method, splits, folder, on_step=tracking.log_step)
     after = score_splits(session, adapted, splits, folder, folder_name)
     result = {"params": adapted.parameter_counts(), "training": training, "after": after, "dir": folder_name}
+    tracking.log_summary(result_metrics(result, baseline))
     if distributed.is_main():
         write_json(folder / runs.METRICS, result)
         checkpoint.remove(folder)  # the final weights and scores are on disk: nothing left to resume
     return result
 
 
-def run_seeds(session: Session, method: str, splits: Splits, out: Path) -> dict | None:
+def run_seeds(session: Session, method: str, splits: Splits, out: Path, tracking: Tracking,
+              baseline: dict | None) -> dict | None:
     """`method` trained once per seed (train.seed, train.seed + 1, ...) into out/method/seed-S, each from its own
     initialisation and batch order on the same data; the first seed's run stands for the method, with the runs of
     every seed (`seed_runs`) and their mean and spread (`across_seeds`) beside it."""
@@ -124,7 +144,8 @@ def run_seeds(session: Session, method: str, splits: Splits, out: Path) -> dict 
     for seed in range(base, base + session.cfg.seeds):
         cfg = copy.deepcopy(session.cfg)
         cfg.train.seed = seed  # the data subset stays drawn with the base seed: every seed sees the same examples
-        result = run_method(dataclasses.replace(session, cfg=cfg), method, splits, out, runs.seed_folder(method, seed))
+        result = run_method(dataclasses.replace(session, cfg=cfg), method, splits, out, runs.seed_folder(method, seed),
+                            tracking, baseline)
         seed_runs.append(result and {"seed": seed, **result})
     if not distributed.is_main():
         return None
@@ -145,16 +166,20 @@ def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwri
     if fsdp:
         distributed.on_main(check_fsdp, cfg)
     distributed.on_main(runs.prepare_compare_folder, out, cfg, resume, overwrite)
-    splits = load_data(cfg.data, seed=cfg.train.seed)  # before the model: bad data is refused in seconds
-    note = skipped_note(splits.info)
-    if note:
-        print(note)
+    distributed.on_main(require, cfg.train.report_to, out)
+    # Before the model: bad data is refused in seconds.
+    splits = load_data(cfg.data, seed=cfg.train.seed, validation_size=cfg.train.validation_size)
+    for note in (skipped_note(splits.info), validation_note(splits.info)):
+        if note:
+            print(note)
     distributed.on_main(make_folder, out)
     session = open_session(cfg, progress, fsdp)
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    fmt = prompt_format(session.tokenizer, cfg.data)
     results = {"schema_version": SCHEMA_VERSION, "peftsum_version": __version__, "created": created,
                "config": cfg.to_dict(), "environment": environment(session), "model": model_facts(session),
-               "data": splits.info, "baseline": None, "methods": {}, "wall_seconds": 0.0}
+               "data": splits.info, "prompt": {**fmt.describe(), "chosen": cfg.data.format}, "baseline": None,
+               "baselines": {}, "methods": {}, "wall_seconds": 0.0}
 
     main = distributed.is_main()
 
@@ -169,22 +194,29 @@ def compare(cfg: RunConfig, progress: bool = True, resume: bool = False, overwri
     if main:
         # Claims the folder for this configuration before anything else is written.
         write_json(out / runs.RESULTS, {**results, "analysis": analyze(results)})
-    if cfg.eval.before:
-        scores = out / runs.BASELINE / runs.METRICS
-        if distributed.broadcast_object(scores.is_file()):  # rank 0 decides: every rank must take the same branch
-            results["baseline"] = read_json(scores) if main else None  # only rank 0 needs results (and the folder)
-            print(f"untouched model: scores read back from {scores}")
-        else:
-            results["baseline"] = score_splits(session, untouched(base_copy(session), session.dtype), splits,
-                                               out / runs.BASELINE, "untouched")
-            if main:
-                write_json(scores, results["baseline"])
+    model = None
+
+    def untouched_model() -> Adapted:  # one copy of the base model for every baseline that prompts it
+        nonlocal model
+        model = model or untouched(base_copy(session), session.dtype)
+        return model
+
+    for baseline in baselines.plan(cfg, session.tokenizer):
+        scored = baselines.score(session, baseline, splits, out, untouched_model)
+        if main:
+            results["baselines"][baseline.name] = scored
+            if baseline.name == ZERO_SHOT:
+                results["baseline"] = {"train": scored["train"], "eval": scored["eval"]}
         publish()
-    for method in cfg.methods:
-        if cfg.seeds == 1:
-            results["methods"][method] = run_method(session, method, splits, out, method)
-        else:
-            results["methods"][method] = run_seeds(session, method, splits, out)
-        publish()
+    model = None  # the baselines' copy of the base model is not needed for training
+    with open_tracking(cfg.train.report_to, out, [out / runs.REPORT, out / runs.REPORT_HTML]) as tracking:
+        for method in cfg.methods:
+            if cfg.seeds == 1:
+                result = run_method(session, method, splits, out, method, tracking, results["baseline"])
+            else:
+                result = run_seeds(session, method, splits, out, tracking, results["baseline"])
+            results["methods"][method] = result
+            publish()
+            tracking.finish()  # the method's (last) run gets the report that includes it
     distributed.barrier()  # every file is written before any process returns
     return results

@@ -87,17 +87,21 @@ def _checkpointed(call):
 
 @contextlib.contextmanager
 def training_blocks(model: nn.Module, device: torch.device, max_length: int, *, compile: bool = True,
-                    gradient_checkpointing: bool = False):
+                    gradient_checkpointing: bool = False, cached_prefix: bool = False):
     """Within the block, `model`'s transformer blocks run compiled (on the CPU with eager attention for short
     sequences, with joined projections where `fused.joinable`) and/or checkpointed; on exit the model is as it was:
-    plain blocks, its own weights' storage, its own attention implementation."""
+    plain blocks, its own weights' storage, its own attention implementation. `cached_prefix`: the blocks train with
+    a key/value prefix in their cache (prefix tuning), which the joined forward has no place for."""
     if not compile and not gradient_checkpointing:
         yield
         return
+    if gradient_checkpointing and cached_prefix:  # recomputing a block would write its keys into the cache again
+        raise UserError("train.gradient_checkpointing does not work with prefix tuning yet (its prefix lives in the "
+                        "key/value cache that each block's recomputation would extend again); set it to false")
     blocks = transformer_blocks(model)
     attention = getattr(model.config, "_attn_implementation", None)
     swap = compile and device.type == "cpu" and attention == "sdpa" and max_length <= EAGER_ATTENTION_MAX_LENGTH
-    joined = compile and fused.joinable(model)
+    joined = compile and not cached_prefix and fused.joinable(model)
     if compile:
         check_compiler(device)
     with fused.joined_projections(model) if joined else contextlib.nullcontext():
@@ -125,3 +129,19 @@ def training_blocks(model: nn.Module, device: torch.device, max_length: int, *, 
 def compiled_blocks(model: nn.Module, device: torch.device, max_length: int, enabled: bool = True):
     """`training_blocks` compiled, without checkpointing (`enabled=False`: the model as it is)."""
     return training_blocks(model, device, max_length, compile=enabled)
+
+
+@contextlib.contextmanager
+def paused(model: nn.Module):
+    """Within the block, compiled (or checkpointed) blocks run their plain forward (validation during training:
+    no-grad passes and generation, which the compiled training graph was not built for); as before after. A no-op
+    otherwise."""
+    blocks = transformer_blocks(model)
+    saved = [block._compiled_call_impl for block in blocks]
+    for block in blocks:
+        block._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for block, call in zip(blocks, saved):
+            block._compiled_call_impl = call

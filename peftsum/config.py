@@ -1,12 +1,13 @@
 """Typed run configuration: dataclasses, loadable from YAML, overridable from the command line.
 
-Every knob lives in exactly one section (`model`, `data`, `lora`, `prompt`, `finetune`, `train`, `eval`) and is
+Every knob lives in exactly one section (`model`, `data`, `train`, `eval`, and one per method) and is
 reachable as `--section.field VALUE` on the command line; `validate` checks the whole config once, at the boundary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,8 +16,15 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .files import read_text
 
-METHODS = ("lora", "prompt", "finetune")
+METHODS = ("lora", "prompt", "finetune", "ia3", "prefix", "ptuning")  # every method (methods.REGISTRY, in this order)
+DEFAULT_METHODS = ("lora", "prompt", "finetune")  # what a comparison runs unless told: `--methods all` runs every one
+LORA_VARIANTS = ("lora", "dora", "rslora")
+LORA_INITS = ("default", "pissa", "olora")  # and pissa_niter_N: PiSSA from a randomized SVD with N iterations
+BASELINES = ("zero-shot", "lead", "few-shot")  # what eval.baselines may list (baselines.py)
+FORMATS = ("plain", "chat", "auto")  # data.format (prompts.py)
+TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")  # train.report_to (trackers.py)
 
 
 @dataclass
@@ -38,7 +46,12 @@ class DataConfig:
     train_size: int = 0  # training examples drawn (seeded) from the train split; 0 = all
     train_eval_size: int = 32  # training examples scored for the "train" rows of the report
     eval_size: int = 32  # evaluation examples scored for the "eval" rows of the report
-    template: str = "{document}\nTL;DR:"  # the prompt; the summary follows it after a space
+    # The prompt format (prompts.py): plain = `template`; chat = the tokenizer's chat template with `instruction` and
+    # the document in the user turn (and `system`, if given); auto = chat where the tokenizer has a chat template.
+    format: str = "auto"
+    instruction: str = "auto"  # the chat format's instruction ("" = none); auto = the data set kind's (data.KINDS)
+    system: str | None = None  # the chat format's system message; None = none (the template's own default, if any)
+    template: str = "{document}\nTL;DR:"  # the plain format's prompt; the summary follows it after a space
     max_length: int = 256  # tokens per example, virtual tokens included; the document is truncated to fit
     max_summary_tokens: int = 64  # the summary's own cap (the only way a summary is ever cut)
     hub_stream_limit: int = 2000  # rows streamed from a hub split before subsetting
@@ -51,6 +64,14 @@ class LoraConfig:
     dropout: float = 0.0  # peft's default; with dropout each target layer draws its own mask every step
     targets: list[str] | None = None  # module names (suffixes); default chosen per architecture
     lr: float = 5e-4
+    # lora: scale alpha / r | dora: weight-decomposed (a trained magnitude per output row times the normalised
+    # direction W + BA) | rslora: scale alpha / sqrt(r), which keeps large ranks learning
+    variant: str = "lora"
+    # default: A random, B zero | pissa: A, B from the weights' top-r singular vectors (pissa_niter_N: randomized SVD,
+    # N iterations) | olora: from their QR decomposition; both take B @ A out of the frozen weights, and the saved
+    # adapter is the plain LoRA (rank 2r) that applies to the original weights, as peft converts them
+    init: str = "default"
+    lr_ratio: float = 1.0  # LoRA+: the B matrices (and DoRA magnitudes) learn at lr_ratio x lr; 1 = plain LoRA
 
 
 @dataclass
@@ -67,6 +88,35 @@ class FinetuneConfig:
     last_blocks: int = 0  # also train the last K transformer blocks and the final norm
     all: bool = False  # train every parameter
     lr: float = 5e-4  # measured for the head (docs/defaults.md); lower it when training many blocks or all
+
+
+@dataclass
+class Ia3Config:
+    # Modules whose output (attention keys/values) or, for `feedforward`, input is scaled by a learned vector;
+    # default per architecture, as peft's (llama: k_proj, v_proj and down_proj's input; gpt2: c_attn, mlp.c_proj).
+    targets: list[str] | None = None
+    feedforward: list[str] | None = None  # the targets scaled on their input; default: the architecture's among targets
+    lr: float = 1e-2  # IA3 learns only scales starting at 1: far larger steps than LoRA's
+
+
+@dataclass
+class PrefixConfig:
+    num_virtual_tokens: int = 10  # prefix length: keys and values this many positions long, in every layer
+    init: str = "text"  # text (the keys/values the model computes for init_text) | random (peft's: unit normal)
+    init_text: str = "Summarize the following article in one or two sentences:"
+    projection: bool = False  # train the prefix through peft's reparameterisation MLP (prefix_projection)
+    encoder_hidden_size: int = 0  # that MLP's hidden width; 0 = the key/value width (peft's default)
+    lr: float = 1e-2
+
+
+@dataclass
+class PtuningConfig:
+    num_virtual_tokens: int = 10
+    encoder_reparameterization_type: str = "mlp"  # mlp | lstm: the prompt encoder (peft's PromptEncoderConfig)
+    encoder_hidden_size: int = 0  # 0 = the model's hidden size (peft's default)
+    encoder_num_layers: int = 2  # LSTM layers (peft's MLP always has three linear layers)
+    encoder_dropout: float = 0.0  # between LSTM layers
+    lr: float = 1e-2
 
 
 @dataclass
@@ -92,6 +142,20 @@ class TrainConfig:
     compile: str = "auto"
     # Recompute each block's activations in the backward instead of keeping them: less memory, ~1/3 more compute.
     gradient_checkpointing: bool = False
+    # Validation during training: every `eval_every` optimizer steps (and at the last step) the eval loss on
+    # `eval_size` examples of the eval split, disjoint from the scored eval subset where the split has the rows;
+    # `eval_rouge` also generates and scores them. Time spent validating is not training time.
+    eval_every: int = 0  # 0 = off
+    eval_size: int = 32
+    eval_rouge: bool = False
+    early_stopping_patience: int = 0  # stop once this many validation points in a row did not improve (0 = off)
+    keep_best: bool = False  # the result is the weights of the best validation point, not of the last step
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, mlflow, trackio, wandb
+
+    @property
+    def validation_size(self) -> int:
+        """Validation examples to draw: train.eval_size when validation is on, else none."""
+        return self.eval_size if self.eval_every else 0
 
 
 @dataclass
@@ -107,18 +171,28 @@ class EvalConfig:
     bootstrap_samples: int = 1000  # resamples for the 95% ROUGE intervals
     # int8: the frozen linear layers generate with dynamic int8 matmuls (CPU only; the report says so); none: as trained.
     quantize: str = "none"
-    before: bool = True  # also score the untouched base model
+    before: bool = True  # score the baselines (below) before training; false skips them all
+    # What every method is measured against (baselines.py): zero-shot (the untouched model in the run's format, and
+    # in the other one too when data.format auto chose chat), lead (the document's first lead_k sentences), few-shot
+    # (the untouched model shown up to `shots` training examples, as many as fit the model's context).
+    baselines: list[str] = field(default_factory=lambda: ["zero-shot", "lead"])
+    lead_k: int = 0  # sentences (or lines) the lead baseline copies; 0 = the data set kind's (data.KINDS)
+    lead_unit: str = "auto"  # sentence | line (one turn a line: dialogues) | auto = the data set kind's
+    shots: int = 3  # most training examples in a few-shot prompt (fewer where they do not fit the context)
 
 
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # "all": every method
     seeds: int = 1  # train each method this many times (seeds train.seed, train.seed + 1, ...); report mean ± std
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ia3: Ia3Config = field(default_factory=Ia3Config)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    ptuning: PtuningConfig = field(default_factory=PtuningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: str = "runs/latest"
@@ -141,7 +215,12 @@ def _is_section(tp) -> bool:
 
 
 def _convert(value, tp, where: str):
-    """Convert a YAML or command-line value to the annotated type, or say which key is wrong."""
+    """Convert a YAML or command-line value to the annotated type, or say which key is wrong.
+
+    Text (every command-line value, a quoted YAML value) is parsed: "2", "true", "1e-4". A value YAML already typed
+    must have the field's type: `epochs: true` or `rank: 2.5` is refused, not read as 1 or 2, and `hub_config: 1.10`
+    (a number to YAML) is refused rather than turned into "1.1".
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -155,21 +234,41 @@ def _convert(value, tp, where: str):
         if not isinstance(value, list):
             raise UserError(f"{where}: expected a list, got {value!r}")
         return [_convert(v, item, where) for v in value]
+    if not isinstance(value, str):
+        return _typed(value, tp, where)
     try:
         if tp is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).lower()
+            text = value.lower()
             if text in ("1", "true", "yes", "on"):
                 return True
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if tp is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
         return tp(value)
     except (TypeError, ValueError):
         raise UserError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+
+
+# What a YAML value of each Python type is called in an error message.
+YAML_KINDS = {bool: "a boolean", int: "a whole number", float: "a number", list: "a list", dict: "a mapping",
+              type(None): "empty"}
+
+
+def _typed(value, tp, where: str):
+    """A value that YAML (or a caller) already typed: taken only where its type is the field's (an int for a float)."""
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        kind = YAML_KINDS.get(type(value), type(value).__name__)
+        hint = "; quote it to give it as text" if tp is str and isinstance(value, (bool, int, float)) else ""
+        raise UserError(f"{where}: expected {tp.__name__}, got {value!r} ({kind}){hint}")
+    return tp(value)
 
 
 def _apply(obj, updates: dict, prefix: str = "") -> None:
@@ -187,20 +286,89 @@ def _apply(obj, updates: dict, prefix: str = "") -> None:
             setattr(obj, key, _convert(value, tp, where))
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
-    """Defaults, then the YAML file (if any), then dotted overrides such as {'train.epochs': 2}."""
+# Settings an older peftsum did not write, and the value they had then where it differs from today's default: a saved
+# config (a run's config.yaml, results.json) that lacks one was made with this value.
+LEGACY = {"data": {"format": "plain"}, "eval": {"baselines": ["zero-shot"]}}
+
+
+def fill_legacy(saved: dict) -> dict:
+    """`saved` (a config dict peftsum wrote) with the LEGACY value of every setting it lacks; in place."""
+    for section, values in LEGACY.items():
+        if isinstance(saved.setdefault(section, {}), dict):
+            for key, value in values.items():
+                saved[section].setdefault(key, value)
+    return saved
+
+
+def complete_saved(saved: dict) -> dict:
+    """A whole config dict from one an older peftsum wrote (results.json's "config"): LEGACY values, then today's
+    defaults for the settings that did not exist then (they keep the old behaviour); in place."""
+    _fill_missing(fill_legacy(saved), RunConfig().to_dict())
+    return saved
+
+
+def _fill_missing(config: dict, defaults: dict) -> None:
+    for key, value in defaults.items():
+        if key not in config:
+            config[key] = value
+        elif isinstance(value, dict) and isinstance(config[key], dict):
+            _fill_missing(config[key], value)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int):
+        super().__init__(f"duplicate key {key!r} at line {line}")
+        self.key, self.line = key, line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` merges on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: Path) -> dict:
+    """A YAML config file as a mapping: duplicate keys and malformed YAML are refused in one line naming the file."""
+    text = read_text(path, "config file")
+    try:
+        data = yaml.load(text, Loader=_StrictLoader) or {}
+    except _DuplicateKey as exc:
+        raise UserError(f"config file {path}: {exc}; give each key once") from None
+    except yaml.YAMLError as exc:
+        parts = [f"{text} (line {mark.line + 1})" for text, mark in ((getattr(exc, "context", None),
+                                                                       getattr(exc, "context_mark", None)),
+                                                                      (getattr(exc, "problem", None),
+                                                                       getattr(exc, "problem_mark", None)))
+                 if text and mark is not None]
+        raise UserError(f"config file {path} is not valid YAML: {': '.join(parts) or str(exc).splitlines()[0]}") \
+            from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None, saved: bool = False) -> RunConfig:
+    """Defaults, then the YAML file (if any), then dotted overrides such as {'train.epochs': 2}.
+
+    `saved`: the file is a config peftsum wrote (a run's config.yaml), whose missing settings mean their LEGACY values.
+    """
     cfg = RunConfig()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
+        data = load_yaml(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path} must hold a mapping of sections")
-        _apply(cfg, data)
+            _apply(cfg, fill_legacy(data) if saved else data)
+        except UserError as exc:
+            raise UserError(f"config file {path}: {exc}") from None
     for dotted, value in (overrides or {}).items():
         nested: dict = {}
         node = nested
@@ -209,6 +377,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             node = node.setdefault(part, {})
         node[leaf] = value
         _apply(cfg, nested)
+    if cfg.methods == ["all"]:
+        cfg.methods = list(METHODS)
     validate(cfg)
     return cfg
 
@@ -216,7 +386,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 def config_from_args(args, base: str | Path | None = None) -> RunConfig:
     """Defaults, then --config FILE (else `base`, e.g. a run's saved config.yaml), then every config flag given."""
     overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("methods", "out", "seeds")}
-    return load_config(getattr(args, "config", None) or base, overrides)
+    given = getattr(args, "config", None)
+    return load_config(given or base, overrides, saved=not given and base is not None)
 
 
 def flag_names() -> list[tuple[str, object]]:
@@ -240,12 +411,14 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Refuse impossible settings with one line naming the value and what would be accepted."""
     for m in cfg.methods:
-        _check(m in METHODS, f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        _check(m in METHODS, f"unknown method {m!r}; choose from {', '.join(METHODS)}, or all")
     _check(len(cfg.methods) > 0, "no methods given; choose from " + ", ".join(METHODS))
+    _check(bool(cfg.out.strip()), f"out must name a folder, got {cfg.out!r}")
     _check(cfg.model.precision in ("auto", "bf16", "fp32"), f"model.precision must be auto, bf16 or fp32, got {cfg.model.precision!r}")
-    _check(cfg.model.device in ("auto", "cpu", "cuda", "mps") or cfg.model.device.startswith("cuda:"),
-           f"model.device must be auto, cpu, cuda or mps, got {cfg.model.device!r}")
+    _check(cfg.model.device in ("auto", "cpu", "cuda", "mps") or bool(re.fullmatch(r"cuda:\d+", cfg.model.device)),
+           f"model.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.model.device!r}")
     d = cfg.data
+    _check(d.format in FORMATS, f"data.format must be {', '.join(FORMATS)}, got {d.format!r}")
     _check("{document}" in d.template, f"data.template must contain '{{document}}', got {d.template!r}")
     for name in ("train_size", "train_eval_size", "eval_size", "hub_stream_limit"):
         _check(getattr(d, name) >= 0, f"data.{name} must be >= 0, got {getattr(d, name)}")
@@ -255,6 +428,14 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
     _check(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
     _check(0 <= cfg.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    _check(cfg.lora.variant in LORA_VARIANTS,
+           f"lora.variant must be {', '.join(LORA_VARIANTS)}, got {cfg.lora.variant!r}")
+    _check(cfg.lora.init in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", cfg.lora.init) is not None,
+           f"lora.init must be {', '.join(LORA_INITS)} or pissa_niter_N (N >= 1), got {cfg.lora.init!r}")
+    _check(not (cfg.lora.variant == "dora" and cfg.lora.init != "default"),
+           f"lora.init {cfg.lora.init} does not combine with lora.variant dora: the saved adapter must apply to the "
+           f"original weights as a plain LoRA, which a DoRA magnitude is not (peft drops it in that conversion)")
+    _check(cfg.lora.lr_ratio > 0, f"lora.lr_ratio must be > 0 (1 = plain LoRA), got {cfg.lora.lr_ratio}")
     _check(cfg.prompt.num_virtual_tokens >= 1, f"prompt.num_virtual_tokens must be >= 1, got {cfg.prompt.num_virtual_tokens}")
     _check(cfg.prompt.init in ("text", "vocab", "random"), f"prompt.init must be text, vocab or random, got {cfg.prompt.init!r}")
     _check(cfg.prompt.num_virtual_tokens + d.max_summary_tokens + 2 <= d.max_length,
@@ -263,8 +444,33 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.finetune.last_blocks >= 0, f"finetune.last_blocks must be >= 0, got {cfg.finetune.last_blocks}")
     _check(cfg.finetune.head or cfg.finetune.last_blocks > 0 or cfg.finetune.all,
            "finetune trains nothing: set finetune.head, finetune.last_blocks > 0 or finetune.all")
+    ia3 = cfg.ia3
+    _check(ia3.targets is None or len(ia3.targets) > 0, "ia3.targets is empty; name modules, or leave it unset")
+    if ia3.targets is not None and ia3.feedforward is not None:
+        extra = [m for m in ia3.feedforward if m not in ia3.targets]
+        _check(not extra, f"ia3.feedforward {extra} must be among ia3.targets {ia3.targets}")
     for m in METHODS:
         _check(getattr(cfg, m).lr > 0, f"{m}.lr must be > 0, got {getattr(cfg, m).lr}")
+    _check(cfg.prefix.init in ("text", "random"), f"prefix.init must be text or random, got {cfg.prefix.init!r}")
+    _check(cfg.prefix.encoder_hidden_size >= 0,
+           f"prefix.encoder_hidden_size must be >= 0 (0 = the key/value width), got {cfg.prefix.encoder_hidden_size}")
+    p = cfg.ptuning
+    _check(p.encoder_reparameterization_type in ("mlp", "lstm"),
+           f"ptuning.encoder_reparameterization_type must be mlp or lstm, got {p.encoder_reparameterization_type!r}")
+    _check(p.encoder_hidden_size >= 0,
+           f"ptuning.encoder_hidden_size must be >= 0 (0 = the model's hidden size), got {p.encoder_hidden_size}")
+    _check(p.encoder_num_layers >= 1, f"ptuning.encoder_num_layers must be >= 1, got {p.encoder_num_layers}")
+    _check(0 <= p.encoder_dropout < 1, f"ptuning.encoder_dropout must be in [0, 1), got {p.encoder_dropout}")
+    _check(p.encoder_reparameterization_type == "lstm" or (p.encoder_num_layers == 2 and p.encoder_dropout == 0),
+           "ptuning.encoder_num_layers and ptuning.encoder_dropout apply to the lstm encoder only (peft's mlp encoder "
+           "has three linear layers and no dropout); set ptuning.encoder_reparameterization_type lstm or leave them")
+    _check(p.encoder_dropout == 0 or p.encoder_num_layers >= 2,
+           "ptuning.encoder_dropout acts between LSTM layers: it needs ptuning.encoder_num_layers >= 2")
+    for m in ("prefix", "ptuning"):
+        n = getattr(cfg, m).num_virtual_tokens
+        _check(n >= 1, f"{m}.num_virtual_tokens must be >= 1, got {n}")
+        _check(n + d.max_summary_tokens + 2 <= d.max_length,
+               f"{m}.num_virtual_tokens ({n}) leaves no room for the document within data.max_length ({d.max_length})")
     t = cfg.train
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
@@ -284,6 +490,16 @@ def validate(cfg: RunConfig) -> None:
     _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     t.compile = str(t.compile).lower()  # YAML's true/false arrive as booleans
     _check(t.compile in ("auto", "true", "false"), f"train.compile must be auto, true or false, got {t.compile!r}")
+    _check(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = no validation during training), got {t.eval_every}")
+    _check(t.eval_size >= 1, f"train.eval_size must be >= 1, got {t.eval_size}")
+    _check(t.early_stopping_patience >= 0,
+           f"train.early_stopping_patience must be >= 0 (0 = off), got {t.early_stopping_patience}")
+    for name, on in (("early_stopping_patience", t.early_stopping_patience), ("keep_best", t.keep_best),
+                     ("eval_rouge", t.eval_rouge)):
+        _check(not on or t.eval_every > 0, f"train.{name} needs validation points: set train.eval_every N (steps)")
+    for name in t.report_to:
+        _check(name in (*TRACKERS, "none"), f"unknown tracker {name!r} in train.report_to; choose from "
+                                            f"{', '.join(TRACKERS)} (or none)")
     e = cfg.eval
     _check(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
     _check(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")
@@ -292,3 +508,10 @@ def validate(cfg: RunConfig) -> None:
     _check(e.repetition_penalty > 0, f"eval.repetition_penalty must be > 0, got {e.repetition_penalty}")
     _check(e.bootstrap_samples >= 0, f"eval.bootstrap_samples must be >= 0, got {e.bootstrap_samples}")
     _check(e.quantize in ("none", "int8"), f"eval.quantize must be none or int8, got {e.quantize!r}")
+    for b in e.baselines:
+        _check(b in BASELINES, f"unknown baseline {b!r} in eval.baselines; choose from {', '.join(BASELINES)}")
+    _check(len(set(e.baselines)) == len(e.baselines), f"eval.baselines lists a baseline twice: {e.baselines}")
+    _check(e.lead_k >= 0, f"eval.lead_k must be >= 0 (0 = the data set's default), got {e.lead_k}")
+    _check(e.lead_unit in ("auto", "sentence", "line"),
+           f"eval.lead_unit must be auto, sentence or line, got {e.lead_unit!r}")
+    _check(e.shots >= 1, f"eval.shots must be >= 1, got {e.shots}")

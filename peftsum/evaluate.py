@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from . import distributed
 from .config import DataConfig, EvalConfig
-from .data import Example, encode_example, encode_prompt, prompt_budget
+from .data import Example
 from .files import write_jsonl
 from .forward import autocast, collate, generate_batch, summary_loss
 from .methods import Adapted
-from .metrics import ROUGE_KEYS, rouge_intervals, rouge_per_document
+from .metrics import ROUGE_KEYS, bootstrap_interval, rouge_intervals, rouge_per_document
+from .prompts import prompt_format
 from .quantized import int8_linears
 
 
@@ -35,8 +37,10 @@ def _by_length(items: list[list[int]], batch_size: int) -> list[list[int]]:
 @torch.no_grad()
 def mean_loss(adapted: Adapted, tokenizer, examples: list[Example], data_cfg: DataConfig, batch_size: int,
               device: torch.device, dtype: torch.dtype) -> tuple[float, int]:
-    """Mean cross-entropy (nats) over every summary token of every example, and the number of those tokens."""
-    encoded = [encode_example(tokenizer, e, data_cfg, reserved=adapted.virtual_tokens) for e in examples]
+    """Mean cross-entropy (nats) over every summary token (its end included) of every example, in the run's prompt
+    format, and the number of those tokens."""
+    fmt = prompt_format(tokenizer, data_cfg)
+    encoded = [fmt.example(e, data_cfg, reserved=adapted.virtual_tokens) for e in examples]
     total, count = 0.0, 0
     batches = _by_length([e.input_ids for e in encoded], batch_size)
     for batch_indices in (batches[i] for i in distributed.shard(batches)):
@@ -50,14 +54,25 @@ def mean_loss(adapted: Adapted, tokenizer, examples: list[Example], data_cfg: Da
     return total / max(count, 1), count
 
 
-@torch.no_grad()
 def generate(adapted: Adapted, tokenizer, documents: list[str], data_cfg: DataConfig, eval_cfg: EvalConfig,
              device: torch.device, dtype: torch.dtype, progress: bool = False, desc: str = "generate") -> list[str]:
-    """Summaries for documents, in input order (with several processes: on every rank, each made by one)."""
-    budget = prompt_budget(data_cfg, reserved=adapted.virtual_tokens)
-    prompts = [encode_prompt(tokenizer, d, data_cfg.template, budget) for d in documents]
+    """Summaries for documents in the run's prompt format, in input order (with several processes: on every rank,
+    each made by one)."""
+    fmt = prompt_format(tokenizer, data_cfg)
+    budget = fmt.budget(data_cfg, reserved=adapted.virtual_tokens)
+    prompts = [fmt.prompt(d, budget) for d in documents]
+    return generate_from(adapted, tokenizer, prompts, eval_cfg, fmt.stop_ids, device, dtype, progress=progress,
+                         desc=desc)
+
+
+@torch.no_grad()
+def generate_from(adapted: Adapted, tokenizer, prompts: list[list[int]], eval_cfg: EvalConfig,
+                  stop_ids: tuple[int, ...], device: torch.device, dtype: torch.dtype, progress: bool = False,
+                  desc: str = "generate", batch_size: int | None = None) -> list[str]:
+    """Summaries for tokenized prompts, each ending at the first of `stop_ids`, in input order; `batch_size`
+    (default eval.batch_size) prompts at a time."""
     made: list[tuple[int, str]] = []
-    batches = _by_length(prompts, eval_cfg.batch_size)
+    batches = _by_length(prompts, batch_size or eval_cfg.batch_size)
     adapted.model.eval()
     int8 = int8_linears(adapted.model, device) if eval_cfg.quantize == "int8" else contextlib.nullcontext()
     with adapted.for_generation(), int8, autocast(device, dtype):  # int8 after LoRA is merged
@@ -66,7 +81,7 @@ def generate(adapted: Adapted, tokenizer, documents: list[str], data_cfg: DataCo
             texts = generate_batch(adapted, tokenizer, [prompts[i] for i in batch_indices],
                                    max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams,
                                    no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size,
-                                   repetition_penalty=eval_cfg.repetition_penalty)
+                                   repetition_penalty=eval_cfg.repetition_penalty, stop_ids=stop_ids)
             made.extend(zip(batch_indices, texts))
     made = distributed.gather_objects(made)
     if sorted(i for i, _ in made) != list(range(len(prompts))):  # a bug, not a user error: never write such a file
@@ -88,10 +103,28 @@ def _rouge_scores(predictions: list[str], references: list, samples: int, seed: 
     return rouge_intervals(per_document, samples, seed), rounded
 
 
+def score_predictions(examples: list[Example], predictions: list[str], samples: int, seed: int,
+                      predictions_path: Path | None = None, loss: float | None = None,
+                      tokens: int | None = None) -> dict:
+    """{"loss", "n", "tokens", "rouge", "per_document"} of predictions for `examples` (loss and tokens as given:
+    None for a system that has no loss, such as lead-k), with the predictions saved as JSONL."""
+    references = [e.references or e.summary for e in examples]
+    scores = None
+    if distributed.is_main():
+        scores = _rouge_scores(predictions, references, samples, seed)
+    rouge, per_document = distributed.broadcast_object(scores)
+    if predictions_path is not None and distributed.is_main():
+        write_jsonl(predictions_path, [{"id": e.id, "prediction": p, "reference": e.summary,
+                                        **({"references": e.references} if e.references else {})}
+                                       for e, p in zip(examples, predictions)])
+    return {"loss": loss, "n": len(examples), "tokens": tokens, "rouge": rouge, "per_document": per_document}
+
+
 def evaluate(adapted: Adapted, tokenizer, examples: list[Example], data_cfg: DataConfig, eval_cfg: EvalConfig,
              device: torch.device, dtype: torch.dtype, predictions_path: Path | None = None, seed: int = 0,
              progress: bool = False, desc: str = "evaluate") -> dict | None:
-    """{"loss", "n", "tokens", "rouge", "per_document"} for the examples (None when there are none).
+    """{"loss", "n", "tokens", "rouge", "per_document"} for the examples (None when there are none), in the prompt
+    format of data_cfg.
 
     "per_document" holds each example's ROUGE F1 x 100 per key, in input order, for paired tests between models.
     Predictions are saved as JSONL.
@@ -101,13 +134,29 @@ def evaluate(adapted: Adapted, tokenizer, examples: list[Example], data_cfg: Dat
     loss, tokens = mean_loss(adapted, tokenizer, examples, data_cfg, eval_cfg.batch_size, device, dtype)
     predictions = generate(adapted, tokenizer, [e.document for e in examples], data_cfg, eval_cfg, device, dtype,
                            progress=progress, desc=desc)
+    return score_predictions(examples, predictions, eval_cfg.bootstrap_samples, seed, predictions_path, loss, tokens)
+
+
+def validation(tokenizer, examples: list[Example], data_cfg: DataConfig, eval_cfg: EvalConfig, device: torch.device,
+               dtype: torch.dtype, rouge: bool = False) -> Callable[[Adapted], dict]:
+    """The training loop's validation function: a model's mean loss on `examples` ({"loss", "tokens"}), and with
+    `rouge` the mean ROUGE F1 x 100 of summaries generated with the eval settings ({"rouge1", ...}).
+
+    A collective with several processes (every rank calls it, each scores its share); every rank gets the numbers.
+    """
     references = [e.references or e.summary for e in examples]
-    scores = None
-    if distributed.is_main():
-        scores = _rouge_scores(predictions, references, eval_cfg.bootstrap_samples, seed)
-    rouge, per_document = distributed.broadcast_object(scores)
-    if predictions_path is not None and distributed.is_main():
-        write_jsonl(predictions_path, [{"id": e.id, "prediction": p, "reference": e.summary,
-                                        **({"references": e.references} if e.references else {})}
-                                       for e, p in zip(examples, predictions)])
-    return {"loss": loss, "n": len(examples), "tokens": tokens, "rouge": rouge, "per_document": per_document}
+
+    def score(adapted: Adapted) -> dict:
+        loss, tokens = mean_loss(adapted, tokenizer, examples, data_cfg, eval_cfg.batch_size, device, dtype)
+        point = {"loss": loss, "tokens": tokens}
+        if rouge:
+            predictions = generate(adapted, tokenizer, [e.document for e in examples], data_cfg, eval_cfg, device,
+                                   dtype)
+            means = None
+            if distributed.is_main():
+                per_document = rouge_per_document(predictions, references)  # the mean as evaluate takes it:
+                means = {key: bootstrap_interval(per_document[key], 0)["mean"] for key in ROUGE_KEYS}
+            point.update(distributed.broadcast_object(means))
+        return point
+
+    return score

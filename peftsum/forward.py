@@ -1,19 +1,21 @@
 """The two things every method does with a batch: compute the summary loss, and generate summaries.
 
 All batches are left-padded with explicit position ids (counted from the first non-pad token), so training,
-loss evaluation and generation share one layout, with the soft prompt (if any) right before the real tokens.
+loss evaluation and generation share one layout, with the soft prompt (if any) right before the real tokens, and a
+method's key/value prefix (if any) in the cache before the batch, its positions before the first real token.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Collection
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .data import IGNORE, Encoded
+from .prompts import IGNORE, Encoded
 from .methods import Adapted
 
 
@@ -37,10 +39,30 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def model_inputs(adapted: Adapted, input_ids, attention_mask, labels=None):
-    """Embeddings (with the method's own inputs, e.g. virtual tokens, placed in), mask, position ids and labels."""
+    """Embeddings (with the method's own inputs, e.g. virtual tokens, placed in), mask, position ids and labels.
+
+    The mask may be longer than the embeddings: it then covers the method's key/value prefix too (`prefix_cache`),
+    whose positions come first, so the embeddings' positions continue after it.
+    """
     embeds = adapted.model.get_input_embeddings()(input_ids)
     embeds, attention_mask, labels = adapted.method.prepare_inputs(adapted, embeds, attention_mask, labels)
-    return embeds, attention_mask, positions(attention_mask), labels
+    return embeds, attention_mask, positions(attention_mask)[:, -embeds.shape[1]:], labels
+
+
+def filled_cache(model_config, prefix: list[tuple[torch.Tensor, torch.Tensor]], layer=None) -> DynamicCache:
+    """A key/value cache holding `prefix` (per layer (keys, values)); `layer()` makes its layers, where given."""
+    cache = DynamicCache(config=model_config)
+    if layer is not None:
+        cache.layers = [layer() for _ in cache.layers]
+    for index, (keys, values) in enumerate(prefix):
+        cache.update(keys, values, index)
+    return cache
+
+
+def prefix_cache(adapted: Adapted, rows: int) -> DynamicCache | None:
+    """The cache holding the method's key/value prefix for `rows` rows, or None where the method has none."""
+    prefix = adapted.method.key_value_prefix(adapted, rows)
+    return None if prefix is None else filled_cache(adapted.model.config, prefix)
 
 
 def summary_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +87,7 @@ def summary_loss(adapted: Adapted, batch: dict[str, torch.Tensor], count: int | 
     embeds, mask, position_ids, labels = model_inputs(adapted, batch["input_ids"], batch["attention_mask"],
                                                       batch["labels"])
     hidden = adapted.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                      past_key_values=prefix_cache(adapted, len(embeds)),
                                       use_cache=False).last_hidden_state
     targets, keep = summary_targets(labels)
     count = int(keep.sum()) if count is None else count
@@ -116,36 +139,45 @@ def _contiguous_input(module, args):
 
 @torch.no_grad()
 def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, num_beams: int,
-                   no_repeat_ngram_size: int, repetition_penalty: float) -> list[str]:
-    """Greedy (or beam) summaries for a batch of tokenized prompts, decoded and stripped."""
+                   no_repeat_ngram_size: int, repetition_penalty: float, stop_ids: tuple[int, ...]) -> list[str]:
+    """Greedy (or beam) summaries for a batch of tokenized prompts, decoded and stripped; each ends at the first of
+    `stop_ids` it makes (the format's: EOS, and the chat template's end of turn)."""
     device = adapted.model.get_input_embeddings().weight.device
     batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts], tokenizer.pad_token_id)
     embeds, mask, _, _ = model_inputs(adapted, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    prefix = adapted.method.key_value_prefix(adapted, len(prompts) * num_beams)  # beams: one row each
     # transformers applies the LM head to the last position as a strided slice, hidden[:, -1:, :]; torch.matmul then
     # broadcasts the head's weight over the batch in a copy (16 x 576 x 49152 for SmolLM2: ~1 s per prefill, ~200x
     # the product itself). A contiguous input takes the plain matmul.
     head = adapted.model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     try:
         if num_beams == 1:
-            output = greedy(adapted.model, embeds, mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                            no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
+            output = greedy(adapted.model, embeds, mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                            no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+                            prefix=prefix)
         else:
-            output = _hf_generate(adapted.model, tokenizer, embeds, mask, max_new_tokens=max_new_tokens,
-                                  num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
-                                  repetition_penalty=repetition_penalty)
+            output = _hf_generate(adapted.model, tokenizer, embeds, mask, stop_ids, prefix,
+                                  max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                  no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
     finally:
         head.remove()
     return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 
-def _hf_generate(model, tokenizer, embeds, mask, **settings) -> torch.Tensor:
+def _hf_generate(model, tokenizer, embeds, mask, stop_ids: tuple[int, ...], prefix=None, **settings) -> torch.Tensor:
+    if prefix is not None:
+        # generate takes inputs_embeds for the whole sequence, the part already in the cache included, and passes the
+        # model only the rest: placeholders stand for the prefix (the mask covers it already).
+        settings["past_key_values"] = filled_cache(model.config, prefix)
+        placeholders = embeds.new_zeros((len(embeds), mask.shape[1] - embeds.shape[1], embeds.shape[2]))
+        embeds = torch.cat([placeholders, embeds], dim=1)
     with warnings.catch_warnings():
         # transformers warns that with inputs_embeds the n-gram ban covers generated tokens only: that is what we
         # want, since a summary may well repeat phrases of its document.
         warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
         # With inputs_embeds, generate returns only the new tokens.
         return model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, temperature=None, top_p=None,
-                              top_k=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              top_k=None, eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id,
                               **settings)
 
 
@@ -194,9 +226,14 @@ class ReservedLayer(DynamicLayer):
             self.keys, self.values = self.key_buffer[..., :self.length, :], self.value_buffer[..., :self.length, :]
 
 
-def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos_token_id: int,
-           no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0) -> list[list[int]]:
-    """Greedy decoding from left-padded prompt embeddings: the new tokens of each row, up to and including its EOS.
+def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, stop_ids: Collection[int],
+           no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
+           prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[list[int]]:
+    """Greedy decoding from left-padded prompt embeddings: the new tokens of each row, up to and including the first
+    of `stop_ids` it makes (EOS, and the chat template's end of turn).
+
+    With a key/value `prefix` (per layer, one row per prompt), each prompt is prefilled into a cache that holds it
+    already, and `mask` covers it in front.
 
     What `generate(num_beams=1)` computes, token for token (tests/test_generation.py checks it), with one difference
     in the work: a row that has ended leaves the batch and its key/value cache, where `generate` keeps computing it
@@ -213,17 +250,19 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
     if no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
     rows = embeds.shape[0]
-    position_ids = positions(mask)
+    stops = torch.tensor(sorted(set(stop_ids)), device=embeds.device)
+    position_ids = positions(mask)[:, -embeds.shape[1]:]
     # The prompts go through the model PREFILL_ROWS at a time: a whole batch of 64 makes activations of ~40 MB, which
     # the C allocator maps fresh from the OS (and page-faults in) at every use; decoding then runs on all rows at once.
     reservable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers or [None])
     chunk = PREFILL_ROWS if reservable else rows  # other cache layouts (sliding windows...): transformers' own cache
     caches, logits = [], []
+    # A layer's first update reserves room for what follows it: the new tokens, and the prompt after a prefix.
+    reserve = max_new_tokens + (embeds.shape[1] if prefix is not None else 0)
     for start in range(0, rows, chunk):
         part = slice(start, start + chunk)
-        cache = DynamicCache(config=model.config)
-        if reservable:
-            cache.layers = [ReservedLayer(max_new_tokens) for _ in cache.layers]
+        cache = filled_cache(model.config, [(k[part], v[part]) for k, v in prefix or []],
+                             (lambda: ReservedLayer(reserve)) if reservable else None)
         logits.append(model(inputs_embeds=embeds[part], attention_mask=mask[part], position_ids=position_ids[part],
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float())
         caches.append(cache)
@@ -239,7 +278,7 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
         for row, token in zip(alive.tolist(), tokens.tolist()):
             made[row].append(token)
         history = torch.cat([history, tokens[:, None]], dim=1)
-        going = tokens != eos_token_id
+        going = ~torch.isin(tokens, stops)
         if step == max_new_tokens - 1 or not bool(going.any()):
             break
         if not bool(going.all()):  # drop the rows that ended, from the batch and from the cache

@@ -28,11 +28,22 @@ from .models import transformer_blocks
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
+def _plain_or_lora(m: nn.Module) -> bool:
+    """A frozen bias-free nn.Linear with no hooks but, at most, a plain LoRA's: the joined forward calls no module of
+    the group, so any other hook (IA3's scaling, DoRA's magnitude) would be skipped."""
+    if type(m) is not nn.Linear or m.bias is not None or m.weight.requires_grad or m._forward_pre_hooks:
+        return False
+    lora = getattr(m, "lora", None)
+    if lora is None:
+        return not m._forward_hooks
+    return isinstance(lora, LoRA) and lora.magnitude is None and len(m._forward_hooks) == 1
+
+
 def _joinable(block: nn.Module) -> bool:
     if type(block) is not llama.LlamaDecoderLayer or block._forward_hooks or block._forward_pre_hooks:
         return False
     groups = [[getattr(block.self_attn, n) for n in QKV], [getattr(block.mlp, n) for n in GATE_UP]]
-    return all(type(m) is nn.Linear and m.bias is None and not m.weight.requires_grad for g in groups for m in g)
+    return all(_plain_or_lora(m) for g in groups for m in g)
 
 
 def joinable(model: nn.Module) -> bool:

@@ -174,9 +174,14 @@ def _data(info: CardInfo) -> list[str]:
     else:
         lines.append(f"- **Examples**: train_size {data_cfg.get('train_size')} (0 = all), seed "
                      f"{(info.config.get('train') or {}).get('seed')}")
-    lines.append(f"- **Prompt**: the template `{data_cfg.get('template')!r}` (the document replaces `{{document}}`), "
-                 f"at most {data_cfg.get('max_length')} tokens with the summary; summaries capped at "
-                 f"{data_cfg.get('max_summary_tokens')} tokens")
+    if data_cfg.get("format") == "chat":
+        system = f", after the system message {data_cfg['system']!r}" if data_cfg.get("system") else ""
+        prompt = (f"the model's chat template, a user turn holding the instruction {data_cfg.get('instruction')!r} "
+                  f"and the document{system}; the summary ends with the template's end of turn")
+    else:
+        prompt = f"the template `{data_cfg.get('template')!r}` (the document replaces `{{document}}`)"
+    lines.append(f"- **Prompt**: {prompt}, at most {data_cfg.get('max_length')} tokens with the summary; summaries "
+                 f"capped at {data_cfg.get('max_summary_tokens')} tokens")
     return lines
 
 
@@ -196,6 +201,13 @@ def _budget(info: CardInfo) -> list[str]:
         lines.append(f"- **Trained**: {t.get('steps', '–'):,} optimizer steps, {epochs_done(t):.2f} epochs, "
                      f"{t.get('tokens', 0):,} tokens in {duration(seconds)} "
                      f"({t.get('tokens_per_s', 0):,.0f} tokens/s)")
+        if "validation" in t:  # validation during training: where it stopped and whose weights these are
+            points = t["validation"]
+            stopped = ", stopped early" if t["stopped_early"] else ""
+            kept = (f"; these are the weights of step {t['weights_step']:,}, the best validation loss"
+                    if t["weights_step"] != t["steps"] else "")
+            lines.append(f"- **Validation**: eval loss on {train.get('eval_size')} held-out examples every "
+                         f"{train.get('eval_every')} steps ({len(points)} points{stopped}){kept}")
     env = info.environment
     if env:
         lines.append(f"- **Hardware**: {env.get('cpu')}; device {env.get('device')}, precision {env.get('precision')}"
@@ -256,11 +268,25 @@ def _decoding(config: dict) -> str:
             + f", at most {ev.get('max_new_tokens')} new tokens, no_repeat_ngram_size {ev.get('no_repeat_ngram_size')}")
 
 
-def _generate_lines(config: dict) -> list[str]:
-    data, ev = config.get("data") or {}, config.get("eval") or {}
+def _prompt_lines(config: dict, exported: bool) -> list[str]:
+    """Python that builds the run's prompt: an export's own chat template does it from the document alone."""
+    data = config.get("data") or {}
+    document = "open(\"article.txt\").read()"
+    if exported or data.get("format") == "chat":
+        content = document if exported else f"{data.get('instruction')!r} + \"\\n\\n\" + {document}"
+        system = ([f"messages.insert(0, {{\"role\": \"system\", \"content\": {data['system']!r}}})"]
+                  if data.get("system") and not exported else [])
+        return [f"messages = [{{\"role\": \"user\", \"content\": {content}}}]", *system,
+                "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+                "return_dict=True)"]
+    return [f"prompt = {data.get('template')!r}.format(document={document})",
+            "inputs = tokenizer(prompt, return_tensors=\"pt\")"]
+
+
+def _generate_lines(config: dict, exported: bool = False) -> list[str]:
+    ev = config.get("eval") or {}
     beams = ev.get("num_beams", 1) or 1
-    return [f"prompt = {data.get('template')!r}.format(document=open(\"article.txt\").read())",
-            "inputs = tokenizer(prompt, return_tensors=\"pt\")",
+    return [*_prompt_lines(config, exported),
             f"output = model.generate(**inputs, max_new_tokens={ev.get('max_new_tokens')}, do_sample=False, "
             f"num_beams={beams}, no_repeat_ngram_size={ev.get('no_repeat_ngram_size')})",
             "print(tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))"]
@@ -293,23 +319,17 @@ def _usage(info: CardInfo) -> list[str]:
         lines += ["A standalone transformers model (no peft, no peftsum needed):", "", "```python",
                   "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f"model = AutoModelForCausalLM.from_pretrained({where!r})",
-                  f"tokenizer = AutoTokenizer.from_pretrained({where!r})", *_generate_lines(info.config), "```"]
-    lines += ["", "With peftsum (the run's own template and generation settings):", "", "```bash"]
-    if info.kind == "merged":
-        template = (info.config.get("data") or {}).get("template")
-        lines.append(f"peftsum summarize --model {where} --template {_shell(template)} article.txt")
+                  f"tokenizer = AutoTokenizer.from_pretrained({where!r})", *_generate_lines(info.config, exported=True),
+                  "```"]
+    lines += ["", "With peftsum (the run's own prompt format and generation settings):", "", "```bash"]
+    if info.kind == "merged":  # its chat template holds the run's prompt: the instruction must not come twice
+        lines.append(f"peftsum summarize --model {where} --instruction '' article.txt")
     else:
         lines.append(f"peftsum summarize --run {where} article.txt")
         if info.kind == "adapter":
             lines.append(f"peftsum summarize --adapter {where} --model {base} article.txt   # an adapter alone")
     lines.append("```")
     return lines
-
-
-def _shell(text) -> str:
-    import shlex
-
-    return shlex.quote(str(text))
 
 
 def render_card(info: CardInfo) -> str:

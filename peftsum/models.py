@@ -175,6 +175,15 @@ def final_norms(model: nn.Module) -> list[nn.Module]:
 
 
 def pick_device(name: str) -> torch.device:
+    """The device model.device names ('auto': CUDA, else MPS, else the CPU); one this machine lacks is refused."""
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.split(":")[1]) if ":" in name and name.split(":")[1].isdigit() else 0
+        if index >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device (or a torch built without CUDA)"
+            raise UserError(f"model.device is {name}, but this machine has {have}; use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise UserError("model.device is mps, but this machine has no Apple MPS device; use --device auto or cpu")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():

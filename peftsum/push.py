@@ -1,9 +1,9 @@
 """`peftsum push`: upload a trained method folder (an adapter, or fine-tuned tensors) or an export to the hub.
 
 `upload_files` decides what goes up, without any network: for a method folder its model card, weights, adapter
-config, run config, scores and step log (never the checkpoints, and never the prediction files, which carry the
-data set's reference summaries); for an export every file `export` wrote. `push` creates the repository if needed
-and uploads exactly those files with huggingface_hub.
+config, run config, scores, step and validation logs (never the checkpoints, and never the prediction files, which
+carry the data set's reference summaries); for an export every file `export` wrote. `push` creates the repository if
+needed and uploads exactly those files with huggingface_hub.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 from . import adapters
 from .errors import UserError
 from .export import EXPORT_NOTE
-from .runs import METRICS, RESULTS, RUN_CONFIG, TRAIN_LOG, WEIGHT_FILES
+from .runs import METRICS, RESULTS, RUN_CONFIG, TRAIN_LOG, VALIDATION_LOG, WEIGHT_FILES
 from .runs import MODEL_CARD as CARD
 
 # A method folder's files that are worth sharing, in upload order; the weights are required, the others optional.
-METHOD_FILES = (CARD, adapters.ADAPTER_CONFIG, *WEIGHT_FILES, RUN_CONFIG, METRICS, TRAIN_LOG)
+METHOD_FILES = (CARD, adapters.ADAPTER_CONFIG, *WEIGHT_FILES, RUN_CONFIG, METRICS, TRAIN_LOG, VALIDATION_LOG)
 
 
 def _is_export(folder: Path) -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import TypedDict
 
-SCHEMA_VERSION = 2  # 1: before the version was recorded (no "analysis" key)
+SCHEMA_VERSION = 3  # 1: before the version was recorded (no "analysis" key); 2: before "baselines" and "prompt"
+ZERO_SHOT = "zero-shot"  # the baselines' name for the untouched model in the run's format (results["baseline"])
 
 
 class Interval(TypedDict):
@@ -23,9 +24,9 @@ class Interval(TypedDict):
 class Split(TypedDict, total=False):
     """Scores of one model on one subset ("train" rows drawn from the training data, or "eval")."""
 
-    loss: float  # mean cross-entropy (nats) per summary token
+    loss: float | None  # mean cross-entropy (nats) per summary token; None for a system without one (lead-k)
     n: int  # examples
-    tokens: int  # summary tokens the loss covers
+    tokens: int | None  # summary tokens the loss covers
     rouge: dict[str, Interval]  # rouge1, rouge2, rougeL, rougeLsum
     per_document: dict[str, list[float]]  # the same keys: each document's F1 x 100, in subset order
 
@@ -52,6 +53,16 @@ class Epoch(TypedDict):
     of_batches: int
 
 
+class ValidationPoint(TypedDict, total=False):
+    """One validation during training (train.eval_every): the loss on the validation examples at `step`."""
+
+    step: int
+    epoch: int
+    loss: float  # mean cross-entropy (nats) per summary token
+    tokens: int  # summary tokens the loss covers
+    rouge1: float  # with train.eval_rouge: mean F1 x 100 (also rouge2, rougeL, rougeLsum)
+
+
 class Training(TypedDict, total=False):
     epochs: list[Epoch]
     steps: int
@@ -65,6 +76,11 @@ class Training(TypedDict, total=False):
     resumed_from_step: int | None
     processes: int  # only with several processes
     compiled: bool  # whether the blocks trained compiled (train.compile); absent in runs before it was recorded
+    # Only with validation during training (train.eval_every):
+    validation: list[ValidationPoint]
+    best_step: int | None  # the point of lowest validation loss
+    stopped_early: bool  # train.early_stopping_patience ended the run
+    weights_step: int  # the step the saved weights (and the after-training scores) come from: best_step with keep_best
 
 
 class SeedStats(TypedDict):
@@ -87,9 +103,34 @@ class MethodResult(TypedDict, total=False):
     across_seeds: SeedSummary  # several seeds: mean and spread of the after-training scores
 
 
+class BaselineResult(TypedDict, total=False):
+    """One baseline (baselines.py): its scores on the same subsets as the methods, and what it is."""
+
+    kind: str  # zero-shot | lead | few-shot
+    label: str  # its name in tables, e.g. "untouched model (chat)", "lead-3"
+    dir: str  # its folder, relative to the comparison
+    settings: dict  # format (zero-shot, few-shot); k and unit (lead); most_shots (few-shot)
+    note: str | None  # e.g. why a few-shot baseline was skipped
+    train: Split | None
+    eval: Split | None
+    shots: int  # few-shot: the worked examples in every prompt
+    shot_ids: list[str]  # few-shot: their ids in the training data
+
+
+class PromptInfo(TypedDict, total=False):
+    """The prompt format the methods were trained and scored in (prompts.py's `describe`)."""
+
+    format: str  # plain | chat
+    chosen: str  # data.format as configured: plain | chat | auto
+    template: str  # plain
+    instruction: str  # chat
+    system: str | None  # chat
+    end_of_turn: str  # chat: the tokens that end a summary, e.g. "<|im_end|>"
+
+
 class PairedTest(TypedDict):
-    a: str
-    b: str  # a method, or analysis.BEFORE (the untouched model)
+    a: str  # a method, or analysis.BEFORE (the zero-shot baseline in the other format's test)
+    b: str  # a method, analysis.BEFORE (the untouched model in the run's format) or another baseline's name
     metric: str  # a ROUGE key
     diff: float  # mean(a) - mean(b), F1 x 100, on the same eval documents
     low: float
@@ -103,6 +144,16 @@ class Analysis(TypedDict):
     ranking: dict[str, list[str]]  # "loss" and each ROUGE key: the scored methods, best first
     eval_means: dict[str, dict[str, float]]  # method -> key -> the eval mean that ranks it (over seeds)
     tests: list[PairedTest]
+    baselines: BaselineAnalysis
+
+
+class BaselineAnalysis(TypedDict):
+    """The baselines by test name (analysis.BEFORE for the run-format zero-shot, else results["baselines"]'s key)."""
+
+    labels: dict[str, str]  # test name -> table label
+    ranking: dict[str, list[str]]  # each tested ROUGE key: the scored baselines, best first
+    strongest: dict[str, str]  # each tested ROUGE key: the best baseline on the eval split
+    eval_means: dict[str, dict[str, float]]  # name -> ROUGE key -> eval mean
 
 
 class Results(TypedDict):
@@ -113,7 +164,10 @@ class Results(TypedDict):
     environment: dict
     model: dict
     data: dict
-    baseline: Scores | None  # the untouched model; None when eval.before is off
+    baseline: Scores | None  # the untouched model in the run's format (= baselines["zero-shot"]'s scores); None when
+    # it was not scored
+    baselines: dict[str, BaselineResult]  # every baseline scored, by name ("zero-shot", "zero-shot-plain", "lead"...)
+    prompt: PromptInfo
     methods: dict[str, MethodResult]
     wall_seconds: float
     analysis: Analysis

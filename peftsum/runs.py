@@ -1,10 +1,12 @@
 """The run folder: every file name peftsum writes, and what a folder's contents mean (finished, resumable, replaced).
 
 A comparison (`compare`, `--out`) holds `results.json`, `report.md` and the charts, a `baseline/` folder for the
-untouched model and one folder per method (`<method>/`, or `<method>/seed-<s>/` per seed). A method folder
-(also what `train` writes) holds the trained weights (methods/: each method names its file), `config.yaml` (the
-exact settings, which `summarize`, `evaluate` and `export` rebuild the run from), `train_log.jsonl`, the predictions
-and `metrics.json`, written last: a folder with `metrics.json` is finished.
+untouched model (zero-shot in the run's prompt format), `baselines/<name>/` for the other baselines (lead-k, few-shot,
+zero-shot in the other format) and one folder per method (`<method>/`, or `<method>/seed-<s>/` per seed). A method
+folder (also what `train` writes) holds the trained weights (methods/: each method names its file), `config.yaml`
+(the exact settings, which `summarize`, `evaluate` and `export` rebuild the run from), `train_log.jsonl` (and
+`validation_log.jsonl` with validation during training), the predictions and `metrics.json`, written last: a folder
+with `metrics.json` is finished.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .adapters import ADAPTER_CONFIG
-from .config import METHODS, RunConfig
+from .config import METHODS, RunConfig, complete_saved
 from .errors import UserError
 from .files import read_json
 from .methods import REGISTRY
@@ -22,17 +24,21 @@ RUN_CONFIG = "config.yaml"
 RESULTS = "results.json"
 METRICS = "metrics.json"  # a method's (or the baseline's) scores; written last, so it marks the folder finished
 TRAIN_LOG = "train_log.jsonl"
+VALIDATION_LOG = "validation_log.jsonl"  # the validation points (train.eval_every), beside the step log
 REPORT = "report.md"
 REPORT_HTML = "report.html"
 MODEL_CARD = "README.md"  # the Hugging Face model card of a method folder or an export
 LOSS_PLOT = "loss_curves.png"
 ROUGE_PLOT = "rouge.png"
-BASELINE = "baseline"  # the untouched model's folder in a comparison
+BASELINE = "baseline"  # the untouched model's folder in a comparison (zero-shot, in the run's prompt format)
+BASELINES = "baselines"  # the other baselines' folders: baselines/<name>/ (baselines.py)
 SPLITS = ("train", "eval")
 WEIGHT_FILES = tuple(dict.fromkeys(m.weights_file for m in REGISTRY.values()))
 
-# Settings that may differ when a comparison resumes: where it goes, which methods run, how often it checkpoints.
-RESUMABLE_CHANGES = ("out", "methods", "train.checkpoint_every", "train.keep_checkpoints")
+# Settings that may differ when a comparison resumes: where it goes, which methods and baselines run, how often it
+# checkpoints, which trackers it reports to.
+RESUMABLE_CHANGES = ("out", "methods", "eval.baselines", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.report_to")
 
 
 def predictions(split: str) -> str:
@@ -46,7 +52,8 @@ def seed_folder(method: str, seed: int) -> str:
 
 
 # What peftsum writes into a method folder (and nothing else is deleted by --overwrite).
-METHOD_FILES = (METRICS, RUN_CONFIG, MODEL_CARD, TRAIN_LOG, *map(predictions, SPLITS), ADAPTER_CONFIG, *WEIGHT_FILES)
+METHOD_FILES = (METRICS, RUN_CONFIG, MODEL_CARD, TRAIN_LOG, VALIDATION_LOG, *map(predictions, SPLITS), ADAPTER_CONFIG,
+                *WEIGHT_FILES)
 RUN_FILES = (RESULTS, REPORT, REPORT_HTML, LOSS_PLOT, ROUGE_PLOT)
 
 
@@ -96,16 +103,19 @@ def prepare_compare_folder(out: Path, cfg: RunConfig, resume: bool, overwrite: b
             (out / name).unlink(missing_ok=True)
         for name in (BASELINE, *METHODS):
             clear_method(out / name)
+        for folder in (out / BASELINES).glob("*"):
+            clear_method(folder)
     if overwrite or not (out / RESULTS).is_file():
         return
     previous = read_json(out / RESULTS)
-    changes = [c for c in checkpoint.config_changes(previous.get("config", {}), cfg.to_dict())
+    changes = [c for c in checkpoint.config_changes(complete_saved(previous.get("config", {})), cfg.to_dict())
                if c.split(":")[0] not in RESUMABLE_CHANGES]
     if changes:
         raise UserError(f"{out} holds a comparison with other settings ({'; '.join(changes[:3])}); pass --overwrite "
                         f"to replace it, or choose another --out")
     done = set(previous.get("methods", {}))
-    complete = set(cfg.methods) <= done and (previous.get("baseline") is not None or not cfg.eval.before)
+    scored = {b.get("kind") for b in (previous.get("baselines") or {}).values()}
+    complete = set(cfg.methods) <= done and (not cfg.eval.before or set(cfg.eval.baselines) <= scored)
     if complete and not resume:
         raise _refuse(f"{out} already holds a finished comparison ({RESULTS})")
 

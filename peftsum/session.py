@@ -58,14 +58,22 @@ def check_fsdp(cfg: RunConfig) -> None:
     if cfg.methods != ["finetune"] or not cfg.finetune.all:
         raise UserError("FSDP shards full fine-tuning only: run the finetune method alone with --finetune.all true "
                         "(LoRA, prompt tuning and partial fine-tuning train few weights: run them without FSDP)")
+    if cfg.train.eval_every:  # a sharded model's forwards must run in lockstep on every rank, which scoring does not
+        raise UserError("not yet: validation during training (train.eval_every) does not run under FSDP; "
+                        "leave train.eval_every at 0 with --fsdp")
     if not distributed.launched():
         raise UserError("FSDP shards the model over several processes: start peftsum with torchrun or "
                         "accelerate launch (see README)")
 
 
+def context_length(model) -> int | None:
+    """The most positions the model takes (None where its configuration does not say)."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
 def check_context(cfg: RunConfig, model) -> None:
     """Refuse lengths beyond the model's positions, which would crash (GPT-2) or silently degrade (RoPE) later."""
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = context_length(model)
     if not context:
         return
     d = cfg.data
@@ -131,7 +139,7 @@ def load_run(cfg: RunConfig, run: Path, progress: bool = True) -> tuple[Session,
     method = method_named(cfg.methods[0])
     adapters.weights_path(run, method)  # refuse a missing or pickled-only weights file before loading the model
     session = open_session(cfg, progress)
-    adapted = adapt(session.loaded.model, session.tokenizer, method.name, cfg)
+    adapted = adapt(session.loaded.model, session.tokenizer, method.name, method.saved_as(cfg))
     adapters.load_into(adapted, run)
     adapted.model.eval()  # new adapter modules start in training mode (dropout on)
     return session, adapted

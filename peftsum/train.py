@@ -1,16 +1,25 @@
-"""The training loop: AdamW over the method's trainable parameters, warmup + decay, clipping, bf16 autocast.
+"""The training loop: AdamW over the method's parameter groups, warmup + decay, clipping, bf16 autocast.
 
 Readable in one sitting on purpose: `train` is the loop, over a `TrainState` (all a checkpoint carries: step, epoch,
 position in the epoch, the unfinished epoch's tallies, the loss log) and a `Budget`; one optimizer step is `_step`,
-saving is `_save`. Per-step losses go to `train_log.jsonl` (rewritten with each checkpoint, so it always matches the
-newest one); the returned dict holds per-epoch wall time and throughput (real tokens only: padding and virtual tokens
-do not count; time spent writing checkpoints does not count either).
+saving is `_save`, a validation point is `_validate`. Per-step losses go to `train_log.jsonl` (rewritten with each
+checkpoint, so it always matches the newest one); the returned dict holds per-epoch wall time and throughput (real
+tokens only: padding and virtual tokens do not count; time spent writing checkpoints or validating does not count
+either).
+
+Validation during training (`train.eval_every`): the caller passes a `validate` function (evaluate.validation) that
+the loop calls every N steps and at the last step, with dropout off; the points join the state (so checkpoints carry
+them and a resumed run has the same history), `validation_log.jsonl` and the returned dict. Early stopping and
+keep_best follow from the points alone (`stopped_early`, `best_point`); the best point's weights are kept aside (and
+checkpointed) so that keep_best can hand them back at the end. `on_step` is called with each log row (and the
+validation point of that step, if any) once it is complete, also for the rows a resumed run restored: what a tracker
+needs, without tracker code here.
 
 Given a run folder, the loop checkpoints every `checkpoint_every` steps and at each epoch end, and continues from the
 newest checkpoint found there; the resumed run ends with the same weights as an uninterrupted one. A stop request
-(Ctrl-C, or the `stop` event a caller passes) finishes the current step, writes a checkpoint and raises
-`TrainingInterrupted`; a NaN or infinite loss stops the run before it can reach the weights. The clock is an argument
-too (`clock`), so that time budgets can be tested without waiting.
+(Ctrl-C, SIGTERM or SIGHUP: signals.py; or the `stop` event a caller passes) finishes the current step, writes a
+checkpoint and raises `TrainingInterrupted`; a NaN or infinite loss stops the run before it can reach the weights.
+The clock is an argument too (`clock`), so that time budgets can be tested without waiting.
 
 Started as several processes (`torchrun`, `accelerate launch`: see distributed.py), the loop is data-parallel over
 the same global batches: each rank runs its slice of every batch, the loss is normalised by the summary tokens of the
@@ -27,7 +36,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,28 +45,37 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed
-from .compiled import should_compile, training_blocks
+from . import checkpoint, distributed, signals
+from .compiled import paused, should_compile, training_blocks
 from .config import TrainConfig
-from .data import IGNORE, Encoded
+from .prompts import IGNORE, Encoded
 from .errors import UserError
 from .files import write_jsonl
 from .forward import autocast, collate, summary_loss, whole_model_loss
 from .methods import Adapted
+from .runs import VALIDATION_LOG
+
+# What asks the loop to stop at the next step boundary: anything with is_set(), a StopSignal or a threading.Event.
+StopRequest = signals.StopSignal | threading.Event
 
 # Settings that change how often state is saved, not what is trained: a run may resume with other values.
 # `compile` and `gradient_checkpointing` are among them: they change how fast (and the float rounding of fused
-# kernels), not what is trained.
-NOT_TRAINING = ("checkpoint_every", "keep_checkpoints", "compile", "gradient_checkpointing")
+# kernels), not what is trained; `report_to` only where the numbers are also sent.
+NOT_TRAINING = ("checkpoint_every", "keep_checkpoints", "compile", "gradient_checkpointing", "report_to")
+# Validation settings decide where a run stops and which weights it keeps; they count only while validation is on, so
+# that checkpoints written before validation existed still resume.
+VALIDATION = ("eval_every", "eval_size", "eval_rouge", "early_stopping_patience", "keep_best")
 
 # Reading a loss back makes the host wait for the device; on a GPU the losses (and gradient norms) are read every
-# this many steps instead, and at every checkpoint, epoch end and stop, while the fused AdamW skips, on the device,
-# the update of a step whose loss or gradient norm is not finite. On a CPU there is nothing to wait for: every step.
+# this many steps instead, and at every checkpoint, epoch end, validation point and stop, while the fused AdamW skips,
+# on the device, the update of a step whose loss or gradient norm is not finite. On a CPU there is nothing to wait
+# for: every step.
 LOSS_READ_EVERY = {"cuda": 16}
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """A stop request (Ctrl-C) during training, raised once a checkpoint of the last finished step is on disk."""
+    """A stop request during training (Ctrl-C, SIGTERM, SIGHUP), raised once a checkpoint of the last finished step
+    is on disk."""
 
     def __init__(self, step: int, saved: Path | None):
         super().__init__(f"interrupted at step {step}")
@@ -192,8 +209,9 @@ def _new_tally() -> dict:
 @dataclass
 class TrainState:
     """A run's progress: the log rows hold the loss curve, `tally` the unfinished epoch (seconds, tokens, summed loss,
-    steps), `epochs` the finished ones; `progress` is the share of the budget spent (what the schedule follows under
-    a budget, with `per_step`, the mean share a step spends) and is recomputed on resume, not saved."""
+    steps), `epochs` the finished ones, `validation` the validation points; `progress` is the share of the budget
+    spent (what the schedule follows under a budget, with `per_step`, the mean share a step spends) and is recomputed
+    on resume, not saved."""
 
     step: int = 0
     epoch: int = 1
@@ -201,10 +219,11 @@ class TrainState:
     tally: dict = field(default_factory=_new_tally)
     log: list[dict] = field(default_factory=list)
     epochs: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
     progress: float = 0.0
     per_step: float = 0.0
 
-    SAVED = ("step", "epoch", "position", "tally", "log", "epochs")
+    SAVED = ("step", "epoch", "position", "tally", "log", "epochs", "validation")
 
     def saved(self) -> dict:
         return {key: getattr(self, key) for key in self.SAVED}
@@ -212,7 +231,19 @@ class TrainState:
     def load(self, saved: dict) -> None:
         """Take the progress of a checkpoint's state, in place."""
         for key in self.SAVED:
-            setattr(self, key, saved[key])
+            # Checkpoints written before validation existed have no "validation"; any other missing key is damage.
+            setattr(self, key, saved.get(key, []) if key == "validation" else saved[key])
+
+
+def best_point(points: list[dict]) -> dict | None:
+    """The validation point of lowest loss (the earliest of equals), or None before the first."""
+    return min(points, key=lambda p: p["loss"], default=None)
+
+
+def stopped_early(points: list[dict], patience: int) -> bool:
+    """Whether the last `patience` validation points all failed to improve on the best before them (0: never)."""
+    best = best_point(points)
+    return bool(patience) and best is not None and len(points) - 1 - points.index(best) >= patience
 
 
 def data_digest(examples: list[Encoded]) -> str:
@@ -224,33 +255,14 @@ def data_digest(examples: list[Encoded]) -> str:
 
 
 def _training_settings(cfg: TrainConfig, run_config: dict | None, method: str) -> dict:
-    """The settings that decide the trained weights (the data itself is checked through its digest)."""
-    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_TRAINING}
+    """The settings that decide the trained weights (the training data itself is checked through its digest); with
+    validation on, also the data settings, which choose the validation examples."""
+    ignored = NOT_TRAINING + (() if cfg.eval_every else VALIDATION)
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     if run_config is None:
         return {"train": train}
-    return {"model": run_config["model"], "train": train, method: run_config.get(method)}
-
-
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Turn the first Ctrl-C into a request the loop honours at the next step boundary (where the state is whole:
-    never half an optimizer update); a second Ctrl-C interrupts at once."""
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested  # signals reach the main thread only
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    previous = signal.default_int_handler if previous is None else previous  # None: installed outside Python
-
-    def handler(signum, frame):
-        requested.set()
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    data = {"data": run_config["data"]} if cfg.eval_every else {}
+    return {"model": run_config["model"], "train": train, method: run_config.get(method), **data}
 
 
 # ---------------------------------------------------------------- what stays fixed during a run
@@ -280,10 +292,13 @@ class _Run:
     targets: list[int]  # summary tokens `summary_loss` counts per example, in whatever batch or rank it lands
     lengths: list[int]
     read_every: int = 1  # steps between reads of the losses (LOSS_READ_EVERY)
+    validate: Callable[[Adapted], dict] | None = None
+    on_step: Callable[[dict, dict | None], None] | None = None
     last_saved: Path | None = None
     stop_agreed: bool = False  # several processes: the stop request all of them saw at the last step
     unread: list[_Pending] = field(default_factory=list)  # steps whose loss is still on the device
     last_loss: float = float("nan")  # the newest loss read, for the progress bar
+    best: dict[str, torch.Tensor] | None = None  # keep_best: the weights of the best validation point
 
     @property
     def params(self) -> dict[str, torch.nn.Parameter]:
@@ -292,9 +307,11 @@ class _Run:
     def out_of_steps(self, state: TrainState) -> bool:
         if self.cfg.max_steps and state.step >= self.cfg.max_steps:
             return True
+        if stopped_early(state.validation, self.cfg.early_stopping_patience):
+            return True
         return self.budget is not None and state.progress >= 1.0
 
-    def stop_requested(self, stop: threading.Event, now: bool = False) -> bool:
+    def stop_requested(self, stop: StopRequest, now: bool = False) -> bool:
         """Whether to stop; with several processes, all stop at the same step: the one they agree on."""
         if distributed.world() == 1:
             return stop.is_set()
@@ -350,8 +367,8 @@ def fused_update(device: torch.device, dtype: torch.dtype, compiled: bool) -> bo
     return device.type in ("cpu", "cuda") and (compiled or dtype != torch.float32 or device.type == "cuda")
 
 
-def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, *, fused: bool):
-    """AdamW; fused: one kernel over all tensors (on a CPU, a 28M-parameter LM head's update took 0.08 s instead of
+def make_optimizer(params: list[torch.nn.Parameter] | list[dict], lr: float, weight_decay: float, *, fused: bool):
+    """AdamW over the method's parameter groups; fused: one kernel over all tensors (on a CPU, a 28M-parameter LM head's update took 0.08 s instead of
     0.85 s foreach), which also takes `found_inf` to skip an update on the device. Not fused, the update rounds as
     eager PyTorch does, which the golden values of the fp32 reference path pin."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
@@ -369,14 +386,20 @@ def _schedule(cfg: TrainConfig, total_steps: int | None, state: TrainState):
 def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float, *, pad_id: int,
           device: torch.device, dtype: torch.dtype, log_path: Path | None = None, progress: bool = True,
           run_dir: Path | None = None, run_config: dict | None = None, fsdp: bool = False,
-          clock: Callable[[], float] = time.perf_counter, stop: threading.Event | None = None) -> dict:
+          clock: Callable[[], float] = time.perf_counter, stop: StopRequest | None = None,
+          validate: Callable[[Adapted], dict] | None = None,
+          on_step: Callable[[dict, dict | None], None] | None = None) -> dict:
     """Train `adapted.trainable` on `examples`; returns timing, throughput, memory and the loss curve.
 
     With `run_dir`, checkpoints go to `run_dir/checkpoints/` and training continues from the newest one there.
     With `fsdp`, `adapted.model` is already sharded (`distributed.fully_shard_model`) and `adapted.trainable` holds
-    its sharded parameters. `stop` is an event that asks the loop to stop after the current step (default: the
-    first Ctrl-C sets it); `clock` gives training wall-clock seconds.
+    its sharded parameters. `stop` is an event that asks the loop to stop after the current step (default: a
+    `signals.StopSignal`, which the first Ctrl-C, SIGTERM or SIGHUP sets); `clock` gives training wall-clock seconds.
+    `validate` scores the model for a validation point (needed when cfg.eval_every is set; a collective with several
+    processes); `on_step(row, point)` is called with each finished log row and that step's validation point (or None).
     """
+    if cfg.eval_every and validate is None:
+        raise ValueError("train.eval_every is set but no validate function was given")
     torch.manual_seed(cfg.seed + distributed.rank())  # dropout masks
     state = TrainState()  # filled in place from a checkpoint when resuming: the schedule reads it
     total_steps = plan_steps(len(examples), cfg)
@@ -385,23 +408,28 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
                                            cfg.budget_seconds)
     read_every = 1 if fsdp else _read_every(device, cfg)
     fused = not fsdp and (read_every > 1 or fused_update(device, dtype, compiled))
-    optimizer = make_optimizer(adapted.trainable, lr, cfg.weight_decay, fused=fused)
+    optimizer = make_optimizer(adapted.method.param_groups(adapted, lr), lr, cfg.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps, state))
     run = _Run(adapted, examples, cfg, optimizer, scheduler, Budget.of(cfg), total_steps, pad_id, device, dtype, fsdp,
                clock, run_dir, log_path, _training_settings(cfg, run_config, adapted.name), data_digest(examples),
                run_config, targets=[sum(label != IGNORE for label in e.labels[1:]) for e in examples],
-               lengths=lengths, read_every=read_every)
+               lengths=lengths, read_every=read_every, validate=validate, on_step=on_step)
     _resume(run, state)
     resumed_step = state.step if run.last_saved is not None else None
+    if on_step is not None:  # a resumed run's listeners see the restored history first, so they hold all of it
+        points = {p["step"]: p for p in state.validation}
+        for row in state.log:
+            on_step(row, points.get(row["step"]))
     reset_peak_memory(device)
     adapted.model.train()
     bar = tqdm(total=run.total_steps, initial=state.step, desc=f"train {adapted.name}",
                disable=not progress or not distributed.is_main(), dynamic_ncols=True)
-    stop_context = contextlib.nullcontext(stop) if stop is not None else _sigint_deferred()
+    stop_context = contextlib.nullcontext(stop) if stop is not None else signals.StopSignal()
     try:
         with stop_context as stop, training_blocks(adapted.model, device, max(run.lengths, default=0),
                                                    compile=compiled,
-                                                   gradient_checkpointing=cfg.gradient_checkpointing):
+                                                   gradient_checkpointing=cfg.gradient_checkpointing,
+                                                   cached_prefix=adapted.method.cached_prefix):
             # Under a budget, epochs go on until the budget is spent, the last one usually partial.
             while run.budget is not None or state.epoch <= cfg.epochs:
                 if not _epoch(run, state, stop, bar):
@@ -411,14 +439,17 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
     finally:
         bar.close()
         adapted.model.eval()
-    if log_path and distributed.is_main():
-        write_jsonl(log_path, state.log)
+    if cfg.keep_best and run.best is not None:
+        with torch.no_grad():
+            for name, p in run.params.items():
+                p.copy_(run.best[name])
+    _write_logs(run, state)
     summary = _summary(run, state, resumed_step)
     summary["compiled"] = compiled
     return summary
 
 
-def _epoch(run: _Run, state: TrainState, stop: threading.Event, bar) -> bool:
+def _epoch(run: _Run, state: TrainState, stop: StopRequest, bar) -> bool:
     """Train the rest of the current epoch (or until the steps or budget run out); False when nothing was left."""
     cfg = run.cfg
     batches = epoch_batches(run.lengths, cfg.batch_size, cfg.seed, state.epoch)
@@ -441,12 +472,19 @@ def _epoch(run: _Run, state: TrainState, stop: threading.Event, bar) -> bool:
         run.optimizer.zero_grad(set_to_none=True)
         state.step, state.position = state.step + 1, state.position + len(group)
         state.tally.update(steps=state.tally["steps"] + 1, tokens=state.tally["tokens"] + tokens)
-        pending.row = {"step": state.step, "epoch": state.epoch, "loss": None, "lr": run.scheduler.get_last_lr()[0]}
+        elapsed = run.clock() - started
+        pending.row = {"step": state.step, "epoch": state.epoch, "loss": None, "lr": run.scheduler.get_last_lr()[0],
+                       "tokens_per_s": state.tally["tokens"] / max(elapsed, 1e-9)}
         state.log.append(pending.row)
         run.unread.append(pending)
-        if len(run.unread) >= run.read_every:
-            _read(run, state)
-        _show(bar, run, state, run.clock() - started)
+        point = None
+        if _validation_due(run, state, len(batches)):
+            pause = run.clock()
+            point = _validate(run, state)
+            started += run.clock() - pause  # validating is not training time
+        if point is not None or len(run.unread) >= run.read_every:
+            _read(run, state, point)
+        _show(bar, run, state, elapsed)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.position < len(batches):
             _read(run, state)
             pause = run.clock()
@@ -465,7 +503,7 @@ def _epoch(run: _Run, state: TrainState, stop: threading.Event, bar) -> bool:
     return True
 
 
-def _step(run: _Run, state: TrainState, group: list[list[int]], stop: threading.Event) -> tuple[_Pending, int]:
+def _step(run: _Run, state: TrainState, group: list[list[int]], stop: StopRequest) -> tuple[_Pending, int]:
     """Forward and backward over an accumulation group of global batches, then the optimizer update; returns the
     step's loss (mean over the group's summary tokens; read now, or later on a GPU) and its real tokens, both over
     every process."""
@@ -519,22 +557,51 @@ def _checked(run: _Run, pending: _Pending) -> float:
     return loss
 
 
-def _read(run: _Run, state: TrainState) -> None:
-    """Read the losses of the steps not read yet into their log rows and the epoch's tally (in step order)."""
+def _read(run: _Run, state: TrainState, point: dict | None = None) -> None:
+    """Read the losses of the steps not read yet into their log rows and the epoch's tally (in step order), and hand
+    each row to `on_step`, the newest with its validation `point`."""
     for pending in run.unread:
         if pending.value is None:
             pending.value = _checked(run, pending)
         pending.row["loss"] = pending.value
         state.tally["loss"] += pending.value
         run.last_loss = pending.value
+        if run.on_step is not None:
+            run.on_step(pending.row, point if pending is run.unread[-1] else None)
     run.unread.clear()
 
 
 def _show(bar, run: _Run, state: TrainState, elapsed: float) -> None:
     budget = {"budget": f"{min(1.0, state.progress):.0%}"} if run.budget else {}
+    point = {"val": f"{state.validation[-1]['loss']:.3f}"} if state.validation else {}
     bar.set_postfix(epoch=state.epoch, loss=f"{run.last_loss:.3f}",
-                    tok_s=f"{state.tally['tokens'] / max(elapsed, 1e-9):.0f}", **budget)
+                    tok_s=f"{state.tally['tokens'] / max(elapsed, 1e-9):.0f}", **point, **budget)
     bar.update()
+
+
+# ---------------------------------------------------------------- validation points
+
+def _validation_due(run: _Run, state: TrainState, batches: int) -> bool:
+    """Every eval_every steps, and at the last step (so that the curve and keep_best see the final weights)."""
+    if not run.cfg.eval_every:
+        return False
+    last_epoch = run.budget is None and state.epoch >= run.cfg.epochs and state.position >= batches
+    return state.step % run.cfg.eval_every == 0 or last_epoch or run.out_of_steps(state)
+
+
+def _validate(run: _Run, state: TrainState) -> dict:
+    """Score the current weights (dropout off, compiled blocks paused), record the point, and keep the weights aside
+    when they are the best so far and keep_best asks for them. Every rank records rank 0's numbers."""
+    adapted = run.adapted
+    adapted.model.eval()
+    with paused(adapted.model):
+        scores = run.validate(adapted)
+    adapted.model.train()
+    point = distributed.broadcast_object({"step": state.step, "epoch": state.epoch, **scores})
+    state.validation.append(point)
+    if run.cfg.keep_best and best_point(state.validation) is point:
+        run.best = {name: p.detach().clone() for name, p in run.params.items()}
+    return point
 
 
 def _summary(run: _Run, state: TrainState, resumed_step: int | None) -> dict:
@@ -545,6 +612,12 @@ def _summary(run: _Run, state: TrainState, resumed_step: int | None) -> dict:
               "epochs_completed": sum(e.get("batches", 1) / e.get("of_batches", 1) for e in state.epochs),
               "tokens_per_s": tokens / seconds if seconds else 0.0, "peak_memory_mb": peak_memory_mb(run.device),
               "loss_curve": [[r["step"], r["loss"]] for r in state.log], "resumed_from_step": resumed_step}
+    if run.cfg.eval_every:
+        best = best_point(state.validation)
+        kept = run.cfg.keep_best and best is not None
+        result.update(validation=state.validation, best_step=best and best["step"],
+                      stopped_early=stopped_early(state.validation, run.cfg.early_stopping_patience),
+                      weights_step=best["step"] if kept else state.step)
     if distributed.world() > 1:  # tokens count every process's; time and memory are rank 0's
         result["processes"] = distributed.world()
     return result
@@ -567,10 +640,16 @@ def _save(run: _Run, state: TrainState) -> Path | None:
     meta = {**state.saved(), "total_steps": run.total_steps, "method": run.adapted.name, "settings": run.settings,
             "data_digest": run.digest, "scheduler": run.scheduler.state_dict(), "config": run.run_config}
     run.last_saved = checkpoint.save_training(run.run_dir, state.step, params, run.optimizer, meta,
-                                              run.cfg.keep_checkpoints, run.device)
-    if run.log_path and distributed.is_main():  # the log on disk always matches the newest checkpoint
-        write_jsonl(run.log_path, state.log)
+                                              run.cfg.keep_checkpoints, run.device, extra=run.best)
+    _write_logs(run, state)  # the logs on disk always match the newest checkpoint
     return run.last_saved
+
+
+def _write_logs(run: _Run, state: TrainState) -> None:
+    if run.log_path and distributed.is_main():
+        write_jsonl(run.log_path, state.log)
+        if run.cfg.eval_every:
+            write_jsonl(run.log_path.with_name(VALIDATION_LOG), state.validation)
 
 
 def _resume(run: _Run, state: TrainState) -> None:
@@ -581,10 +660,12 @@ def _resume(run: _Run, state: TrainState) -> None:
         raise UserError(f"the processes see different checkpoints in {run.run_dir}: with several machines, the output "
                         f"folder must be on a file system they all share")
     if found is not None:
-        saved = checkpoint.restore_training(found, run.params, run.optimizer, run.settings, run.digest, run.device,
-                                            run.cfg.seed)
-        run.scheduler.load_state_dict(saved["scheduler"])
-        state.load(saved)
+        with checkpoint.reading(found):  # a state.json missing its keys: one line naming it
+            saved, extra = checkpoint.restore_training(found, run.params, run.optimizer, run.settings,
+                                                       run.digest, run.device, run.cfg.seed)
+            run.scheduler.load_state_dict(saved["scheduler"])
+            state.load(saved)
+        run.best = extra or None
         run.last_saved = found
         print(f"resuming {run.adapted.name} from {found} (step {state.step}"
               f"{f' of {run.total_steps}' if run.total_steps else ''})")

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# Nothing a test starts may reach the network: experiment trackers offline and local (trackio's store in a fresh
+# temporary folder, no tracking server even where the developer's shell names one), every telemetry off.
+for name in ("MLFLOW_TRACKING_URI", "TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "WANDB_BASE_URL"):
+    os.environ.pop(name, None)
+os.environ.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_MODE": "offline",
+                   "WANDB_SILENT": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+                   "TRACKIO_DIR": tempfile.mkdtemp(prefix="peftsum-tests-trackio-")})
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORDS = ("the a council said on monday that new rules for city buses will start next year after long talks with "
@@ -35,9 +45,28 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
+# A ChatML-style template (SmolLM2's layout, without its default system turn): the tiny tokenizer has none of its own.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_chat_tokenizer():
+    """The tiny tokenizer with ChatML's turn markers as special tokens and CHAT_TEMPLATE: the chat format on tiny
+    models. Its EOS (<eos>) and its end of turn (<|im_end|>) are different tokens, so both stops are exercised."""
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    return make_chat_tokenizer()
 
 
 def tiny_config(kind: str, vocab_size: int):
@@ -58,10 +87,7 @@ def tiny_model(kind: str, tokenizer, seed: int = 0):
     return AutoModelForCausalLM.from_config(tiny_config(kind, len(tokenizer))).eval()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    """{'gpt2': folder, 'llama': folder}, each with config.json and tokenizer files (use with random_init)."""
-    root = tmp_path_factory.mktemp("models")
+def _model_dirs(root: Path, tokenizer) -> dict[str, Path]:
     dirs = {}
     for kind in ("gpt2", "llama"):
         folder = root / kind
@@ -69,6 +95,18 @@ def tiny_model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
         tokenizer.save_pretrained(folder)
         dirs[kind] = folder
     return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """{'gpt2': folder, 'llama': folder}, each with config.json and tokenizer files (use with random_init)."""
+    return _model_dirs(tmp_path_factory.mktemp("models"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dirs(tmp_path_factory, chat_tokenizer) -> dict[str, Path]:
+    """The same with the chat tokenizer (data.format auto then chooses chat)."""
+    return _model_dirs(tmp_path_factory.mktemp("chat-models"), chat_tokenizer)
 
 
 def write_tiny_data(folder: Path, n_train: int = 24, n_eval: int = 8, seed: int = 0) -> Path:

@@ -10,7 +10,8 @@ import torch
 from peftsum import train as train_module
 from peftsum.cli import main
 from peftsum.config import load_config
-from peftsum.data import encode_example, load_data
+from peftsum.data import load_data
+from peftsum.prompts import encode_example
 from peftsum.methods import adapt
 
 from conftest import max_diff, tiny_model, trained_weights

@@ -31,14 +31,18 @@ def test_compare_writes_a_complete_report(kind, tiny_model_dirs, tiny_data, tmp_
     assert (out / "prompt" / "adapter_config.json").is_file()
     assert (out / "finetune" / "finetuned.safetensors").is_file()
     # The statistics the report shows are in results.json too: every paired test of the Significance section.
-    assert results["schema_version"] == 2
+    assert results["schema_version"] == 3
     analysis = results["analysis"]
     assert sorted(analysis["ranking"]["rouge1"]) == ["finetune", "lora", "prompt"]
     tested = {(t["a"], t["b"], t["metric"]) for t in analysis["tests"]}
-    assert {(m, "untouched model", "rouge1") for m in results["methods"]} <= tested and len(tested) == 15
+    # The tiny tokenizer has no chat template: the plain format, so the baselines are zero-shot and lead.
+    assert list(results["baselines"]) == ["zero-shot", "lead"] and results["prompt"]["format"] == "plain"
+    assert {(m, b, "rouge1") for m in results["methods"] for b in ("untouched model", "lead")} <= tested
+    assert len(tested) == 15 + 3 * 3  # leader, untouched model; each method against lead on three keys
     report = (out / "report.md").read_text()
+    labels = analysis["baselines"]["labels"]
     for t in analysis["tests"]:
-        assert f"| {t['a']} − {t['b']} |" in report
+        assert f"| {labels.get(t['a'], t['a'])} − {labels.get(t['b'], t['b'])} |" in report
     for heading in ("## Verdict", "## Results", "## Resources", "## Configuration", "before / eval", "after / train"):
         assert heading in report
     for png in ("loss_curves.png", "rouge.png"):

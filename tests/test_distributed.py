@@ -141,6 +141,24 @@ def test_two_processes_train_and_score_like_one(tiny_model_dirs, data, tmp_path)
     assert "train lora" in rank_output(two, 0, "stderr")
 
 
+@pytest.mark.parametrize("kind, method, flags", [
+    ("llama", "ia3", ["--ia3.lr", "5e-2"]),  # llama: no dropout in the model, whose masks differ per rank
+    ("llama", "lora", ["--lora.variant", "dora", "--lora.lr_ratio", "8", "--lora.lr", "5e-3"]),
+    ("llama", "lora", ["--lora.init", "pissa", "--lora.variant", "rslora", "--lora.lr", "5e-3"]),
+])
+def test_two_processes_train_the_new_methods_like_one(kind, method, flags, tiny_model_dirs, data, tmp_path):
+    """IA3's vectors and DoRA's magnitudes are trainable tensors like LoRA's, so the gradient all-reduce covers them;
+    LoRA+'s parameter groups and PiSSA's residual weights (the same SVD on every rank) change nothing across ranks."""
+    args = ["train", "--method", method, *flags, "--model", tiny_model_dirs[kind], "--data", data, *TINY,
+            "--eval-size", "0", "--data.train_eval_size", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*map(str, args), "--out", str(one)]) == 0
+    torchrun(tmp_path, two, *args)
+    assert files(two) == files(one)
+    assert max_diff(trained_weights(two), trained_weights(one)) < 1e-6
+    assert step_losses(two) == pytest.approx(step_losses(one), abs=1e-5) and len(step_losses(two)) == 2 * 6
+
+
 def test_fsdp_full_finetuning_matches_one_process(tmp_path, data):
     # GPT-2 ties its LM head to the input embeddings; without dropout, one process and two compute the same thing.
     model = tmp_path / "gpt2-no-dropout"
@@ -213,3 +231,31 @@ def test_accelerate_launch_sets_the_precision_and_runs_data_parallel(tiny_model_
     assert "precision: bf16" in (two / "config.yaml").read_text()  # accelerate's mixed precision, as no flag set it
     assert files(two) == files(one)
     assert max_diff(trained_weights(two), trained_weights(one)) < 1e-3  # bf16, other padding and rounding: measured 3e-5
+
+
+def test_two_processes_validate_stop_early_and_keep_the_best_like_one(tiny_model_dirs, tmp_path):
+    """Every rank validates its share, all record rank 0's numbers, and all stop at the same step; rank 1 logs
+    nothing to the tracker (the audit hook would fail it on any write in the output folder)."""
+    data = write_tiny_data(tmp_path / "data", n_train=24, n_eval=12)
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    # One summary for every training document: the validation loss rises from the start (see test_validation.py).
+    (data / "train.jsonl").write_text("".join(json.dumps({**r, "summary": "council council council"}) + "\n"
+                                              for r in rows))
+    args = ["train", "--method", "finetune", "--finetune.lr", "1e-2", "--model", tiny_model_dirs["llama"], "--data",
+            data, *TINY, "--train-size", "24", "--train.epochs", "4", "--eval-size", "4", "--data.train_eval_size",
+            "0", "--train.eval_every", "2", "--train.eval_size", "6", "--train.early_stopping_patience", "2",
+            "--train.keep_best", "true", "--report-to", "tensorboard"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*map(str, args), "--out", str(one)]) == 0
+    torchrun(tmp_path, two, *args)
+    points = {folder: [json.loads(line) for line in (folder / "validation_log.jsonl").read_text().splitlines()]
+              for folder in (one, two)}
+    steps = [p["step"] for p in points[one]]
+    assert [p["step"] for p in points[two]] == steps and len(steps) >= 3  # (the Llama has no dropout)
+    assert [p["loss"] for p in points[two]] == pytest.approx([p["loss"] for p in points[one]], abs=1e-5)
+    assert len(step_losses(two)) == len(step_losses(one)) == steps[-1] < 4 * 6  # stopped early, together
+    best = min(points[one], key=lambda p: p["loss"])["step"]
+    assert best < steps[-1] and f"weights of step {best} (best validation loss)" in rank_output(two, 0, "stdout")
+    assert max_diff(trained_weights(two), trained_weights(one)) < 1e-5  # both kept the best step's weights
+    assert len(list((two / "tensorboard" / "finetune").glob("events.out.tfevents.*"))) == 1
+    assert rank_output(two, 1) == ""

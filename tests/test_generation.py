@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_model
 from peftsum.forward import collate, greedy
-from peftsum.data import Encoded, IGNORE
+from peftsum.prompts import Encoded, IGNORE
 
 MAX_NEW = 12
 
@@ -16,7 +16,7 @@ def prompts(seed: int = 0) -> list[list[int]]:
     return [torch.randint(2, 250, (n,), generator=rng).tolist() for n in (5, 17, 9, 30, 12, 3)]
 
 
-def hf_tokens(model, embeds, mask, eos: int, **settings) -> list[list[int]]:
+def hf_tokens(model, embeds, mask, eos: int | list[int], **settings) -> list[list[int]]:
     """`generate` on each row alone (unpadded): with left padding and embeddings, transformers' repetition penalty
     skips as many generated tokens as the row has padding (it takes the padding for a prompt inside input_ids)."""
     rows = []
@@ -25,7 +25,9 @@ def hf_tokens(model, embeds, mask, eos: int, **settings) -> list[list[int]]:
         row = model.generate(inputs_embeds=real, attention_mask=torch.ones(real.shape[:2], dtype=torch.long),
                              max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos, pad_token_id=0,
                              **settings)[0].tolist()
-        rows.append(row[:row.index(eos) + 1] if eos in row else row)  # peftsum's rows end with their EOS
+        stops = [eos] if isinstance(eos, int) else eos
+        ends = [i for i, token in enumerate(row) if token in stops]
+        rows.append(row[:ends[0] + 1] if ends else row)  # peftsum's rows end with their stop token
     return rows
 
 
@@ -49,7 +51,7 @@ def test_greedy_equals_generate(kind, settings, prefill_rows, tokenizer, monkeyp
                 counts.setdefault(token, set()).add(position)
         eos = max(counts, key=lambda t: len(counts[t]))
         expected = hf_tokens(model, embeds, mask, eos=eos, **settings)
-        got = greedy(model, embeds, mask, max_new_tokens=MAX_NEW, eos_token_id=eos, **settings)
+        got = greedy(model, embeds, mask, max_new_tokens=MAX_NEW, stop_ids={eos}, **settings)
     assert got == expected
     lengths = {len(row) for row in got}
     assert min(lengths) < MAX_NEW and max(lengths) == MAX_NEW  # some rows did end early, others did not
@@ -80,3 +82,22 @@ def test_int8_is_for_the_cpu(tokenizer):
     with pytest.raises(UserError, match="CPU only"):
         with int8_linears(tiny_model("llama", tokenizer), torch.device("cuda")):
             pass
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_greedy_stops_at_any_stop_token_like_generate(kind, tokenizer):
+    """Two stop tokens (EOS and a chat template's end of turn): each row ends at the first of either it makes."""
+    model = tiny_model(kind, tokenizer)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts(1)], pad_id=0)
+    embeds, mask = model.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"]
+    with torch.no_grad():
+        free = hf_tokens(model, embeds, mask, eos=1)
+        first = [row[2] for row in free if len(row) > 2]  # tokens some rows make early: stop on two of them
+        stops = sorted(set(first), key=first.count)[-2:]
+        expected = hf_tokens(model, embeds, mask, eos=stops)
+        got = greedy(model, embeds, mask, max_new_tokens=MAX_NEW, stop_ids=stops)
+        alone = [greedy(model, embeds, mask, max_new_tokens=MAX_NEW, stop_ids=[s]) for s in stops]
+    assert len(stops) == 2 and got == expected
+    ended = {row[-1] for row in got if len(row) < MAX_NEW}
+    assert ended <= set(stops) and len(ended) == 2  # rows ended on each of the two
+    assert all(got != one for one in alone)  # neither stop alone gives the same rows

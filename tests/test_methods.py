@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from peftsum.config import RunConfig
-from peftsum.data import IGNORE, Encoded
+from peftsum.prompts import IGNORE, Encoded
 from peftsum.forward import collate, generate_batch, summary_loss
 from peftsum.methods import adapt, lora, untouched
 
@@ -106,7 +106,8 @@ def test_soft_prompt_changes_loss_and_generation(kind, tokenizer):
     cfg.prompt.init = "random"
     batch = batch_for(tokenizer, ["the council said on monday that", "new rules"])
     prompts = [tokenizer("the council said")["input_ids"], tokenizer("new rules for city buses")["input_ids"]]
-    kwargs = dict(max_new_tokens=6, num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0)
+    kwargs = dict(max_new_tokens=6, num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0,
+                  stop_ids=(tokenizer.eos_token_id,))
     plain = untouched(copy.deepcopy(base))
     prompted = adapt(copy.deepcopy(base), tokenizer, "prompt", cfg)
     with torch.no_grad():
@@ -133,7 +134,8 @@ def test_batched_generation_equals_one_at_a_time(kind, tokenizer):
     """Left padding must not change what any method generates (the soft prompt included)."""
     base = tiny_model(kind, tokenizer)
     prompts = [tokenizer("the council said")["input_ids"], tokenizer("new rules for city buses will start")["input_ids"]]
-    kwargs = dict(max_new_tokens=5, num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0)
+    kwargs = dict(max_new_tokens=5, num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0,
+                  stop_ids=(tokenizer.eos_token_id,))
     for method in ("lora", "prompt"):
         adapted = adapt(copy.deepcopy(base), tokenizer, method, fp32_config())
         torch.manual_seed(2)
@@ -184,7 +186,8 @@ def test_bf16_generation_with_a_trainable_tied_embedding(tokenizer):
     cfg = RunConfig()
     cfg.model.precision = "bf16"
     adapted = adapt(tiny_model("gpt2", tokenizer), tokenizer, "finetune", cfg)
-    kwargs = dict(max_new_tokens=4, num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0)
+    kwargs = dict(max_new_tokens=4, num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0,
+                  stop_ids=(tokenizer.eos_token_id,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         texts = generate_batch(adapted, tokenizer, [tokenizer("the council said")["input_ids"]], **kwargs)
     assert len(texts) == 1 and isinstance(texts[0], str)

@@ -94,9 +94,24 @@ def test_usage_matches_the_kind():
     assert "peftsum summarize --run runs/x/lora article.txt" in adapter
     assert "load_file('runs/x/finetune/finetuned.safetensors'), strict=False" in tensors and "PeftModel" not in tensors
     assert "AutoModelForCausalLM.from_pretrained('runs/x/lora')" in merged and "PeftModel" not in merged
-    assert "peftsum summarize --model runs/x/lora --template '{document}\nTL;DR:' article.txt" in merged
+    # An export's chat template builds the run's prompt from the document alone.
+    assert "peftsum summarize --model runs/x/lora --instruction '' article.txt" in merged
+    assert 'messages = [{"role": "user", "content": open("article.txt").read()}]' in merged
+    assert "prompt = '{document}\\nTL;DR:'.format(" in adapter  # a plain-format run, on its base model
     prompt = render_card(info("prompt", "adapter"))
     assert "one document at a time" in prompt and "one document at a time" not in adapter
+
+
+def test_a_chat_format_run_is_described_and_prompted_as_trained():
+    card_info = info("lora", "adapter")
+    card_info.config = {**card_info.config, "data": {**card_info.config["data"], "format": "chat",
+                                                      "instruction": "Summarize this article in one sentence."}}
+    card = render_card(card_info)
+    assert ("- **Prompt**: the model's chat template, a user turn holding the instruction 'Summarize this article in "
+            "one sentence.' and the document;") in card
+    assert ('messages = [{"role": "user", "content": \'Summarize this article in one sentence.\' + "\\n\\n" + '
+            'open("article.txt").read()}]') in card
+    assert "apply_chat_template(messages, add_generation_prompt=True" in card and "TL;DR" not in card
 
 
 def test_local_or_random_bases_and_local_data_have_no_hub_ids():

@@ -6,7 +6,8 @@ import torch
 from conftest import SHARED_DATA, requires_real
 from peftsum.session import fresh_adapted, open_session
 from peftsum.config import load_config
-from peftsum.data import encode_example, load_data
+from peftsum.data import load_data
+from peftsum.prompts import encode_example
 from peftsum.evaluate import evaluate, mean_loss
 from peftsum.methods import untouched
 from peftsum.train import train
@@ -55,8 +56,26 @@ def test_lora_lowers_validation_loss():
     assert after < before - 0.05, (before, after)
 
 
+@pytest.mark.parametrize("method, overrides", [("lora", {"lora.variant": "dora"}), ("ia3", {})])
+def test_dora_and_ia3_lower_validation_loss(method, overrides):
+    """DoRA and IA3 at their default learning rates: six steps on 48 XSum pairs lower the loss on 24 others."""
+    cfg, session = session_for({"data.train_size": "48", "data.train_eval_size": "0", "data.eval_size": "24",
+                                "train.batch_size": "8", **overrides})
+    splits = load_data(cfg.data, seed=0)
+    tok = session.loaded.tokenizer
+    before, _ = mean_loss(untouched(session.loaded.model), tok, splits.eval, cfg.data, 8, session.device, session.dtype)
+    adapted, stats = train_briefly(session, method, splits)
+    after, _ = mean_loss(adapted, tok, splits.eval, cfg.data, 8, session.device, session.dtype)
+    assert stats["steps"] == 6
+    assert after < before - 0.05, (before, after)
+
+
 def test_prompt_tuning_does_not_lower_rouge():
-    """The reference study's soft prompt collapsed at generation; ours must end at or above the untouched model."""
+    """The reference study's soft prompt collapsed at generation (far lower ROUGE); ours must not.
+
+    Equal ROUGE on 24 examples differs in the second decimal between CPU kinds (bf16 on AMX, fp32 elsewhere), so
+    "not lower" allows one ROUGE point: a collapse costs many points, noise costs hundredths.
+    """
     cfg, session = session_for({"data.train_size": "96", "data.train_eval_size": "0", "data.eval_size": "24",
                                 "train.batch_size": "8"})
     splits = load_data(cfg.data, seed=0)
@@ -66,7 +85,8 @@ def test_prompt_tuning_does_not_lower_rouge():
     adapted, _ = train_briefly(session, "prompt", splits)
     torch.manual_seed(0)
     after = evaluate(adapted, *args)
-    assert after["rouge"]["rouge1"]["mean"] >= before["rouge"]["rouge1"]["mean"], (before["rouge"], after["rouge"])
+    rouge1_before, rouge1_after = before["rouge"]["rouge1"]["mean"], after["rouge"]["rouge1"]["mean"]
+    assert rouge1_after >= rouge1_before - 1.0, (before["rouge"], after["rouge"])
     assert after["loss"] < before["loss"]
 
 
@@ -102,3 +122,20 @@ def test_trained_lora_round_trips_through_peft(tmp_path):
         plain = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          position_ids=positions).logits
     assert (ours - plain)[real].abs().max() > 1e-3  # training changed the model, so the match is not trivial
+
+
+def test_chat_format_zero_shot_beats_plain_on_news():
+    """The untouched instruct model, asked through its own chat template, summarizes better than with TL;DR:
+    16 CNN/DailyMail validation articles at the demo's settings."""
+    cfg = load_config(None, {"data.source": str(SHARED_DATA / "cnn_dailymail"), "data.eval_size": "16",
+                             "data.train_eval_size": "0", "data.max_length": "384", "data.max_summary_tokens": "80",
+                             "eval.max_new_tokens": "80", "eval.batch_size": "16", "eval.bootstrap_samples": "200"})
+    session = open_session(cfg, progress=False)
+    examples = load_data(cfg.data, seed=0).eval
+    model = untouched(session.loaded.model, session.dtype)
+    scores = {}
+    for data_format in ("chat", "plain"):
+        cfg.data.format = data_format
+        result = evaluate(model, session.tokenizer, examples, cfg.data, cfg.eval, session.device, session.dtype)
+        scores[data_format] = result["rouge"]["rouge1"]["mean"]
+    assert scores["chat"] > scores["plain"], scores

@@ -105,7 +105,7 @@ def test_sections_in_order_and_tables():
     for row in ("| before / train |", "| before / eval |", "| after / train |", "| after / eval |"):
         assert md.count(row) == 3
     assert "| after / eval | 2.100 | 31.2 ± 2.0 |" in md
-    assert "| untouched model | 3.100 | 14.0 ± 2.0 |" in md
+    assert "| untouched model (plain) | 3.100 | 14.0 ± 2.0 |" in md
     assert "![training loss](loss_curves.png)" in md and "![ROUGE before and after](rouge.png)" in md
     assert "seed 7" in md and "12 min 34 s" in md
 
@@ -221,7 +221,7 @@ def test_paired_test_finds_clear_difference():
     rows = [r for r in section.splitlines() if r.startswith("| lora − prompt |")]
     assert [r.split(" | ")[1] for r in rows] == ["ROUGE-1", "ROUGE-2", "ROUGE-L"]
     assert all(r.endswith("| < 0.001 | significant |") for r in rows)
-    assert "| prompt − untouched model | ROUGE-1 |" in section and "| not significant |" in section
+    assert "| prompt − untouched model (plain) | ROUGE-1 |" in section and "| not significant |" in section
     assert ["## Verdict", "## Results", "## Significance", "## Resources"] == \
         sorted(["## Verdict", "## Results", "## Significance", "## Resources"], key=md.index)
 
@@ -312,3 +312,72 @@ def test_budget_line_and_training_amount():
     results["config"]["train"] = {"seed": 7, "budget_seconds": 0.0, "budget_tokens": 250_000}
     assert "Equal budget: 250,000 training tokens per method." in report_of(results)
     assert "Equal budget" not in report_of(make_results())
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def with_baselines(results: dict, scores: dict[str, np.ndarray], zero_shot: np.ndarray,
+                   others: dict[str, tuple[str, str, np.ndarray]]) -> dict:
+    """results in today's layout: per-document eval scores for the methods, the run-format zero-shot baseline and
+    the other baselines (name -> (kind, label, scores))."""
+    results = with_documents(results, scores, zero_shot)
+    results["prompt"] = {"format": "chat", "chosen": "auto", "instruction": "Summarize this article.", "system": None,
+                         "end_of_turn": "<|im_end|>"}
+    results["baselines"] = {"zero-shot": {"kind": "zero-shot", "label": "untouched model (chat)", "dir": "baseline",
+                                          "settings": {"format": "chat"}, "note": None, **results["baseline"]}}
+    for name, (kind, label, values) in others.items():
+        settings = {"k": 3, "unit": "sentence"} if kind == "lead" else {"format": "plain"}
+        split = _split_from_documents(values)
+        if kind == "lead":
+            split["loss"] = None
+        results["baselines"][name] = {"kind": kind, "label": label, "dir": f"baselines/{name}", "settings": settings,
+                                      "note": None, "train": None, "eval": split}
+    return results
+
+
+def test_report_lists_every_baseline_and_names_the_methods_that_do_not_beat_the_strongest():
+    base, rng = _documents(7), np.random.default_rng(8)
+    lead = base + 10 + rng.normal(0, 1, base.size)  # the strongest baseline
+    results = with_baselines(make_results(2), {"lora": lead + 4 + rng.normal(0, 1, base.size),
+                                               "prompt": lead + rng.normal(0, 1, base.size)}, base,
+                             {"zero-shot-plain": ("zero-shot", "untouched model (plain)", base - 3),
+                              "lead": ("lead", "lead-3", lead)})
+    md = report_of(results)
+    verdict = md.split("## Results")[0]
+    assert "- Strongest baseline on eval ROUGE-1: **lead-3** (" in verdict
+    assert "- lora beats the strongest baseline, lead-3 (ROUGE-1 +4.0" in verdict
+    line = next(x for x in verdict.splitlines() if x.startswith("- **prompt"))
+    assert line.startswith("- **prompt: no significant gain over lead-3 (copying the document's first 3 sentences); "
+                           "an extractive baseline does as well** (ROUGE-1 ")
+    assert "- untouched model (chat) against untouched model (plain) on ROUGE-1: +3.0" in verdict
+    assert "prompt improved eval ROUGE-1 over the untouched model" in verdict  # today's test is kept
+    tables = md.split("### Baselines")[1]
+    for label in ("untouched model (chat)", "untouched model (plain)", "lead-3"):
+        assert f"| {label} |" in tables.split("### All methods")[0]  # the baselines' own table
+        assert f"| {label} |" in tables.split("### All methods")[1]  # and beside the methods
+    assert "| lead-3 | – | – | – | " in tables  # no train rows, no loss
+    section = md.split("## Significance")[1].split("## Resources")[0]
+    assert "| prompt − lead-3 | ROUGE-1 |" in section.split("Against the other baselines:")[1]
+    assert "- **Prompt**: chat format (data.format auto: the tokenizer has a chat template)" in md
+
+
+def test_verdict_when_prompting_the_untouched_model_is_as_good():
+    base, rng = _documents(9), np.random.default_rng(10)
+    noise = rng.normal(0, 3, base.size)
+    results = with_baselines(make_results(1), {"lora": base + noise - noise.mean()}, base,
+                             {"lead": ("lead", "lead-3", base - 8)})
+    verdict = report_of(results).split("## Results")[0]
+    assert "Strongest baseline on eval ROUGE-1: **untouched model (chat)**" in verdict
+    assert ("- **lora: no significant gain over prompting the untouched model (chat format); consider not training** "
+            "(ROUGE-1 ") in verdict
+    results["methods"]["lora"]["after"]["eval"] = _split_from_documents(base - 5)
+    assert "- **lora scores significantly below prompting the untouched model" in report_of(results)
+
+
+def test_old_results_get_their_single_baseline():
+    results = upgrade(make_results())
+    assert list(results["baselines"]) == ["zero-shot"] and results["prompt"]["format"] == "plain"
+    assert results["baselines"]["zero-shot"]["eval"] == results["baseline"]["eval"]
+    assert results["config"]["data"]["format"] == "plain" and results["config"]["eval"]["baselines"] == ["zero-shot"]
+    assert "- **Prompt**: plain format: template '{document}\\nTL;DR:'" in render_markdown(results)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .. import signals
 from ..errors import UserError
 from . import evaluate, export, run, share, summarize
 from .flags import Parser
@@ -77,11 +78,11 @@ def resume_command(argv: list[str]) -> str:
 
 def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
     if not COMMANDS[args.command].resumable:
-        return "peftsum: interrupted"
+        return f"peftsum: interrupted{signals.by(exc)}"
     saved = ""
     if getattr(exc, "saved", None) is not None:  # train.TrainingInterrupted: a checkpoint was written
         saved = f" at step {exc.step}; checkpoint saved in {exc.saved}"
-    return f"peftsum: interrupted{saved}; resume with: {resume_command(argv)}"
+    return f"peftsum: interrupted{signals.by(exc)}{saved}; resume with: {resume_command(argv)}"
 
 
 def _rank() -> int:
@@ -97,6 +98,19 @@ def _launched() -> bool:
     return launched()
 
 
+def _quiet_transformers() -> None:
+    """Keep the terminal for our progress bars and messages. Through the environment while transformers is not
+    loaded: importing it takes seconds, which a command refused for a bad flag or file should not spend."""
+    if "transformers" not in sys.modules:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -106,16 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet = open(os.devnull, "w") if rank else None
     finished = False
     try:
-        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+        with signals.interrupts(), contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             if not COMMANDS[args.command].parallel and _launched():
                 refusal = UserError(f"peftsum {args.command} runs as one process: start it without torchrun or "
                                     f"accelerate launch")
                 refusal.from_main = rank != 0  # every rank refuses; rank 0 says it
                 raise refusal
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()  # keep the terminal for our progress bars and messages
-            hf_logging.disable_progress_bar()
+            _quiet_transformers()
             code = COMMANDS[args.command].run(args)
             finished = code == 0
             return code
@@ -126,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if not rank:
             print(_interrupted(args, argv, exc), file=sys.stderr)
-        return 130
+        return signals.exit_code(exc)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     finally:
         if quiet:
             quiet.close()

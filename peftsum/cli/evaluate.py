@@ -3,6 +3,7 @@ predictions file against references)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -18,19 +19,20 @@ def add_evaluate(parser) -> None:
 
 
 def evaluate(args) -> int:
-    from .. import runs
+    from .. import lock, runs
     from ..data import load_data
     from ..evaluate import evaluate
     from ..metrics import format_table
-    from .source import open_source
+    from .source import open_source, source_config
 
-    cfg, session, adapted = open_source(args)
-    splits = load_data(cfg.data, seed=cfg.train.seed)
-    examples = splits.eval if args.split == "eval" else splits.train_eval
-    out = Path(cfg.out) if "out" in vars(args) else None
-    result = evaluate(adapted, session.tokenizer, examples, cfg.data, cfg.eval, session.device, session.dtype,
-                      predictions_path=(out / runs.predictions(args.split)) if out else None,
-                      seed=cfg.train.seed, progress=True)
+    out = Path(source_config(args).out) if "out" in vars(args) else None
+    with lock.holding(out) if out else contextlib.nullcontext():
+        cfg, session, adapted = open_source(args)
+        splits = load_data(cfg.data, seed=cfg.train.seed)
+        examples = splits.eval if args.split == "eval" else splits.train_eval
+        result = evaluate(adapted, session.tokenizer, examples, cfg.data, cfg.eval, session.device, session.dtype,
+                          predictions_path=(out / runs.predictions(args.split)) if out else None,
+                          seed=cfg.train.seed, progress=True)
     if result is None:
         raise UserError(f"the {args.split} subset is empty; raise data.eval_size or data.train_eval_size")
     if args.json:
@@ -53,6 +55,8 @@ def add_score(parser) -> None:
 def score(args) -> int:
     from ..metrics import format_table, read_summaries, rouge_summary
 
+    if args.samples < 0:
+        raise UserError(f"--samples must be >= 0 (0 = no interval), got {args.samples}")
     predictions = read_summaries(args.predictions, args.prediction_field)
     references = read_summaries(args.references, args.reference_field)
     if len(predictions) != len(references):

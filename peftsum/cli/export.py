@@ -1,4 +1,5 @@
-"""`export`: a trained LoRA or fine-tuning run (or a peft LoRA adapter) as a standalone transformers folder."""
+"""`export`: a trained run (or a peft adapter) merged into the weights, as a standalone transformers folder
+(`--merged`) and/or one GGUF file for llama.cpp and Ollama (`--gguf`)."""
 
 from __future__ import annotations
 
@@ -7,38 +8,55 @@ from pathlib import Path
 from ..errors import UserError
 from .flags import add_config_flags, add_source_flags
 
+GGUF_TYPES = ("f16", "bf16", "q8_0")  # gguf_export.GGUF_TYPES, here so that the parser does not import torch
 DESCRIPTION = ("Write a transformers folder (safetensors, config, tokenizer) that AutoModelForCausalLM loads without "
-               "peftsum or peft: LoRA merged into the weights, or the fine-tuned weights.")
+               "peftsum or peft, and/or one GGUF file for llama.cpp / Ollama: the method merged into the weights "
+               "(LoRA, ...), or the fine-tuned weights.")
 
 
 def add_export(parser) -> None:
     add_config_flags(parser)
     add_source_flags(parser)
-    parser.add_argument("--merged", required=True, metavar="DIR", help="the folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="write into DIR even if it is not empty")
+    parser.add_argument("--merged", metavar="DIR", help="the transformers folder to write")
+    parser.add_argument("--gguf", metavar="FILE", help="the GGUF file to write (Llama-family and GPT-2 models)")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
+                        help="GGUF type of the weight matrices (norms and biases stay f32); default f16")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into DIR even if it is not empty, and replace an existing FILE")
 
 
-def _cannot_merge(source: Path, flag: str, method: str) -> UserError:
-    return UserError(f"{source} is a {method} result, which cannot be exported as a plain model: its soft prompt "
-                     f"is input embeddings placed before every document, not a change of the model's weights; use "
-                     f"'peftsum summarize {flag} {source}' (or load the adapter with peft) instead")
+def _cannot_merge(source: Path, flag: str, method) -> UserError:
+    return UserError(f"{source} is a {method.title} result, which cannot be exported as a plain model: "
+                     f"{method.merge_refusal}; use 'peftsum summarize {flag} {source}' (or load the adapter with "
+                     f"peft) instead")
 
 
 def export(args) -> int:
     import yaml
 
-    from .. import adapters
-    from ..export import check_target, merged_model, write_model
-    from ..methods import BY_PEFT_TYPE, method_named
+    from .. import adapters, gguf_export
+    from ..export import check_target, merged_model, prompted_like_the_run, write_model
+    from ..files import check_writable
+    from ..methods import BY_PEFT_TYPE, REGISTRY, method_named
     from ..model_card import export_card, write_card
+    from ..prompts import prompt_format
     from .source import open_source, source_config
 
-    out = Path(args.merged)
-    check_target(out, args.overwrite)
+    if args.merged is not None and not args.merged.strip():
+        raise UserError("--merged is empty; give the folder to write")
+    if not args.merged and not args.gguf:
+        raise UserError("export needs --merged DIR (a transformers folder) and/or --gguf FILE (one GGUF file)")
+    out = Path(args.merged) if args.merged else None
+    if out is not None:
+        check_target(out, args.overwrite)
+    if args.gguf:
+        gguf_export.check_target(Path(args.gguf), args.overwrite)
     if not args.run and not args.adapter:
-        raise UserError("export needs --run DIR (a trained lora or finetune run) or --adapter DIR (a LoRA adapter)")
+        mergeable = ", ".join(m.name for m in REGISTRY.values() if m.can_merge)
+        raise UserError(f"export needs --run DIR (a trained run of {mergeable}) or --adapter DIR (a peft adapter of "
+                        f"one of those)")
     source, flag = (Path(args.run), "--run") if args.run else (Path(args.adapter), "--adapter")
-    if out.resolve() == source.resolve():
+    if out is not None and out.resolve() == source.resolve():
         raise UserError(f"--merged {out} is the {flag} folder itself; choose a new folder")
     # Refused before anything loads: a method that cannot merge.
     if args.run:
@@ -46,13 +64,30 @@ def export(args) -> int:
     else:
         method = BY_PEFT_TYPE.get(str(adapters.read_adapter_config(source).get("peft_type") or "").upper())
     if method is not None and not method.can_merge:
-        raise _cannot_merge(source, flag, "prompt-tuning" if method.name == "prompt" else method.name)
+        raise _cannot_merge(source, flag, method)
     setattr(args, "model.precision", "fp32")  # merge into, and write, full-precision weights
+    if out is not None:
+        check_writable(out, "--merged")  # before the model loads and merges
     cfg, session, adapted = open_source(args)
     model = merged_model(adapted)
-    note = yaml.safe_dump({"exported_from": str(source), "method": adapted.name, **cfg.to_dict()}, sort_keys=False)
-    write_model(model, session.tokenizer, out, note)
-    write_card(out, export_card(out, source, cfg, adapted.name))
-    print(f"exported {source} ({adapted.description}, merged) to {out}; load it with "
-          f"AutoModelForCausalLM.from_pretrained({str(out)!r}); prompt it with the template {cfg.data.template!r}")
+    what = f"{adapted.method.title} merged into the base weights"
+    fmt = prompt_format(session.tokenizer, cfg.data)
+    # Both files are prompted as the run was: the chat template builds the run's prompt around the document.
+    tokenizer = prompted_like_the_run(model, fmt, cfg.eval)
+    prompting = (f"its chat template builds the run's {fmt.name}-format prompt around a user message holding the "
+                 f"document")
+    if args.gguf:
+        written = gguf_export.write_gguf(model, tokenizer, Path(args.gguf), args.gguf_type,
+                                         name=f"{cfg.model.name} {adapted.name} (peftsum)", progress=True)
+        print(f"exported {source} ({what}) to {written.path} ({written.gguf_type}, {written.bytes / 2 ** 20:.1f} MiB); "
+              f"run it with llama.cpp (llama-cli -m {written.path}); {prompting}")
+    if out is not None:
+        note = yaml.safe_dump({"exported_from": str(source), "method": adapted.name, "prompt": fmt.describe(),
+                               **cfg.to_dict()}, sort_keys=False)
+        write_model(model, tokenizer, out, note)
+        write_card(out, export_card(out, source, cfg, adapted.name))
+        print(f"exported {source} ({what}) to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r}); "
+              f"{prompting} (apply_chat_template([{{'role': 'user', 'content': document}}], "
+              f"add_generation_prompt=True)), and generate() decodes as the run did (transformers' n-gram ban and "
+              f"repetition penalty also see the prompt)")
     return 0

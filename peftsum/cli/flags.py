@@ -7,6 +7,7 @@ the common ones have short aliases (`--model`, `--data`, `--methods`, `--out`, `
 from __future__ import annotations
 
 import argparse
+import re
 
 from ..config import flag_names
 from ..errors import UserError
@@ -18,11 +19,18 @@ ALIASES = {  # flag -> config key
     "--seed": "train.seed", "--train-size": "data.train_size", "--eval-size": "data.eval_size",
     "--max-length": "data.max_length", "--template": "data.template", "--precision": "model.precision",
     "--device": "model.device", "--seeds": "seeds", "--budget-seconds": "train.budget_seconds",
-    "--budget-tokens": "train.budget_tokens",
+    "--budget-tokens": "train.budget_tokens", "--format": "data.format", "--instruction": "data.instruction",
+    "--baselines": "eval.baselines", "--report-to": "train.report_to",
 }
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-0.001" as a value but "-1e-3" as an unknown flag; every number is a value here, so that
+        # `--lora.lr -1e-3` reaches validation and its own message.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+
     def error(self, message):  # one line and exit 2, as for every other user error
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 

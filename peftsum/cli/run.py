@@ -17,11 +17,11 @@ def add_compare(parser) -> None:
 
 
 def compare(args) -> int:
-    from .. import runs
+    cfg = config_from_args(args)  # before torch is imported: a bad setting is refused at once
+    from .. import lock, runs
     from ..compare import compare, plan
     from ..session import open_session
 
-    cfg = config_from_args(args)
     fsdp = launch(cfg, args.fsdp)
     if args.dry_run:
         result = plan(open_session(cfg, progress=False))
@@ -34,7 +34,8 @@ def compare(args) -> int:
                 print(f"  {method:<9} trainable {counts['trainable']:>12,} of {counts['total']:>12,} "
                       f"({counts['trainable_percent']:.4f}%)  {counts['description']}")
         return 0
-    results = compare(cfg, resume=args.resume, overwrite=args.overwrite, fsdp=fsdp)
+    with lock.holding(Path(cfg.out)):
+        results = compare(cfg, resume=args.resume, overwrite=args.overwrite, fsdp=fsdp)
     out = Path(cfg.out)
     print(f"report: {out / runs.REPORT}, {out / runs.REPORT_HTML}  (wall time {results['wall_seconds']:.0f} s)")
     return 0
@@ -47,42 +48,64 @@ def add_train(parser) -> None:
 
 
 def train(args) -> int:
-    from ..data import load_data, skipped_note
+    from ..data import load_data, skipped_note, validation_note
 
     cfg = config_from_args(args)
     cfg.methods = [args.method]
     folder = Path(cfg.out) if "out" in vars(args) else Path(cfg.out) / args.method
-    splits = load_data(cfg.data, seed=cfg.train.seed)  # before the model loads: bad data is refused at once
+    # Before the model loads: bad data is refused at once.
+    splits = load_data(cfg.data, seed=cfg.train.seed, validation_size=cfg.train.validation_size)
 
-    from .. import checkpoint, distributed, runs
+    from .. import checkpoint, distributed, lock, runs
     from ..compare import train_method
     from ..evaluate import mean_loss
     from ..files import make_folder
     from ..model_card import train_card, write_card
     from ..session import check_fsdp, environment, open_session
+    from ..trackers import open_tracking, require, training_metrics
 
     fsdp = launch(cfg, args.fsdp)
     if fsdp:
         distributed.on_main(check_fsdp, cfg)
-    if distributed.on_main(runs.prepare_train_folder, folder, args.resume, args.overwrite):
-        print(f"{folder} already holds a finished run; nothing to resume")
+    with lock.holding(folder):
+        if distributed.on_main(runs.prepare_train_folder, folder, args.resume, args.overwrite):
+            print(f"{folder} already holds a finished run; nothing to resume")
+            return 0
+        distributed.on_main(require, cfg.train.report_to, folder)
+        distributed.on_main(make_folder, folder)
+        for note in (skipped_note(splits.info), validation_note(splits.info)):
+            if note:
+                print(note)
+        session = open_session(cfg, fsdp=fsdp)
+        # One tracker run, grouped by the folder's name; it gets the model card (train writes no report).
+        with open_tracking(cfg.train.report_to, folder, [folder / runs.MODEL_CARD]) as tracking:
+            tracking.start(args.method, folder.resolve().name, cfg.to_dict())
+            adapted, training = train_method(session, args.method, splits, folder, on_step=tracking.log_step)
+            if distributed.is_main():
+                checkpoint.remove(folder)  # the final weights are saved: nothing left to resume
+                card = train_card(cfg, args.method, adapted.parameter_counts(), training, environment(session),
+                                  folder)
+                write_card(folder, card)
+            print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; "
+                  f"saved to {folder}{_validation_outcome(training)}")
+            summary = training_metrics(adapted.parameter_counts(), training)
+            if splits.eval:
+                loss, _ = mean_loss(adapted, session.tokenizer, splits.eval, cfg.data, cfg.eval.batch_size,
+                                    session.device, session.dtype)
+                print(f"eval loss {loss:.4f} on {len(splits.eval)} examples")
+                summary["after/eval/loss"] = loss
+            tracking.log_summary(summary)
         return 0
-    distributed.on_main(make_folder, folder)
-    note = skipped_note(splits.info)
-    if note:
-        print(note)
-    session = open_session(cfg, fsdp=fsdp)
-    adapted, training = train_method(session, args.method, splits, folder)
-    if distributed.is_main():
-        checkpoint.remove(folder)  # the final weights are saved: nothing left to resume
-        card = train_card(cfg, args.method, adapted.parameter_counts(), training, environment(session), folder)
-        write_card(folder, card)
-    print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; saved to {folder}")
-    if splits.eval:
-        loss, _ = mean_loss(adapted, session.tokenizer, splits.eval, cfg.data, cfg.eval.batch_size,
-                            session.device, session.dtype)
-        print(f"eval loss {loss:.4f} on {len(splits.eval)} examples")
-    return 0
+
+
+def _validation_outcome(training: dict) -> str:
+    """"; stopped early at step 40; weights of step 30 (best validation loss)", or "" without validation."""
+    if "validation" not in training:
+        return ""
+    stopped = f"; stopped early at step {training['steps']}" if training["stopped_early"] else ""
+    kept = (f"; weights of step {training['weights_step']} (best validation loss)"
+            if training["weights_step"] != training["steps"] else "")
+    return stopped + kept
 
 
 def add_sweep(parser) -> None:
@@ -98,12 +121,14 @@ def add_sweep(parser) -> None:
 
 
 def sweep(args) -> int:
+    cfg = config_from_args(args)  # before torch is imported: a bad setting is refused at once
+    from .. import lock
     from ..sweep import parse_varies, run_sweep, sweep_table
 
-    cfg = config_from_args(args)
     varies = parse_varies(args.vary, cfg.methods)
     launch(cfg)
-    result = run_sweep(cfg, varies, args.metric, resume=args.resume, overwrite=args.overwrite)
+    with lock.holding(Path(cfg.out)):
+        result = run_sweep(cfg, varies, args.metric, resume=args.resume, overwrite=args.overwrite)
     print("\n".join(sweep_table(result["points"], args.metric)))
     print(f"sweep: {Path(cfg.out) / 'sweep.md'}, {Path(cfg.out) / 'pareto.png'}")
     return 0

@@ -1,5 +1,5 @@
 """`summarize`: a trained run, a peft adapter or the base model on new documents, with the run's own model,
-template, token budget and generation settings (flags may override them, e.g. `--eval.num_beams 4`).
+prompt format, token budget and generation settings (flags may override them, e.g. `--eval.num_beams 4`).
 
 Documents come from plain-text files (`-` reads standard input) and/or the rows of a JSONL or CSV file (the document
 column is recognised as for data, or `--document-column`); all are read and checked before the model loads.
@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import check_writable, decode_text, kind_of, read_text
 from .flags import add_config_flags, add_source_flags
 
 STDIN = "-"
 DESCRIPTION = ("Summarize plain-text files (- reads standard input) and/or the rows of a JSONL file with a trained run "
-               "(its own model, template and generation settings) or an adapter folder.")
+               "(its own model, prompt format and generation settings) or an adapter folder.")
 
 
 @dataclass
@@ -37,19 +38,25 @@ def add_summarize(parser) -> None:
 
 
 def summarize(args) -> int:
-    from ..evaluate import generate
     from ..files import write_jsonl
-    from .source import open_source
 
     names = list(args.files)
     if names.count(STDIN) > 1:
         raise UserError("standard input (-) can be read only once")
     if not names and not args.input:
         raise UserError("nothing to summarize: give document files (- for standard input) or --input FILE.jsonl")
+    if args.output is not None and not args.output.strip():
+        raise UserError("--output is empty; give a file name, or - for standard output")
+    if args.output and args.output != STDIN:
+        inputs = [Path(n) for n in names if n != STDIN] + ([Path(args.input)] if args.input else [])
+        _check_output(Path(args.output), inputs)
     documents = [_read_document(n) for n in names]  # read (and checked) before the model loads
     if args.input:
         configured = vars(args).get("data.document_column")
         documents += read_input(Path(args.input), configured, explicit=configured is not None)
+    from ..evaluate import generate  # torch: once the documents and the output are known to be fine
+    from .source import open_source
+
     cfg, session, adapted = open_source(args)
     cut = _truncated(session.tokenizer, documents, cfg.data, adapted.virtual_tokens)
     if cut:
@@ -62,7 +69,11 @@ def summarize(args) -> int:
         if args.output == STDIN:
             sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         else:
-            write_jsonl(Path(args.output), rows)
+            try:
+                write_jsonl(Path(args.output), rows)
+            except UserError as exc:  # e.g. the disk filled while generating: the summaries are not lost
+                sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                raise UserError(f"{exc}; the {len(rows)} summaries went to standard output instead") from None
             print(f"{len(rows)} summaries written to {args.output}", file=sys.stderr)
     elif len(documents) == 1:
         print(predictions[0])
@@ -71,20 +82,23 @@ def summarize(args) -> int:
     return 0
 
 
+def _check_output(output: Path, inputs: list[Path]) -> None:
+    """Refuse, before the model loads, an --output that would replace an input or cannot be written."""
+    for source in inputs:
+        if output.resolve() == source.resolve():
+            raise UserError(f"--output {output} is also an input; it would be replaced by the summaries: "
+                            f"choose another file")
+    kind = kind_of(output)
+    if kind not in (None, "a file"):
+        raise UserError(f"--output {output} is {kind}; give a file name")
+    check_writable(output.parent, "--output", given=output)
+
+
 def _read_document(name: str) -> Document:
     if name == STDIN:
-        text, label = sys.stdin.read(), "<stdin>"
+        text, label = decode_text(sys.stdin.buffer.read(), "<stdin>"), "<stdin>"
     else:
-        path = Path(name)
-        if not path.is_file():
-            raise UserError(f"document not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-        except OSError as exc:
-            raise UserError(f"cannot read {path}: {exc.strerror}") from None
-        label = name
+        text, label = read_text(Path(name), "document"), name
     if not text.strip():
         raise UserError(f"{label} is empty")
     return Document(label, text.strip())
@@ -107,30 +121,28 @@ def document_column(rows: list[dict], configured: str | None, explicit: bool, wh
 
 
 def read_input(path: Path, configured: str | None, explicit: bool) -> list[Document]:
-    from ..data import EXTENSIONS, read_rows
+    from ..data import EXTENSIONS, read_numbered_rows, text_value
 
     if path.suffix not in EXTENSIONS:
         raise UserError(f"--input {path}: expected JSONL rows (.jsonl, .json) or CSV (.csv); for a plain-text "
                         f"document pass the file itself: peftsum summarize ... {path}")
-    rows = read_rows(path)
-    if not rows:
+    numbered = read_numbered_rows(path)
+    if not numbered:
         raise UserError(f"{path}: no rows")
-    column = document_column(rows, configured, explicit, str(path))
+    column = document_column([row for _, row in numbered], configured, explicit, str(path))
     documents = []
-    for index, row in enumerate(rows):
-        value = row.get(column)
-        text = " ".join(str(v) for v in value) if isinstance(value, list) else ("" if value is None else str(value))
+    for index, (line, row) in enumerate(numbered):
+        text = text_value(row.get(column), f"{path}: line {line}, column {column!r}")
         if not text.strip():
-            raise UserError(f"{path}: row {index + 1} has no text in column {column!r}")
+            raise UserError(f"{path}: line {line} has no text in column {column!r}")
         documents.append(Document(row.get("id", index), text.strip()))
     return documents
 
 
 def _truncated(tokenizer, documents: list[Document], data_cfg, reserved: int) -> int:
     """How many documents the prompt budget cuts."""
-    from ..data import encode_prompt, prompt_budget
+    from ..prompts import prompt_format
 
-    budget = prompt_budget(data_cfg, reserved=reserved)
-    template = data_cfg.template
-    return sum(len(encode_prompt(tokenizer, d.text, template, budget))
-               < len(encode_prompt(tokenizer, d.text, template, budget + 10 ** 9)) for d in documents)
+    fmt = prompt_format(tokenizer, data_cfg)
+    budget = fmt.budget(data_cfg, reserved=reserved)
+    return sum(len(fmt.prompt(d.text, budget)) < len(fmt.prompt(d.text, budget + 10 ** 9)) for d in documents)
