@@ -409,10 +409,10 @@ def test_interrupted_runs_resume_to_identical_weights(kind, method, flags, tiny_
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     real, calls = train_module.summary_loss, iter(range(1, 1000))
 
-    def interrupted(adapted, batch):  # a real SIGINT during the 9th training forward pass (epoch 2)
+    def interrupted(adapted, batch, *count):  # a real SIGINT during the 9th training forward pass (epoch 2)
         if next(calls) == 9:
             signal.raise_signal(signal.SIGINT)
-        return real(adapted, batch)
+        return real(adapted, batch, *count)
 
     monkeypatch.setattr(train_module, "summary_loss", interrupted)
     assert main([*args, "--out", str(tmp_path / "cut")]) == 130
