@@ -210,7 +210,7 @@ def test_peft_made_adapter_gives_peft_greedy_and_beam_tokens(kind, method, setti
     _, adapted = load_adapter(cfg, tmp_path / "adapter", progress=False)
     assert adapted.name == method
     beams = generate_batch(adapted, tokenizer, [ids], max_new_tokens=10, num_beams=3, no_repeat_ngram_size=0,
-                           repetition_penalty=1.0)
+                           repetition_penalty=1.0, stop_ids=(tokenizer.eos_token_id,))
     assert beams == [theirs[1]]
     diff = (_logits(adapted, x, torch.ones_like(x)) - _peft_logits(peft_model, x, torch.ones_like(x))).abs().max()
     _report(f"peft-made {method} adapter in peftsum vs peft ({kind})", diff.item())
@@ -248,7 +248,8 @@ def test_left_padded_batch_gives_each_row_what_it_gives_alone(kind, method, toke
     assert together.item() == pytest.approx(sum(l.item() for l, _ in alone), abs=1e-4)
 
     prompts = [ids[row, -n:].tolist() for row, n in enumerate(lengths)]
-    settings = dict(max_new_tokens=6, no_repeat_ngram_size=0, repetition_penalty=1.0)
+    settings = dict(max_new_tokens=6, no_repeat_ngram_size=0, repetition_penalty=1.0,
+                    stop_ids=(tokenizer.eos_token_id,))
     for beams in (1, 2):
         assert (generate_batch(adapted, tokenizer, prompts, num_beams=beams, **settings)
                 == [generate_batch(adapted, tokenizer, [p], num_beams=beams, **settings)[0] for p in prompts])
@@ -268,7 +269,7 @@ def test_rows_leaving_the_batch_keep_their_prefix(kind, tokenizer):
     def run(prompts, eos):
         batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts], tokenizer.pad_token_id)
         embeds, mask, _, _ = model_inputs(adapted, batch["input_ids"], batch["attention_mask"])
-        return greedy(adapted.model, embeds, mask, max_new_tokens=8, eos_token_id=eos,
+        return greedy(adapted.model, embeds, mask, max_new_tokens=8, stop_ids=[eos],
                       prefix=adapted.method.key_value_prefix(adapted, len(prompts)))
 
     endless = [run([r], eos=-1)[0] for r in rows]
@@ -299,7 +300,8 @@ def test_bf16_frozen_weights_train_and_generate(kind, method, settings, tokenize
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for beams in (1, 2):
             texts = generate_batch(adapted, tokenizer, prompts, max_new_tokens=3, num_beams=beams,
-                                   no_repeat_ngram_size=0, repetition_penalty=1.0)
+                                   no_repeat_ngram_size=0, repetition_penalty=1.0,
+                                   stop_ids=(tokenizer.eos_token_id,))
             assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
