@@ -1,4 +1,5 @@
-"""Training-time regional compilation: `torch.compile` on each transformer block, one compiled graph shared by all.
+"""How the transformer blocks run in training: compiled (`torch.compile` on the block, one graph shared by all),
+with joined projections (fused.py), with gradient checkpointing; and whether compiling pays (`should_compile`).
 
 Compiling the whole model inlines its 30 blocks into one graph, and took 179 s on a 2-core CPU; compiling the block
 compiles one graph (plus its backward) that every block reuses, in ~40 s cold and a few seconds once inductor's disk
@@ -11,63 +12,130 @@ On the CPU, attention switches from SDPA to the plain (eager) formulation while 
 flash-attention backward ran at ~16 ms a layer for 8 x 256 tokens (a quarter of the step), while matmul + softmax,
 fused by inductor, costs far less. Eager attention stores the T x T probabilities for the backward, so beyond
 `EAGER_ATTENTION_MAX_LENGTH` tokens SDPA stays.
+
+Each block's call goes through `nn.Module._compiled_call_impl` (what `nn.Module.compile` sets): the model's classes
+and forward code stay as they are, and clearing it on exit makes the model plain again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from . import fused
 from .errors import UserError
 from .models import transformer_blocks
 
 EAGER_ATTENTION_MAX_LENGTH = 512
 
+# train.compile auto, on a CPU: compile once the run's planned training tokens reach this many. Measured with
+# benchmarks/bench.py --break-even (BENCHMARKS.md, "compile: when it pays"): a cold compile (empty inductor cache)
+# costs what plain training spends on 15-20k tokens on the 2-core Zen 4 and 40-60k on the 2-core Xeon with AMX; the
+# threshold sits above both, so auto never makes a run slower than plain training on either.
+CPU_BREAK_EVEN_TOKENS = 60_000
+# The same under a time budget (train.budget_seconds): the cold compile's cost, 30-75 s on those machines, x2.
+CPU_BREAK_EVEN_SECONDS = 150.0
+
+
+def has_compiler() -> bool:
+    return any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++"))
+
 
 def check_compiler(device: torch.device) -> None:
     """Inductor writes C++ for the CPU: without a compiler, say so before the first step rather than in a traceback."""
-    if device.type != "cpu":
-        return
-    candidates = [os.environ.get("CXX"), "g++", "clang++"]
-    if not any(c and shutil.which(c) for c in candidates):
+    if device.type == "cpu" and not has_compiler():
         raise UserError("train.compile needs a C++ compiler (g++ or clang++) for torch.compile on the CPU; "
-                        "install one or leave --compile out")
+                        "install one or set --train.compile false")
+
+
+def should_compile(setting: str, device: torch.device, planned_tokens: int | None,
+                   budget_seconds: float = 0.0) -> bool:
+    """Whether training compiles its blocks: `setting` true/false decides; auto compiles where it was measured to
+    pay: on a GPU always, on a CPU (with a C++ compiler) when the planned work passes the break-even above."""
+    if setting != "auto":
+        return setting == "true"
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or not has_compiler():
+        return False
+    if budget_seconds:
+        return budget_seconds >= CPU_BREAK_EVEN_SECONDS
+    return planned_tokens is None or planned_tokens >= CPU_BREAK_EVEN_TOKENS
+
+
+def _call_joined(block: nn.Module, *args, **kwargs):
+    return fused.joined_forward(block, *args, **kwargs)
+
+
+# One compiled function for every block of every model: dynamo guards on the blocks' structure, not their identity,
+# so the 30 blocks (and the next method's copy of the model) reuse its graph.
+_compiled_joined = torch.compile(_call_joined, dynamic=True)
+
+
+def _checkpointed(call):
+    @functools.wraps(call)
+    def run(*args, **kwargs):
+        return checkpoint(call, *args, use_reentrant=False, **kwargs)
+    return run
 
 
 @contextlib.contextmanager
-def compiled_blocks(model: nn.Module, device: torch.device, max_length: int, enabled: bool = True):
-    """Within the block, `model`'s transformer blocks run compiled (and on the CPU, with eager attention for short
-    sequences); on exit the model is as it was: plain blocks, its own attention implementation."""
-    if not enabled:
+def training_blocks(model: nn.Module, device: torch.device, max_length: int, *, compile: bool = True,
+                    gradient_checkpointing: bool = False, cached_prefix: bool = False):
+    """Within the block, `model`'s transformer blocks run compiled (on the CPU with eager attention for short
+    sequences, with joined projections where `fused.joinable`) and/or checkpointed; on exit the model is as it was:
+    plain blocks, its own weights' storage, its own attention implementation. `cached_prefix`: the blocks train with
+    a key/value prefix in their cache (prefix tuning), which the joined forward has no place for."""
+    if not compile and not gradient_checkpointing:
         yield
         return
-    check_compiler(device)
+    if gradient_checkpointing and cached_prefix:  # recomputing a block would write its keys into the cache again
+        raise UserError("train.gradient_checkpointing does not work with prefix tuning yet (its prefix lives in the "
+                        "key/value cache that each block's recomputation would extend again); set it to false")
     blocks = transformer_blocks(model)
     attention = getattr(model.config, "_attn_implementation", None)
-    swap = device.type == "cpu" and attention == "sdpa" and max_length <= EAGER_ATTENTION_MAX_LENGTH
-    if swap:
-        model.set_attn_implementation("eager")
-    for block in blocks:
-        block.compile(dynamic=True)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            # nn.Module.compile keeps the compiled call here; clearing it restores the plain forward (for generation,
-            # whose key/value cache the compiled training graph was not built for).
-            block._compiled_call_impl = None
+    swap = compile and device.type == "cpu" and attention == "sdpa" and max_length <= EAGER_ATTENTION_MAX_LENGTH
+    joined = compile and not cached_prefix and fused.joinable(model)
+    if compile:
+        check_compiler(device)
+    with fused.joined_projections(model) if joined else contextlib.nullcontext():
         if swap:
-            model.set_attn_implementation(attention)
+            model.set_attn_implementation("eager")
+        for block in blocks:
+            if joined:
+                call = functools.partial(_compiled_joined, block)
+            elif compile:
+                call = torch.compile(block._call_impl, dynamic=True)
+            else:
+                call = block._call_impl
+            block._compiled_call_impl = _checkpointed(call) if gradient_checkpointing else call
+        try:
+            yield
+        finally:
+            for block in blocks:
+                # Clearing the call restores the plain forward (for generation, whose key/value cache the compiled
+                # training graph was not built for).
+                block._compiled_call_impl = None
+            if swap:
+                model.set_attn_implementation(attention)
+
+
+def compiled_blocks(model: nn.Module, device: torch.device, max_length: int, enabled: bool = True):
+    """`training_blocks` compiled, without checkpointing (`enabled=False`: the model as it is)."""
+    return training_blocks(model, device, max_length, compile=enabled)
 
 
 @contextlib.contextmanager
 def paused(model: nn.Module):
-    """Within the block, compiled blocks run their plain forward (validation during training: no-grad passes and
-    generation, which the compiled training graph was not built for); compiled again after. A no-op otherwise."""
+    """Within the block, compiled (or checkpointed) blocks run their plain forward (validation during training:
+    no-grad passes and generation, which the compiled training graph was not built for); as before after. A no-op
+    otherwise."""
     blocks = transformer_blocks(model)
     saved = [block._compiled_call_impl for block in blocks]
     for block in blocks:

@@ -1,6 +1,6 @@
 """Typed run configuration: dataclasses, loadable from YAML, overridable from the command line.
 
-Every knob lives in exactly one section (`model`, `data`, `lora`, `prompt`, `finetune`, `train`, `eval`) and is
+Every knob lives in exactly one section (`model`, `data`, `train`, `eval`, and one per method) and is
 reachable as `--section.field VALUE` on the command line; `validate` checks the whole config once, at the boundary.
 """
 
@@ -18,7 +18,10 @@ import yaml
 from .errors import UserError
 from .files import read_text
 
-METHODS = ("lora", "prompt", "finetune")
+METHODS = ("lora", "prompt", "finetune", "ia3", "prefix", "ptuning")  # every method (methods.REGISTRY, in this order)
+DEFAULT_METHODS = ("lora", "prompt", "finetune")  # what a comparison runs unless told: `--methods all` runs every one
+LORA_VARIANTS = ("lora", "dora", "rslora")
+LORA_INITS = ("default", "pissa", "olora")  # and pissa_niter_N: PiSSA from a randomized SVD with N iterations
 BASELINES = ("zero-shot", "lead", "few-shot")  # what eval.baselines may list (baselines.py)
 FORMATS = ("plain", "chat", "auto")  # data.format (prompts.py)
 TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")  # train.report_to (trackers.py)
@@ -61,6 +64,14 @@ class LoraConfig:
     dropout: float = 0.0  # peft's default; with dropout each target layer draws its own mask every step
     targets: list[str] | None = None  # module names (suffixes); default chosen per architecture
     lr: float = 5e-4
+    # lora: scale alpha / r | dora: weight-decomposed (a trained magnitude per output row times the normalised
+    # direction W + BA) | rslora: scale alpha / sqrt(r), which keeps large ranks learning
+    variant: str = "lora"
+    # default: A random, B zero | pissa: A, B from the weights' top-r singular vectors (pissa_niter_N: randomized SVD,
+    # N iterations) | olora: from their QR decomposition; both take B @ A out of the frozen weights, and the saved
+    # adapter is the plain LoRA (rank 2r) that applies to the original weights, as peft converts them
+    init: str = "default"
+    lr_ratio: float = 1.0  # LoRA+: the B matrices (and DoRA magnitudes) learn at lr_ratio x lr; 1 = plain LoRA
 
 
 @dataclass
@@ -80,6 +91,35 @@ class FinetuneConfig:
 
 
 @dataclass
+class Ia3Config:
+    # Modules whose output (attention keys/values) or, for `feedforward`, input is scaled by a learned vector;
+    # default per architecture, as peft's (llama: k_proj, v_proj and down_proj's input; gpt2: c_attn, mlp.c_proj).
+    targets: list[str] | None = None
+    feedforward: list[str] | None = None  # the targets scaled on their input; default: the architecture's among targets
+    lr: float = 1e-2  # IA3 learns only scales starting at 1: far larger steps than LoRA's
+
+
+@dataclass
+class PrefixConfig:
+    num_virtual_tokens: int = 10  # prefix length: keys and values this many positions long, in every layer
+    init: str = "text"  # text (the keys/values the model computes for init_text) | random (peft's: unit normal)
+    init_text: str = "Summarize the following article in one or two sentences:"
+    projection: bool = False  # train the prefix through peft's reparameterisation MLP (prefix_projection)
+    encoder_hidden_size: int = 0  # that MLP's hidden width; 0 = the key/value width (peft's default)
+    lr: float = 1e-2
+
+
+@dataclass
+class PtuningConfig:
+    num_virtual_tokens: int = 10
+    encoder_reparameterization_type: str = "mlp"  # mlp | lstm: the prompt encoder (peft's PromptEncoderConfig)
+    encoder_hidden_size: int = 0  # 0 = the model's hidden size (peft's default)
+    encoder_num_layers: int = 2  # LSTM layers (peft's MLP always has three linear layers)
+    encoder_dropout: float = 0.0  # between LSTM layers
+    lr: float = 1e-2
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 1
     batch_size: int = 8
@@ -96,9 +136,12 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50  # optimizer steps between checkpoints (0 = only at the end of each epoch)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept
-    # torch.compile each transformer block for training (compiled.py): ~1.8x faster steps on a CPU, after a one-off
-    # compile of ~40 s (seconds once cached on disk); worth it for runs longer than a few minutes.
-    compile: bool = False
+    # torch.compile the transformer blocks for training (compiled.py): faster steps after a one-off compile. auto:
+    # on where it was measured to pay (a GPU; a CPU once the planned work passes the break-even of
+    # compiled.should_compile); true | false to choose.
+    compile: str = "auto"
+    # Recompute each block's activations in the backward instead of keeping them: less memory, ~1/3 more compute.
+    gradient_checkpointing: bool = False
     # Validation during training: every `eval_every` optimizer steps (and at the last step) the eval loss on
     # `eval_size` examples of the eval split, disjoint from the scored eval subset where the split has the rows;
     # `eval_rouge` also generates and scores them. Time spent validating is not training time.
@@ -126,6 +169,8 @@ class EvalConfig:
     no_repeat_ngram_size: int = 3  # greedy decoding of small models loops without it
     repetition_penalty: float = 1.0
     bootstrap_samples: int = 1000  # resamples for the 95% ROUGE intervals
+    # int8: the frozen linear layers generate with dynamic int8 matmuls (CPU only; the report says so); none: as trained.
+    quantize: str = "none"
     before: bool = True  # score the baselines (below) before training; false skips them all
     # What every method is measured against (baselines.py): zero-shot (the untouched model in the run's format, and
     # in the other one too when data.format auto chose chat), lead (the document's first lead_k sentences), few-shot
@@ -140,11 +185,14 @@ class EvalConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # "all": every method
     seeds: int = 1  # train each method this many times (seeds train.seed, train.seed + 1, ...); report mean ± std
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ia3: Ia3Config = field(default_factory=Ia3Config)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    ptuning: PtuningConfig = field(default_factory=PtuningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: str = "runs/latest"
@@ -329,6 +377,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, s
             node = node.setdefault(part, {})
         node[leaf] = value
         _apply(cfg, nested)
+    if cfg.methods == ["all"]:
+        cfg.methods = list(METHODS)
     validate(cfg)
     return cfg
 
@@ -361,7 +411,7 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Refuse impossible settings with one line naming the value and what would be accepted."""
     for m in cfg.methods:
-        _check(m in METHODS, f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        _check(m in METHODS, f"unknown method {m!r}; choose from {', '.join(METHODS)}, or all")
     _check(len(cfg.methods) > 0, "no methods given; choose from " + ", ".join(METHODS))
     _check(bool(cfg.out.strip()), f"out must name a folder, got {cfg.out!r}")
     _check(cfg.model.precision in ("auto", "bf16", "fp32"), f"model.precision must be auto, bf16 or fp32, got {cfg.model.precision!r}")
@@ -378,6 +428,14 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
     _check(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
     _check(0 <= cfg.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    _check(cfg.lora.variant in LORA_VARIANTS,
+           f"lora.variant must be {', '.join(LORA_VARIANTS)}, got {cfg.lora.variant!r}")
+    _check(cfg.lora.init in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", cfg.lora.init) is not None,
+           f"lora.init must be {', '.join(LORA_INITS)} or pissa_niter_N (N >= 1), got {cfg.lora.init!r}")
+    _check(not (cfg.lora.variant == "dora" and cfg.lora.init != "default"),
+           f"lora.init {cfg.lora.init} does not combine with lora.variant dora: the saved adapter must apply to the "
+           f"original weights as a plain LoRA, which a DoRA magnitude is not (peft drops it in that conversion)")
+    _check(cfg.lora.lr_ratio > 0, f"lora.lr_ratio must be > 0 (1 = plain LoRA), got {cfg.lora.lr_ratio}")
     _check(cfg.prompt.num_virtual_tokens >= 1, f"prompt.num_virtual_tokens must be >= 1, got {cfg.prompt.num_virtual_tokens}")
     _check(cfg.prompt.init in ("text", "vocab", "random"), f"prompt.init must be text, vocab or random, got {cfg.prompt.init!r}")
     _check(cfg.prompt.num_virtual_tokens + d.max_summary_tokens + 2 <= d.max_length,
@@ -386,8 +444,33 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.finetune.last_blocks >= 0, f"finetune.last_blocks must be >= 0, got {cfg.finetune.last_blocks}")
     _check(cfg.finetune.head or cfg.finetune.last_blocks > 0 or cfg.finetune.all,
            "finetune trains nothing: set finetune.head, finetune.last_blocks > 0 or finetune.all")
+    ia3 = cfg.ia3
+    _check(ia3.targets is None or len(ia3.targets) > 0, "ia3.targets is empty; name modules, or leave it unset")
+    if ia3.targets is not None and ia3.feedforward is not None:
+        extra = [m for m in ia3.feedforward if m not in ia3.targets]
+        _check(not extra, f"ia3.feedforward {extra} must be among ia3.targets {ia3.targets}")
     for m in METHODS:
         _check(getattr(cfg, m).lr > 0, f"{m}.lr must be > 0, got {getattr(cfg, m).lr}")
+    _check(cfg.prefix.init in ("text", "random"), f"prefix.init must be text or random, got {cfg.prefix.init!r}")
+    _check(cfg.prefix.encoder_hidden_size >= 0,
+           f"prefix.encoder_hidden_size must be >= 0 (0 = the key/value width), got {cfg.prefix.encoder_hidden_size}")
+    p = cfg.ptuning
+    _check(p.encoder_reparameterization_type in ("mlp", "lstm"),
+           f"ptuning.encoder_reparameterization_type must be mlp or lstm, got {p.encoder_reparameterization_type!r}")
+    _check(p.encoder_hidden_size >= 0,
+           f"ptuning.encoder_hidden_size must be >= 0 (0 = the model's hidden size), got {p.encoder_hidden_size}")
+    _check(p.encoder_num_layers >= 1, f"ptuning.encoder_num_layers must be >= 1, got {p.encoder_num_layers}")
+    _check(0 <= p.encoder_dropout < 1, f"ptuning.encoder_dropout must be in [0, 1), got {p.encoder_dropout}")
+    _check(p.encoder_reparameterization_type == "lstm" or (p.encoder_num_layers == 2 and p.encoder_dropout == 0),
+           "ptuning.encoder_num_layers and ptuning.encoder_dropout apply to the lstm encoder only (peft's mlp encoder "
+           "has three linear layers and no dropout); set ptuning.encoder_reparameterization_type lstm or leave them")
+    _check(p.encoder_dropout == 0 or p.encoder_num_layers >= 2,
+           "ptuning.encoder_dropout acts between LSTM layers: it needs ptuning.encoder_num_layers >= 2")
+    for m in ("prefix", "ptuning"):
+        n = getattr(cfg, m).num_virtual_tokens
+        _check(n >= 1, f"{m}.num_virtual_tokens must be >= 1, got {n}")
+        _check(n + d.max_summary_tokens + 2 <= d.max_length,
+               f"{m}.num_virtual_tokens ({n}) leaves no room for the document within data.max_length ({d.max_length})")
     t = cfg.train
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
@@ -405,6 +488,8 @@ def validate(cfg: RunConfig) -> None:
     _check(t.checkpoint_every >= 0,
            f"train.checkpoint_every must be >= 0 (0 = at epoch ends only), got {t.checkpoint_every}")
     _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    t.compile = str(t.compile).lower()  # YAML's true/false arrive as booleans
+    _check(t.compile in ("auto", "true", "false"), f"train.compile must be auto, true or false, got {t.compile!r}")
     _check(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = no validation during training), got {t.eval_every}")
     _check(t.eval_size >= 1, f"train.eval_size must be >= 1, got {t.eval_size}")
     _check(t.early_stopping_patience >= 0,
@@ -422,6 +507,7 @@ def validate(cfg: RunConfig) -> None:
     _check(e.no_repeat_ngram_size >= 0, f"eval.no_repeat_ngram_size must be >= 0, got {e.no_repeat_ngram_size}")
     _check(e.repetition_penalty > 0, f"eval.repetition_penalty must be > 0, got {e.repetition_penalty}")
     _check(e.bootstrap_samples >= 0, f"eval.bootstrap_samples must be >= 0, got {e.bootstrap_samples}")
+    _check(e.quantize in ("none", "int8"), f"eval.quantize must be none or int8, got {e.quantize!r}")
     for b in e.baselines:
         _check(b in BASELINES, f"unknown baseline {b!r} in eval.baselines; choose from {', '.join(BASELINES)}")
     _check(len(set(e.baselines)) == len(e.baselines), f"eval.baselines lists a baseline twice: {e.baselines}")

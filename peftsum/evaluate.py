@@ -10,6 +10,7 @@ example exactly once, in input order. Only rank 0 scores ROUGE and writes the pr
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,7 @@ from .forward import autocast, collate, generate_batch, summary_loss
 from .methods import Adapted
 from .metrics import ROUGE_KEYS, bootstrap_interval, rouge_intervals, rouge_per_document
 from .prompts import prompt_format
+from .quantized import int8_linears
 
 
 def _by_length(items: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -72,7 +74,8 @@ def generate_from(adapted: Adapted, tokenizer, prompts: list[list[int]], eval_cf
     made: list[tuple[int, str]] = []
     batches = _by_length(prompts, batch_size or eval_cfg.batch_size)
     adapted.model.eval()
-    with adapted.for_generation(), autocast(device, dtype):
+    int8 = int8_linears(adapted.model, device) if eval_cfg.quantize == "int8" else contextlib.nullcontext()
+    with adapted.for_generation(), int8, autocast(device, dtype):  # int8 after LoRA is merged
         for batch_indices in tqdm([batches[i] for i in distributed.shard(batches)], desc=desc,
                                   disable=not progress or not distributed.is_main(), dynamic_ncols=True):
             texts = generate_batch(adapted, tokenizer, [prompts[i] for i in batch_indices],

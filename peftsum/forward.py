@@ -1,7 +1,8 @@
 """The two things every method does with a batch: compute the summary loss, and generate summaries.
 
 All batches are left-padded with explicit position ids (counted from the first non-pad token), so training,
-loss evaluation and generation share one layout, with the soft prompt (if any) right before the real tokens.
+loss evaluation and generation share one layout, with the soft prompt (if any) right before the real tokens, and a
+method's key/value prefix (if any) in the cache before the batch, its positions before the first real token.
 """
 
 from __future__ import annotations
@@ -38,10 +39,30 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def model_inputs(adapted: Adapted, input_ids, attention_mask, labels=None):
-    """Embeddings (with the method's own inputs, e.g. virtual tokens, placed in), mask, position ids and labels."""
+    """Embeddings (with the method's own inputs, e.g. virtual tokens, placed in), mask, position ids and labels.
+
+    The mask may be longer than the embeddings: it then covers the method's key/value prefix too (`prefix_cache`),
+    whose positions come first, so the embeddings' positions continue after it.
+    """
     embeds = adapted.model.get_input_embeddings()(input_ids)
     embeds, attention_mask, labels = adapted.method.prepare_inputs(adapted, embeds, attention_mask, labels)
-    return embeds, attention_mask, positions(attention_mask), labels
+    return embeds, attention_mask, positions(attention_mask)[:, -embeds.shape[1]:], labels
+
+
+def filled_cache(model_config, prefix: list[tuple[torch.Tensor, torch.Tensor]], layer=None) -> DynamicCache:
+    """A key/value cache holding `prefix` (per layer (keys, values)); `layer()` makes its layers, where given."""
+    cache = DynamicCache(config=model_config)
+    if layer is not None:
+        cache.layers = [layer() for _ in cache.layers]
+    for index, (keys, values) in enumerate(prefix):
+        cache.update(keys, values, index)
+    return cache
+
+
+def prefix_cache(adapted: Adapted, rows: int) -> DynamicCache | None:
+    """The cache holding the method's key/value prefix for `rows` rows, or None where the method has none."""
+    prefix = adapted.method.key_value_prefix(adapted, rows)
+    return None if prefix is None else filled_cache(adapted.model.config, prefix)
 
 
 def summary_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,28 +77,34 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def summary_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def summary_loss(adapted: Adapted, batch: dict[str, torch.Tensor], count: int | None = None) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over summary tokens, number of those tokens).
 
     The LM head runs only at positions that predict a summary token: on a 256-token example with a 40-token
-    summary that skips ~85% of the head's work and its (vocab-sized) logits.
+    summary that skips ~85% of the head's work and its (vocab-sized) logits. `count`, the number of summary tokens
+    when the caller knows it (training does, from the examples), spares a GPU the wait for the device to count them.
     """
     embeds, mask, position_ids, labels = model_inputs(adapted, batch["input_ids"], batch["attention_mask"],
                                                       batch["labels"])
     hidden = adapted.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                      past_key_values=prefix_cache(adapted, len(embeds)),
                                       use_cache=False).last_hidden_state
     targets, keep = summary_targets(labels)
+    count = int(keep.sum()) if count is None else count
+    rows, columns = torch.nonzero_static(keep, size=count).unbind(1)  # the positions of hidden[:, :-1][keep]
     # Gemma 2 caps its logits with tanh inside the causal-LM forward, which this loss bypasses (Gemma 3: no cap).
     softcap = getattr(adapted.model.config, "final_logit_softcapping", None)
-    return (head_loss(adapted.model.get_output_embeddings(), hidden[:, :-1][keep], targets[keep], softcap),
-            int(keep.sum()))
+    head = adapted.model.get_output_embeddings()
+    return head_loss(head, hidden[rows, columns], targets[rows, columns], softcap), count
 
 
-def whole_model_loss(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def whole_model_loss(adapted: Adapted, batch: dict[str, torch.Tensor], count: int | None = None
+                     ) -> tuple[torch.Tensor, int]:
     """`summary_loss` through the model's own forward, which FSDP needs (its hooks run on the root module).
 
     In a left-padded batch every summary ends the row, so the LM head runs over the last columns only: from the first
-    column that predicts a summary token in any row. (Full fine-tuning has no method inputs to place in.)
+    column that predicts a summary token in any row. (Full fine-tuning has no method inputs to place in.) `count` is
+    accepted for `summary_loss`'s signature; the columns are counted on the device.
     """
     labels, mask = batch["labels"], batch["attention_mask"]
     targets, keep = summary_targets(labels)
@@ -126,6 +153,7 @@ def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max
     device = adapted.model.get_input_embeddings().weight.device
     batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts], tokenizer.pad_token_id)
     embeds, mask, _, _ = model_inputs(adapted, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    prefix = adapted.method.key_value_prefix(adapted, len(prompts) * num_beams)  # beams: one row each
     # transformers applies the LM head to the last position as a strided slice, hidden[:, -1:, :]; torch.matmul then
     # broadcasts the head's weight over the batch in a copy (16 x 576 x 49152 for SmolLM2: ~1 s per prefill, ~200x
     # the product itself). A contiguous input takes the plain matmul.
@@ -133,17 +161,24 @@ def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max
     try:
         if num_beams == 1:
             output = greedy(adapted.model, embeds, mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                            no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
+                            no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+                            prefix=prefix)
         else:
-            output = _hf_generate(adapted.model, tokenizer, embeds, mask, stop_ids, max_new_tokens=max_new_tokens,
-                                  num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
-                                  repetition_penalty=repetition_penalty)
+            output = _hf_generate(adapted.model, tokenizer, embeds, mask, stop_ids, prefix,
+                                  max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                  no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
     finally:
         head.remove()
     return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 
-def _hf_generate(model, tokenizer, embeds, mask, stop_ids: tuple[int, ...], **settings) -> torch.Tensor:
+def _hf_generate(model, tokenizer, embeds, mask, stop_ids: tuple[int, ...], prefix=None, **settings) -> torch.Tensor:
+    if prefix is not None:
+        # generate takes inputs_embeds for the whole sequence, the part already in the cache included, and passes the
+        # model only the rest: placeholders stand for the prefix (the mask covers it already).
+        settings["past_key_values"] = filled_cache(model.config, prefix)
+        placeholders = embeds.new_zeros((len(embeds), mask.shape[1] - embeds.shape[1], embeds.shape[2]))
+        embeds = torch.cat([placeholders, embeds], dim=1)
     with warnings.catch_warnings():
         # transformers warns that with inputs_embeds the n-gram ban covers generated tokens only: that is what we
         # want, since a summary may well repeat phrases of its document.
@@ -200,9 +235,13 @@ class ReservedLayer(DynamicLayer):
 
 
 def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, stop_ids: Collection[int],
-           no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0) -> list[list[int]]:
+           no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
+           prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[list[int]]:
     """Greedy decoding from left-padded prompt embeddings: the new tokens of each row, up to and including the first
     of `stop_ids` it makes (EOS, and the chat template's end of turn).
+
+    With a key/value `prefix` (per layer, one row per prompt), each prompt is prefilled into a cache that holds it
+    already, and `mask` covers it in front.
 
     What `generate(num_beams=1)` computes, token for token (tests/test_generation.py checks it), with one difference
     in the work: a row that has ended leaves the batch and its key/value cache, where `generate` keeps computing it
@@ -220,17 +259,18 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
         processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
     rows = embeds.shape[0]
     stops = torch.tensor(sorted(set(stop_ids)), device=embeds.device)
-    position_ids = positions(mask)
+    position_ids = positions(mask)[:, -embeds.shape[1]:]
     # The prompts go through the model PREFILL_ROWS at a time: a whole batch of 64 makes activations of ~40 MB, which
     # the C allocator maps fresh from the OS (and page-faults in) at every use; decoding then runs on all rows at once.
     reservable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers or [None])
     chunk = PREFILL_ROWS if reservable else rows  # other cache layouts (sliding windows...): transformers' own cache
     caches, logits = [], []
+    # A layer's first update reserves room for what follows it: the new tokens, and the prompt after a prefix.
+    reserve = max_new_tokens + (embeds.shape[1] if prefix is not None else 0)
     for start in range(0, rows, chunk):
         part = slice(start, start + chunk)
-        cache = DynamicCache(config=model.config)
-        if reservable:
-            cache.layers = [ReservedLayer(max_new_tokens) for _ in cache.layers]
+        cache = filled_cache(model.config, [(k[part], v[part]) for k, v in prefix or []],
+                             (lambda: ReservedLayer(reserve)) if reservable else None)
         logits.append(model(inputs_embeds=embeds[part], attention_mask=mask[part], position_ids=position_ids[part],
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float())
         caches.append(cache)

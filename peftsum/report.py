@@ -357,6 +357,16 @@ def _resources(results: dict) -> list[str]:
             f"epochs. Peak memory is {DASH} where the device does not report it.", "", *notes]
 
 
+def _speed(results: dict) -> str:
+    """How training and generation ran: compiled or not (train.compile auto decides per run), int8 or not."""
+    known = {n: m["training"]["compiled"] for n, m in results["methods"].items() if "compiled" in m["training"]}
+    compiled = [n for n, c in known.items() if c]
+    training = (f"compiled blocks for {', '.join(compiled)}" if compiled else "plain blocks") if known else DASH
+    int8 = results["config"]["eval"].get("quantize") == "int8"
+    generation = ("int8 dynamic matmuls for the linear layers (eval.quantize int8)" if int8
+                  else "in the training precision")
+    setting = results["config"]["train"].get("compile")
+    return f"- **Speed settings**: training with {training} (train.compile {setting}); generation {generation}"
 def _prompt_line(prompt: dict) -> str:
     chosen = " (data.format auto: the tokenizer has a chat template)" if prompt["chosen"] == "auto" else ""
     if prompt["format"] == "chat":
@@ -420,6 +430,7 @@ def _configuration(results: dict) -> list[str]:
         _prompt_line(results["prompt"]),
         f"- **Hardware**: {env.get('cpu', DASH)}; device {env.get('device', DASH)}, precision "
         f"{env.get('precision', DASH)}, {env.get('threads', DASH)} threads, GPU {env.get('gpu') or DASH}",
+        _speed(results),
         f"- **Software**: peftsum {results.get('peftsum_version', DASH)}, {versions}; {env.get('platform', DASH)}",
         f"- **{seeds_word.capitalize()}**: {seeds}; run created {results.get('created', DASH)}",
         "", "Runs are deterministic for a given seed, configuration and machine.", "",

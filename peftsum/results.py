@@ -75,6 +75,7 @@ class Training(TypedDict, total=False):
     loss_curve: list[list[float]]  # [step, loss]
     resumed_from_step: int | None
     processes: int  # only with several processes
+    compiled: bool  # whether the blocks trained compiled (train.compile); absent in runs before it was recorded
     # Only with validation during training (train.eval_every):
     validation: list[ValidationPoint]
     best_step: int | None  # the point of lowest validation loss

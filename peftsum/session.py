@@ -139,7 +139,7 @@ def load_run(cfg: RunConfig, run: Path, progress: bool = True) -> tuple[Session,
     method = method_named(cfg.methods[0])
     adapters.weights_path(run, method)  # refuse a missing or pickled-only weights file before loading the model
     session = open_session(cfg, progress)
-    adapted = adapt(session.loaded.model, session.tokenizer, method.name, cfg)
+    adapted = adapt(session.loaded.model, session.tokenizer, method.name, method.saved_as(cfg))
     adapters.load_into(adapted, run)
     adapted.model.eval()  # new adapter modules start in training mode (dropout on)
     return session, adapted

@@ -119,10 +119,10 @@ def world(tiny_model_dirs, tmp_path_factory) -> World:
     args = [*base[:1], "--method", "lora", *base[1:], "--train.checkpoint_every", "2"]
     real, calls = train_module.summary_loss, iter(range(1, 100))
 
-    def interrupt_at_step_3(adapted, batch):
+    def interrupt_at_step_3(adapted, batch, *count):
         if next(calls) == 3:
             signal.raise_signal(signal.SIGINT)
-        return real(adapted, batch)
+        return real(adapted, batch, *count)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "summary_loss", interrupt_at_step_3)
@@ -593,10 +593,10 @@ def test_sighup_stops_training_as_ctrl_c_does(world, reference, tmp_path, monkey
     args = [*world.train_args, "--train.epochs", "2"]
     real, calls = train_module.summary_loss, iter(range(1, 100))
 
-    def hang_up_at_forward_9(adapted, batch):  # in epoch 2
+    def hang_up_at_forward_9(adapted, batch, *count):  # in epoch 2
         if next(calls) == 9:
             signal.raise_signal(signal.SIGHUP)  # a real SIGHUP, as from a closed terminal
-        return real(adapted, batch)
+        return real(adapted, batch, *count)
 
     monkeypatch.setattr(train_module, "summary_loss", hang_up_at_forward_9)
     capsys.readouterr()

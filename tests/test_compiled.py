@@ -54,3 +54,40 @@ def test_compile_without_a_cpp_compiler_is_a_clear_error(tokenizer, monkeypatch)
     with pytest.raises(UserError, match="C\\+\\+ compiler"):
         with compiled_blocks(model, torch.device("cpu"), max_length=64):
             pass
+
+
+@pytest.mark.parametrize("kind, extra", [("llama", []), ("gpt2", []), ("llama", ["--compile"])])
+def test_gradient_checkpointing_trains_the_same(kind, extra, tiny_model_dirs, tiny_data, tmp_path):
+    runs = {}
+    # Dropout on: the recomputed forward must draw the very masks of the first (compiled: inductor's own RNG).
+    for name, flags in (("kept", extra), ("recomputed", ["--train.gradient_checkpointing", "true", *extra])):
+        runs[name] = tmp_path / name
+        assert main(["train", "--method", "lora", "--model", str(tiny_model_dirs[kind]), "--data", str(tiny_data),
+                     "--out", str(runs[name]), *TINY, "--lora.dropout", "0.1", *flags]) == 0
+    kept, recomputed = step_losses(runs["kept"]), step_losses(runs["recomputed"])
+    assert len(kept) == 3 and recomputed == pytest.approx(kept, rel=1e-5)
+    assert max_diff(trained_weights(runs["kept"]), trained_weights(runs["recomputed"])) < 1e-5
+
+
+def test_checkpointed_blocks_keep_fewer_activations(tokenizer):
+    from torch.autograd.graph import saved_tensors_hooks
+
+    def saved_bytes(checkpointing: bool) -> int:
+        model = tiny_model("llama", tokenizer).train()
+        model.requires_grad_(False)
+        model.lm_head.weight.requires_grad_(True)
+        x = torch.randint(2, 250, (4, 48))
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+        from peftsum.compiled import training_blocks
+        with training_blocks(model, torch.device("cpu"), 48, compile=False, gradient_checkpointing=checkpointing):
+            embeds = model.get_input_embeddings()(x).requires_grad_(True)
+            with saved_tensors_hooks(pack, lambda t: t):
+                model(inputs_embeds=embeds, use_cache=False).logits.sum().backward()
+        return total
+
+    assert saved_bytes(True) < 0.6 * saved_bytes(False)

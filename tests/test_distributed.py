@@ -141,6 +141,24 @@ def test_two_processes_train_and_score_like_one(tiny_model_dirs, data, tmp_path)
     assert "train lora" in rank_output(two, 0, "stderr")
 
 
+@pytest.mark.parametrize("kind, method, flags", [
+    ("llama", "ia3", ["--ia3.lr", "5e-2"]),  # llama: no dropout in the model, whose masks differ per rank
+    ("llama", "lora", ["--lora.variant", "dora", "--lora.lr_ratio", "8", "--lora.lr", "5e-3"]),
+    ("llama", "lora", ["--lora.init", "pissa", "--lora.variant", "rslora", "--lora.lr", "5e-3"]),
+])
+def test_two_processes_train_the_new_methods_like_one(kind, method, flags, tiny_model_dirs, data, tmp_path):
+    """IA3's vectors and DoRA's magnitudes are trainable tensors like LoRA's, so the gradient all-reduce covers them;
+    LoRA+'s parameter groups and PiSSA's residual weights (the same SVD on every rank) change nothing across ranks."""
+    args = ["train", "--method", method, *flags, "--model", tiny_model_dirs[kind], "--data", data, *TINY,
+            "--eval-size", "0", "--data.train_eval_size", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*map(str, args), "--out", str(one)]) == 0
+    torchrun(tmp_path, two, *args)
+    assert files(two) == files(one)
+    assert max_diff(trained_weights(two), trained_weights(one)) < 1e-6
+    assert step_losses(two) == pytest.approx(step_losses(one), abs=1e-5) and len(step_losses(two)) == 2 * 6
+
+
 def test_fsdp_full_finetuning_matches_one_process(tmp_path, data):
     # GPT-2 ties its LM head to the input embeddings; without dropout, one process and two compute the same thing.
     model = tmp_path / "gpt2-no-dropout"

@@ -57,6 +57,31 @@ def test_greedy_equals_generate(kind, settings, prefill_rows, tokenizer, monkeyp
     assert min(lengths) < MAX_NEW and max(lengths) == MAX_NEW  # some rows did end early, others did not
 
 
+def test_int8_linears_stand_in_for_every_linear_and_go_away(tokenizer):
+    from torch import nn
+
+    from peftsum.quantized import Int8Linear, int8_linears
+
+    model = tiny_model("llama", tokenizer)
+    layers = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    x = torch.randint(2, 250, (2, 9))
+    with torch.no_grad():
+        plain = model(input_ids=x).logits
+        with int8_linears(model, torch.device("cpu")):
+            assert all(isinstance(model.get_submodule(name), Int8Linear) for name in layers)
+            quantized = model(input_ids=x).logits
+    assert all(model.get_submodule(name) is module for name, module in layers.items())
+    error = float((quantized - plain).abs().max() / plain.abs().max())
+    assert 0 < error < 0.05  # int8 rounding: close, not equal
+
+
+def test_int8_is_for_the_cpu(tokenizer):
+    from peftsum.errors import UserError
+    from peftsum.quantized import int8_linears
+
+    with pytest.raises(UserError, match="CPU only"):
+        with int8_linears(tiny_model("llama", tokenizer), torch.device("cuda")):
+            pass
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_greedy_stops_at_any_stop_token_like_generate(kind, tokenizer):
     """Two stop tokens (EOS and a chat template's end of turn): each row ends at the first of either it makes."""

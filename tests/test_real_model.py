@@ -56,14 +56,31 @@ def test_lora_lowers_validation_loss():
     assert after < before - 0.05, (before, after)
 
 
+@pytest.mark.parametrize("method, overrides", [("lora", {"lora.variant": "dora"}), ("ia3", {})])
+def test_dora_and_ia3_lower_validation_loss(method, overrides):
+    """DoRA and IA3 at their default learning rates: six steps on 48 XSum pairs lower the loss on 24 others."""
+    cfg, session = session_for({"data.train_size": "48", "data.train_eval_size": "0", "data.eval_size": "24",
+                                "train.batch_size": "8", **overrides})
+    splits = load_data(cfg.data, seed=0)
+    tok = session.loaded.tokenizer
+    before, _ = mean_loss(untouched(session.loaded.model), tok, splits.eval, cfg.data, 8, session.device, session.dtype)
+    adapted, stats = train_briefly(session, method, splits)
+    after, _ = mean_loss(adapted, tok, splits.eval, cfg.data, 8, session.device, session.dtype)
+    assert stats["steps"] == 6
+    assert after < before - 0.05, (before, after)
+
+
 def test_prompt_tuning_does_not_lower_rouge():
     """The reference study's soft prompt collapsed at generation (far lower ROUGE); ours must not.
 
-    Equal ROUGE on 24 examples differs in the second decimal between CPU kinds (bf16 on AMX, fp32 elsewhere), so
-    "not lower" allows one ROUGE point: a collapse costs many points, noise costs hundredths.
+    In the reference study's format (plain, "TL;DR:"): the collapse came from where batched generation puts the
+    virtual tokens, which this checks. (In the chat format the instruct model's zero-shot is stronger, and 12 steps of
+    prompt tuning can end below it; the comparison's verdict against the strongest baseline says so.) Equal ROUGE on
+    24 examples differs in the second decimal between CPU kinds (bf16 on AMX, fp32 elsewhere), so "not lower" allows
+    one ROUGE point: a collapse costs many points, noise costs hundredths.
     """
     cfg, session = session_for({"data.train_size": "96", "data.train_eval_size": "0", "data.eval_size": "24",
-                                "train.batch_size": "8"})
+                                "train.batch_size": "8", "data.format": "plain"})
     splits = load_data(cfg.data, seed=0)
     tok = session.loaded.tokenizer
     args = (tok, splits.eval, cfg.data, cfg.eval, session.device, session.dtype)

@@ -48,8 +48,8 @@ def on_training_forward(monkeypatch, call: int, action) -> None:
     """Run `action(loss)` on the `call`-th forward pass of training (evaluation is not counted)."""
     real, calls = train_module.summary_loss, itertools.count(1)
 
-    def loss(adapted, batch):
-        value, n = real(adapted, batch)
+    def loss(adapted, batch, *rest):
+        value, n = real(adapted, batch, *rest)
         return (action(value) if next(calls) == call else value), n
 
     monkeypatch.setattr(train_module, "summary_loss", loss)
@@ -258,6 +258,28 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tiny_mode
     tensors, _ = checkpoint.load(checkpoint.latest(out))
     assert all(torch.isfinite(t).all() for t in tensors.values())
     assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_losses_read_every_few_steps_give_the_same_log_and_the_same_stop(tiny_model_dirs, tiny_data, tmp_path,
+                                                                         monkeypatch, capsys):
+    """The GPU's way (losses read every few steps, a non-finite step's update skipped on the device by the fused
+    AdamW), run on the CPU: the same per-step losses, and a NaN stops the run at its own step, weights untouched."""
+    base = ["train", "--method", "lora", "--model", str(tiny_model_dirs["gpt2"]), "--data", str(tiny_data), *TINY,
+            "--train.checkpoint_every", "2", "--max-steps", "6"]
+    assert main([*base, "--out", str(tmp_path / "every")]) == 0
+    monkeypatch.setitem(train_module.LOSS_READ_EVERY, "cpu", 3)
+    assert main([*base, "--out", str(tmp_path / "lazy")]) == 0
+    every, lazy = (json.loads((tmp_path / f / "train_log.jsonl").read_text().splitlines()[-1]) for f in ("every", "lazy"))
+    assert lazy["step"] == every["step"] == 6 and lazy["loss"] == pytest.approx(every["loss"], rel=1e-5)
+
+    out = tmp_path / "nan"
+    on_training_forward(monkeypatch, 5, lambda loss: loss * float("nan"))
+    assert main([*base, "--out", str(out)]) == 2
+    message = last_line(capsys.readouterr().err)
+    assert message.startswith("peftsum: error: training stopped: the loss (nan) is not finite at step 5 (epoch 1)")
+    assert f"last good checkpoint is {out / 'checkpoints' / 'step-00000004'}" in message
+    tensors, _ = checkpoint.load(checkpoint.latest(out))
+    assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
 def test_a_diverging_learning_rate_is_caught(tiny_model_dirs, tiny_data, tmp_path, capsys):

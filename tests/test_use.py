@@ -257,9 +257,10 @@ def _write_adapter(folder: Path, base: Path, **config) -> Path:
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"peft_type": "PREFIX_TUNING"}, "supported: LORA, PROMPT_TUNING"),
+    ({"peft_type": "ADALORA"}, "supported: LORA, PROMPT_TUNING"),
     ({"target_modules": ".*attn.*"}, "regular expression"),
-    ({"use_dora": True}, "LoRA options not supported by peftsum: use_dora"),
+    ({"use_dora": True, "use_rslora": True}, "LoRA options not supported by peftsum: use_dora with use_rslora"),
+    ({"init_lora_weights": "pissa"}, "applies to the residual base model"),
     ({"bias": "all"}, "bias=all"),
     ({"task_type": "SEQ_2_SEQ_LM"}, "task_type"),
 ])

@@ -37,7 +37,7 @@ def export(args) -> int:
     from .. import adapters, gguf_export
     from ..export import check_target, merged_model, prompted_like_the_run, write_model
     from ..files import check_writable
-    from ..methods import BY_PEFT_TYPE, method_named
+    from ..methods import BY_PEFT_TYPE, REGISTRY, method_named
     from ..model_card import export_card, write_card
     from ..prompts import prompt_format
     from .source import open_source, source_config
@@ -52,8 +52,9 @@ def export(args) -> int:
     if args.gguf:
         gguf_export.check_target(Path(args.gguf), args.overwrite)
     if not args.run and not args.adapter:
-        raise UserError("export needs --run DIR (a trained run that merges: lora, finetune...) or --adapter DIR "
-                        "(a LoRA adapter)")
+        mergeable = ", ".join(m.name for m in REGISTRY.values() if m.can_merge)
+        raise UserError(f"export needs --run DIR (a trained run of {mergeable}) or --adapter DIR (a peft adapter of "
+                        f"one of those)")
     source, flag = (Path(args.run), "--run") if args.run else (Path(args.adapter), "--adapter")
     if out is not None and out.resolve() == source.resolve():
         raise UserError(f"--merged {out} is the {flag} folder itself; choose a new folder")

@@ -41,7 +41,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                         default=argparse.SUPPRESS, help="build the model from its configuration with random weights")
     parser.add_argument("--compile", dest="train.compile", action="store_const", const="true",
                         default=argparse.SUPPRESS, help="torch.compile the transformer blocks for training (faster "
-                                                         "steps after a one-off compile; see BENCHMARKS.md)")
+                                                         "steps after a one-off compile; default auto: where it "
+                                                         "pays, see BENCHMARKS.md)")
+    parser.add_argument("--no-compile", dest="train.compile", action="store_const", const="false",
+                        default=argparse.SUPPRESS, help="train with the plain blocks (= --train.compile false)")
     for flag, key in ALIASES.items():
         parser.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="VALUE", help=f"= --{key}")
     group = parser.add_argument_group("every config key (section.field)")

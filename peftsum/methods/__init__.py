@@ -1,9 +1,11 @@
 """The adaptation methods behind one small protocol, and `adapt(model, tokenizer, name, cfg)`.
 
-Each method is one module (lora.py, prompt.py, finetune.py) holding a `METHOD` object that follows `Method`: how it
-attaches to a model, which tensors it trains and saves (under peft's names where peft has the method), how it reads
-and writes a peft `adapter_config.json`, and how it folds into the weights for generation and export, or why it
-cannot. Training, evaluation, adapter files and the command line only talk to that object: adding a method is one
+Each method is one module (lora.py, prompt.py, finetune.py, ia3.py, prefix.py, ptuning.py) holding a `METHOD` object
+that follows `Method`: how it attaches to a model, which tensors it trains and saves (under peft's names where peft
+has the method), how it reads and writes a peft `adapter_config.json`, what it adds to the model's inputs (embeddings
+placed among the tokens, or keys and values every layer attends to before them), and how it folds into the weights
+for generation and export, or why it cannot. Training, evaluation, adapter files and the command line only talk to
+that object: adding a method is one
 new module, one line in `REGISTRY`, and its settings section in config.py (where every knob lives).
 """
 
@@ -35,6 +37,7 @@ class Method:
     can_merge: bool = True  # whether `merge_for_export` gives a plain transformers model
     merge_refusal: str = ""  # why not, where it cannot
     encoder_prefix: str = "prompt_encoder."  # checkpoint names of `Adapted.prompt_encoder`'s parameters
+    cached_prefix: bool = False  # whether `key_value_prefix` gives keys and values (every forward then has a cache)
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
         """Prepare `model` (in place) for training: freeze what stays, attach what trains."""
@@ -47,6 +50,16 @@ class Method:
     def load_tensors(self, adapted: Adapted, tensors: dict[str, torch.Tensor], path: Path) -> None:
         """Copy `tensors` (read from `path`) into a freshly applied model; refuse names or shapes that do not fit."""
         raise NotImplementedError
+
+    def saved_as(self, cfg: RunConfig) -> RunConfig:
+        """The settings whose freshly applied model the saved weights load into: `cfg` itself, unless the method
+        saves another form than it trains (LoRA from PiSSA/OLoRA is saved as the plain LoRA it amounts to)."""
+        return cfg
+
+    def param_groups(self, adapted: Adapted, lr: float) -> list[dict]:
+        """The optimizer's parameter groups (AdamW's `params` argument): one group at `lr` unless the method wants
+        several (LoRA+ trains its B matrices faster)."""
+        return [{"params": adapted.trainable}]
 
     def adapter_config(self, adapted: Adapted, cfg: RunConfig, base_model: str) -> dict | None:
         """peft's adapter_config.json for the trained result, or None where the method has no peft form."""
@@ -62,8 +75,14 @@ class Method:
 
     def prepare_inputs(self, adapted: Adapted, embeds: torch.Tensor, mask: torch.Tensor,
                        labels: torch.Tensor | None):
-        """(embeds, mask, labels) as the model should see them: the method's own inputs placed in."""
+        """(embeds, mask, labels) as the model should see them: the method's own inputs placed in. Where the method
+        has a `key_value_prefix`, the mask covers it too, in front: (B, prefix + L) for embeds of length L."""
         return embeds, mask, labels
+
+    def key_value_prefix(self, adapted: Adapted, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Keys and values every layer attends to before the inputs, per layer (rows, kv heads, length, head dim) in
+        the frozen weights' dtype, already in the key/value cache when the inputs arrive; None: the method has none."""
+        return None
 
     @contextlib.contextmanager
     def for_generation(self, adapted: Adapted):
@@ -72,6 +91,8 @@ class Method:
 
     def merge_for_export(self, adapted: Adapted) -> nn.Module:
         """The adapted model as a plain transformers model (for export); raises UserError where it cannot be."""
+        if not self.can_merge:
+            raise UserError(f"a {self.title} result cannot be exported as a plain model: {self.merge_refusal}")
         return adapted.model
 
 
@@ -85,6 +106,7 @@ class Adapted:
     description: str
     prompt_encoder: nn.Module | None = None  # trainable inputs outside the model (peft's name): the soft prompt
     frozen_dtype: torch.dtype = torch.float32  # how the frozen weights are stored; the activations follow it
+    settings: object = None  # the method's config section it was applied with (e.g. LoraConfig)
 
     @property
     def name(self) -> str:
@@ -139,9 +161,10 @@ class Untouched(Method):
         return {}
 
 
-from . import finetune, lora, prompt  # noqa: E402  (the method modules build on the protocol above)
+from . import finetune, ia3, lora, prefix, prompt, ptuning  # noqa: E402  (the method modules build on the protocol above)
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (lora.METHOD, prompt.METHOD, finetune.METHOD)}
+REGISTRY: dict[str, Method] = {m.name: m for m in (lora.METHOD, prompt.METHOD, finetune.METHOD, ia3.METHOD,
+                                                   prefix.METHOD, ptuning.METHOD)}
 BY_PEFT_TYPE: dict[str, Method] = {m.peft_type: m for m in REGISTRY.values() if m.peft_type}
 UNTOUCHED = Untouched()
 
@@ -161,6 +184,7 @@ def adapt(model: nn.Module, tokenizer, name: str, cfg: RunConfig) -> Adapted:
     element-wise work that dominates small models on a CPU. Trainable parameters stay fp32, as does their optimizer state.
     """
     adapted = method_named(name).apply(model, tokenizer, cfg)
+    adapted.settings = getattr(cfg, name)
     device = next(model.parameters()).device
     adapted.frozen_dtype = store_frozen_in(model, compute_dtype(cfg.model.precision, device))
     embedding = model.get_input_embeddings()

@@ -34,29 +34,35 @@ class SoftPrompt(nn.Module):
         return self.embeddings.shape[0]
 
     def insert(self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
-        """Insert the virtual tokens before each row's first real token.
+        """The virtual tokens inserted before each row's first real token (see `insert`)."""
+        return insert(self.embeddings, embeds, attention_mask, labels)
 
-        embeds (B, L, D), attention_mask (B, L) with padding on either side -> (B, L+N, D), mask (B, L+N), and labels
-        (B, L+N) with -100 at the virtual positions when labels are given.
-        """
-        batch, length = attention_mask.shape
-        n = self.num_virtual_tokens
-        device = embeds.device
-        first_real = attention_mask.int().argmax(dim=1)  # index of the first 1 (0 for right padding)
-        j = torch.arange(length + n, device=device).expand(batch, -1)
-        start = first_real[:, None]
-        is_virtual = (j >= start) & (j < start + n)
-        # Source index into the original sequence for non-virtual slots: before the prompt j, after it j - n.
-        source = torch.where(j < start, j, j - n).clamp(0, length - 1)
-        gathered = torch.gather(embeds, 1, source[..., None].expand(-1, -1, embeds.shape[-1]))
-        virtual = self.embeddings.to(embeds.dtype)[(j - start).clamp(0, n - 1)]
-        new_embeds = torch.where(is_virtual[..., None], virtual, gathered)
-        new_mask = torch.where(is_virtual, torch.ones_like(j), torch.gather(attention_mask, 1, source))
-        new_mask = new_mask.to(attention_mask.dtype)
-        if labels is None:
-            return new_embeds, new_mask, None
-        new_labels = torch.where(is_virtual, torch.full_like(j, -100), torch.gather(labels, 1, source))
-        return new_embeds, new_mask, new_labels
+
+def insert(virtual_tokens: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor,
+           labels: torch.Tensor | None = None):
+    """Insert `virtual_tokens` (N, D) before each row's first real token.
+
+    embeds (B, L, D), attention_mask (B, L) with padding on either side -> (B, L+N, D), mask (B, L+N), and labels
+    (B, L+N) with -100 at the virtual positions when labels are given.
+    """
+    batch, length = attention_mask.shape
+    n = virtual_tokens.shape[0]
+    device = embeds.device
+    first_real = attention_mask.int().argmax(dim=1)  # index of the first 1 (0 for right padding)
+    j = torch.arange(length + n, device=device).expand(batch, -1)
+    start = first_real[:, None]
+    is_virtual = (j >= start) & (j < start + n)
+    # Source index into the original sequence for non-virtual slots: before the prompt j, after it j - n.
+    source = torch.where(j < start, j, j - n).clamp(0, length - 1)
+    gathered = torch.gather(embeds, 1, source[..., None].expand(-1, -1, embeds.shape[-1]))
+    virtual = virtual_tokens.to(embeds.dtype)[(j - start).clamp(0, n - 1)]
+    new_embeds = torch.where(is_virtual[..., None], virtual, gathered)
+    new_mask = torch.where(is_virtual, torch.ones_like(j), torch.gather(attention_mask, 1, source))
+    new_mask = new_mask.to(attention_mask.dtype)
+    if labels is None:
+        return new_embeds, new_mask, None
+    new_labels = torch.where(is_virtual, torch.full_like(j, -100), torch.gather(labels, 1, source))
+    return new_embeds, new_mask, new_labels
 
 
 def initial_embeddings(model: nn.Module, tokenizer, cfg: PromptConfig, generator: torch.Generator) -> torch.Tensor:
