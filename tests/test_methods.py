@@ -1,4 +1,4 @@
-"""The three methods on tiny random-init models (GPT-2, Llama, Gemma 3), and the reference study's parameter counts on
+"""The methods on tiny random-init models (GPT-2, Llama, Gemma 3), and the reference study's parameter counts on
 GPT-2 small."""
 
 import copy
@@ -165,6 +165,35 @@ def test_bf16_frozen_weights_train_every_method(kind, method, tokenizer):
         loss, count = summary_loss(adapted, batch_for(tokenizer, ["the council said on monday that new rules"]))
     (loss / count).backward()
     assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapted.trainable)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["ia3", "prefix", "ptuning"])
+def test_newer_methods_train_and_generate_on_every_architecture(kind, method, tokenizer):
+    """IA3, prefix tuning and P-tuning on each tiny architecture (Gemma 3's sliding-window cache included): gradients
+    reach every trainable tensor, and a left-padded batch generates what each prompt generates alone. Prefix tuning
+    refuses Gemma 3 (sliding-window layers) in one line."""
+    from peftsum.errors import UserError
+
+    if (kind, method) == ("gemma3", "prefix"):
+        with pytest.raises(UserError, match="sliding-window"):
+            adapt(tiny_model(kind, tokenizer), tokenizer, method, fp32_config())
+        return
+    adapted = adapt(tiny_model(kind, tokenizer), tokenizer, method, fp32_config())
+    torch.manual_seed(2)
+    for p in adapted.trainable:
+        p.data.add_(torch.randn_like(p) * 0.5)  # away from the start (IA3's ones), so the method changes outputs
+    loss, count = summary_loss(adapted, batch_for(tokenizer, ["the council said on monday that new rules", "buses"]))
+    (loss / count).backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapted.trainable)
+    prompts = [tokenizer("the council said")["input_ids"], tokenizer("new rules for city buses will start")["input_ids"]]
+    kwargs = dict(max_new_tokens=5, num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0,
+                  stop_ids=(tokenizer.eos_token_id,))
+    adapted.model.eval()
+    with torch.no_grad(), adapted.for_generation():
+        batched = generate_batch(adapted, tokenizer, prompts, **kwargs)
+        alone = [generate_batch(adapted, tokenizer, [p], **kwargs)[0] for p in prompts]
+    assert batched == alone
 
 
 def test_length_grouped_batches_cover_every_example_once_and_pad_less():

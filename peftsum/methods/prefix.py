@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..config import PrefixConfig, RunConfig
 from ..errors import UserError
@@ -113,6 +113,10 @@ def start_at(encoder: PrefixEncoder, flat: torch.Tensor) -> None:
 
 def apply(model: nn.Module, tokenizer, cfg: PrefixConfig) -> PrefixEncoder:
     """Freeze the model and return the trainable prefix (initialised from the global RNG, as peft's)."""
+    if any(type(layer) is not DynamicLayer for layer in DynamicCache(config=model.config).layers):
+        # A sliding-window layer keeps only its last window of keys: the prefix would slide out of it.
+        raise UserError(f"prefix tuning does not support {model.config.model_type} models yet: they have "
+                        "sliding-window attention layers, whose cache would drop the prefix; use prompt or ptuning")
     model.requires_grad_(False)
     layers, heads, head_dim = kv_layout(model.config)
     hidden = cfg.encoder_hidden_size or heads * head_dim
