@@ -50,7 +50,6 @@ def markers(key: str) -> tuple[str, str]:
 
 def pick(args):
     """(device, dtype) of this run: --device / --precision, auto = the best for the hardware."""
-    import torch
 
     from peftsum.models import compute_dtype, pick_device
 
@@ -468,7 +467,6 @@ def run_whole_peer(args) -> dict:
 
 def profile(args) -> None:
     """Print where one peftsum training step spends its time (after a few warm steps), by kind of work."""
-    import torch
     import torch._inductor.config as inductor
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile

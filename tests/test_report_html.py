@@ -23,7 +23,7 @@ from peftsum.config import DataConfig
 from peftsum.data import load_eval
 from peftsum.metrics import ROUGE_KEYS, rouge_per_document
 from peftsum.report import render_markdown, write_report
-from peftsum.report_html import browser_data, markdown_to_html, render_html, script_json
+from peftsum.report_html import browser_data, markdown_to_html, script_json
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
