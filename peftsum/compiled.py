@@ -126,11 +126,6 @@ def training_blocks(model: nn.Module, device: torch.device, max_length: int, *, 
                 model.set_attn_implementation(attention)
 
 
-def compiled_blocks(model: nn.Module, device: torch.device, max_length: int, enabled: bool = True):
-    """`training_blocks` compiled, without checkpointing (`enabled=False`: the model as it is)."""
-    return training_blocks(model, device, max_length, compile=enabled)
-
-
 @contextlib.contextmanager
 def paused(model: nn.Module):
     """Within the block, compiled (or checkpointed) blocks run their plain forward (validation during training:

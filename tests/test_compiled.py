@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from peftsum.cli import main
-from peftsum.compiled import compiled_blocks
+from peftsum.compiled import training_blocks
 from peftsum.errors import UserError
 from peftsum.models import transformer_blocks
 
@@ -39,12 +39,12 @@ def test_compiled_training_matches_the_plain_loop(method, tiny_model_dirs, tiny_
 def test_the_model_is_plain_again_after_the_compiled_block(tokenizer):
     model = tiny_model("llama", tokenizer)
     model.set_attn_implementation("sdpa")
-    with compiled_blocks(model, torch.device("cpu"), max_length=64):
+    with training_blocks(model, torch.device("cpu"), max_length=64):
         assert model.config._attn_implementation == "eager"  # the fused formulation on the CPU
         assert all(block._compiled_call_impl is not None for block in transformer_blocks(model))
     assert model.config._attn_implementation == "sdpa"
     assert all(block._compiled_call_impl is None for block in transformer_blocks(model))
-    with compiled_blocks(model, torch.device("cpu"), max_length=2048):  # long sequences keep SDPA (memory)
+    with training_blocks(model, torch.device("cpu"), max_length=2048):  # long sequences keep SDPA (memory)
         assert model.config._attn_implementation == "sdpa"
 
 
@@ -52,7 +52,7 @@ def test_compile_without_a_cpp_compiler_is_a_clear_error(tokenizer, monkeypatch)
     monkeypatch.setattr("shutil.which", lambda name: None)
     model = tiny_model("llama", tokenizer)
     with pytest.raises(UserError, match="C\\+\\+ compiler"):
-        with compiled_blocks(model, torch.device("cpu"), max_length=64):
+        with training_blocks(model, torch.device("cpu"), max_length=64):
             pass
 
 

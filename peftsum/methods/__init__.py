@@ -148,6 +148,14 @@ def number(value, kind, where: Path, key: str):
     return kind(value)
 
 
+def check_decoder_only(adapter_config: dict, where: Path) -> None:
+    """Refuse a virtual-token adapter (prompt, prefix, P-tuning) made for an encoder-decoder model."""
+    submodules = adapter_config.get("num_transformer_submodules", 1)
+    if submodules not in (None, 1):
+        raise UserError(f"{where}: num_transformer_submodules {submodules!r} is for encoder-decoder models; "
+                        f"peftsum supports 1 (causal LMs)")
+
+
 class Untouched(Method):
     """The base model as it is: the 'before training' reference every method is measured against."""
 

@@ -26,7 +26,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..config import PrefixConfig, RunConfig
 from ..errors import UserError
-from . import Adapted, Method, check_shape, number
+from . import Adapted, Method, check_decoder_only, check_shape, number
 
 PEFT_KEY = "prompt_embeddings"  # the flat prefix's name in a peft prefix-tuning adapter
 
@@ -174,9 +174,7 @@ class PrefixMethod(Method):
         }
 
     def configure(self, cfg: RunConfig, adapter_config: dict, where: Path) -> None:
-        if adapter_config.get("num_transformer_submodules", 1) not in (None, 1):
-            raise UserError(f"{where}: num_transformer_submodules must be 1 (a decoder-only model), "
-                            f"got {adapter_config['num_transformer_submodules']!r}")
+        check_decoder_only(adapter_config, where)
         cfg.prefix.num_virtual_tokens = number(adapter_config.get("num_virtual_tokens"), int, where,
                                                "num_virtual_tokens")
         # peft saves the plain prefix whether or not it trained through the MLP; its settings say how it trained.

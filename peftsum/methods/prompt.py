@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import PromptConfig, RunConfig
 from ..errors import UserError
-from . import Adapted, Method, check_shape, number
+from . import Adapted, Method, check_decoder_only, check_shape, number
 
 PEFT_KEY = "prompt_embeddings"  # the tensor's name in a peft prompt-tuning adapter
 
@@ -160,10 +160,7 @@ class PromptMethod(Method):
         }
 
     def configure(self, cfg: RunConfig, adapter_config: dict, where: Path) -> None:
-        submodules = adapter_config.get("num_transformer_submodules", 1)
-        if submodules not in (None, 1):
-            raise UserError(f"{where}: num_transformer_submodules {submodules} is for encoder-decoder models; "
-                            f"peftsum supports 1 (causal LMs)")
+        check_decoder_only(adapter_config, where)
         cfg.prompt.num_virtual_tokens = number(adapter_config.get("num_virtual_tokens"), int, where,
                                                "num_virtual_tokens")
         cfg.prompt.init = "random"  # replaced by the saved embeddings; avoids tokenizing an init text
@@ -174,9 +171,6 @@ class PromptMethod(Method):
     def prepare_inputs(self, adapted: Adapted, embeds: torch.Tensor, mask: torch.Tensor,
                        labels: torch.Tensor | None):
         return adapted.prompt_encoder.insert(embeds, mask, labels)
-
-    def merge_for_export(self, adapted: Adapted) -> nn.Module:
-        raise UserError(f"a {self.title} result cannot be exported as a plain model: {self.merge_refusal}")
 
 
 METHOD = PromptMethod()

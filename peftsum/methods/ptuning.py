@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import PtuningConfig, RunConfig
 from ..errors import UserError
-from . import Adapted, Method, check_shape, number
+from . import Adapted, Method, check_decoder_only, check_shape, number
 from .prompt import insert
 
 PEFT_KEY = "prompt_embeddings"
@@ -118,9 +118,7 @@ class PtuningMethod(Method):
         }
 
     def configure(self, cfg: RunConfig, adapter_config: dict, where: Path) -> None:
-        if adapter_config.get("num_transformer_submodules", 1) not in (None, 1):
-            raise UserError(f"{where}: num_transformer_submodules must be 1 (a decoder-only model), "
-                            f"got {adapter_config['num_transformer_submodules']!r}")
+        check_decoder_only(adapter_config, where)
         kind = str(adapter_config.get("encoder_reparameterization_type", "MLP")).lower()
         if kind not in PEFT_TYPES:
             raise UserError(f"{where}: encoder_reparameterization_type must be MLP or LSTM, got {kind!r}")
