@@ -32,6 +32,7 @@ from peftsum.evaluate import evaluate  # noqa: E402
 from peftsum.methods import adapt, method_named, untouched  # noqa: E402
 
 INSTRUCTION = "Summarize the following text in one sentence.\n\n{document}\n\nSummary:"
+CHAT = {"data.format": "chat"}
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 # (question, trial name, method, overrides). The first trial of the list also scores the untouched model.
@@ -57,31 +58,32 @@ TRIALS = [
      {"finetune.lr": 2e-4, "finetune.last_blocks": 2, "finetune.head": False}),
     ("Fine-tuning: what to unfreeze and learning rate", "finetune-last4-1e-4", "finetune",
      {"finetune.lr": 1e-4, "finetune.last_blocks": 4, "finetune.head": False}),
-    # The newer methods and LoRA options, on a small CPU budget (--budget-tokens 50000 --eval-size 50), each
-    # against lora-attn-5e-4 on the same budget.
-    ("IA3 learning rate", "ia3-3e-3", "ia3", {"ia3.lr": 3e-3}),
-    ("IA3 learning rate", "ia3-1e-2", "ia3", {"ia3.lr": 1e-2}),
-    ("IA3 learning rate", "ia3-3e-2", "ia3", {"ia3.lr": 3e-2}),
-    ("IA3 learning rate", "ia3-1e-1", "ia3", {"ia3.lr": 1e-1}),
-    ("DoRA learning rate and LoRA+ ratio", "dora-5e-4", "lora", {"lora.lr": 5e-4, "lora.variant": "dora"}),
-    ("DoRA learning rate and LoRA+ ratio", "dora-1e-3", "lora", {"lora.lr": 1e-3, "lora.variant": "dora"}),
-    ("DoRA learning rate and LoRA+ ratio", "dora-2e-3", "lora", {"lora.lr": 2e-3, "lora.variant": "dora"}),
-    ("DoRA learning rate and LoRA+ ratio", "loraplus-5e-4-x4", "lora", {"lora.lr": 5e-4, "lora.lr_ratio": 4}),
-    ("DoRA learning rate and LoRA+ ratio", "loraplus-5e-4-x16", "lora", {"lora.lr": 5e-4, "lora.lr_ratio": 16}),
-    ("Prefix tuning: learning rate and initialisation", "prefix-text-3e-3", "prefix", {"prefix.lr": 3e-3}),
-    ("Prefix tuning: learning rate and initialisation", "prefix-text-1e-2", "prefix", {"prefix.lr": 1e-2}),
-    ("Prefix tuning: learning rate and initialisation", "prefix-text-3e-2", "prefix", {"prefix.lr": 3e-2}),
-    ("Prefix tuning: learning rate and initialisation", "prefix-text-1e-1", "prefix", {"prefix.lr": 1e-1}),
+    # The newer methods and LoRA options, on a small CPU budget (e.g. --budget-tokens 30000 --eval-size 40), in the
+    # chat format users get by default (data.format auto on the instruct model), each against chat-lora-5e-4 below
+    # on the same budget.
+    ("IA3 learning rate", "ia3-3e-3", "ia3", {"ia3.lr": 3e-3, **CHAT}),
+    ("IA3 learning rate", "ia3-1e-2", "ia3", {"ia3.lr": 1e-2, **CHAT}),
+    ("IA3 learning rate", "ia3-3e-2", "ia3", {"ia3.lr": 3e-2, **CHAT}),
+    ("IA3 learning rate", "ia3-1e-1", "ia3", {"ia3.lr": 1e-1, **CHAT}),
+    ("DoRA learning rate and LoRA+ ratio", "dora-5e-4", "lora", {"lora.lr": 5e-4, "lora.variant": "dora", **CHAT}),
+    ("DoRA learning rate and LoRA+ ratio", "dora-1e-3", "lora", {"lora.lr": 1e-3, "lora.variant": "dora", **CHAT}),
+    ("DoRA learning rate and LoRA+ ratio", "dora-2e-3", "lora", {"lora.lr": 2e-3, "lora.variant": "dora", **CHAT}),
+    ("DoRA learning rate and LoRA+ ratio", "loraplus-5e-4-x4", "lora", {"lora.lr": 5e-4, "lora.lr_ratio": 4, **CHAT}),
+    ("DoRA learning rate and LoRA+ ratio", "loraplus-5e-4-x16", "lora", {"lora.lr": 5e-4, "lora.lr_ratio": 16, **CHAT}),
+    ("Prefix tuning: learning rate and initialisation", "prefix-text-3e-3", "prefix", {"prefix.lr": 3e-3, **CHAT}),
+    ("Prefix tuning: learning rate and initialisation", "prefix-text-1e-2", "prefix", {"prefix.lr": 1e-2, **CHAT}),
+    ("Prefix tuning: learning rate and initialisation", "prefix-text-3e-2", "prefix", {"prefix.lr": 3e-2, **CHAT}),
+    ("Prefix tuning: learning rate and initialisation", "prefix-text-1e-1", "prefix", {"prefix.lr": 1e-1, **CHAT}),
     ("Prefix tuning: learning rate and initialisation", "prefix-random-3e-2", "prefix",
-     {"prefix.lr": 3e-2, "prefix.init": "random"}),
+     {"prefix.lr": 3e-2, "prefix.init": "random", **CHAT}),
     ("Prefix tuning: learning rate and initialisation", "prefix-projection-3e-3", "prefix",
-     {"prefix.lr": 3e-3, "prefix.projection": True}),
-    ("P-tuning: learning rate and encoder", "ptuning-mlp-3e-3", "ptuning", {"ptuning.lr": 3e-3}),
-    ("P-tuning: learning rate and encoder", "ptuning-mlp-1e-2", "ptuning", {"ptuning.lr": 1e-2}),
-    ("P-tuning: learning rate and encoder", "ptuning-mlp-3e-2", "ptuning", {"ptuning.lr": 3e-2}),
-    ("P-tuning: learning rate and encoder", "ptuning-mlp-1e-1", "ptuning", {"ptuning.lr": 1e-1}),
+     {"prefix.lr": 3e-3, "prefix.projection": True, **CHAT}),
+    ("P-tuning: learning rate and encoder", "ptuning-mlp-3e-3", "ptuning", {"ptuning.lr": 3e-3, **CHAT}),
+    ("P-tuning: learning rate and encoder", "ptuning-mlp-1e-2", "ptuning", {"ptuning.lr": 1e-2, **CHAT}),
+    ("P-tuning: learning rate and encoder", "ptuning-mlp-3e-2", "ptuning", {"ptuning.lr": 3e-2, **CHAT}),
+    ("P-tuning: learning rate and encoder", "ptuning-mlp-1e-1", "ptuning", {"ptuning.lr": 1e-1, **CHAT}),
     ("P-tuning: learning rate and encoder", "ptuning-lstm-1e-2", "ptuning",
-     {"ptuning.lr": 1e-2, "ptuning.encoder_reparameterization_type": "lstm"}),
+     {"ptuning.lr": 1e-2, "ptuning.encoder_reparameterization_type": "lstm", **CHAT}),
     ("Template and context", "lora-all-5e-4-instruction", "lora",
      {"lora.lr": 5e-4, "lora.targets": ALL_LINEAR, "data.template": INSTRUCTION, "eval.before": True}),
     ("Template and context", "lora-all-5e-4-len512", "lora",
