@@ -52,3 +52,14 @@ def test_shipped_configs_load():
     assert (study.train.epochs, study.train.batch_size, study.data.max_length) == (5, 10, 256)
     assert study.lora.lr == study.prompt.lr == study.finetune.lr == 5e-4
     assert (study.lora.rank, study.lora.alpha, study.prompt.num_virtual_tokens, study.prompt.init) == (8, 16, 10, "random")
+
+
+def test_every_shipped_config_loads_and_names_its_output():
+    # A config the README points users at must not break when a setting is renamed: load each one as shipped.
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.methods and cfg.out.startswith("runs/"), path.name
