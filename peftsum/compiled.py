@@ -35,12 +35,14 @@ from .models import transformer_blocks
 EAGER_ATTENTION_MAX_LENGTH = 512
 
 # train.compile auto, on a CPU: compile once the run's planned training tokens reach this many. Measured with
-# benchmarks/bench.py --break-even (BENCHMARKS.md, "compile: when it pays"): a cold compile (empty inductor cache)
-# costs what plain training spends on 15-20k tokens on the 2-core Zen 4 and 40-60k on the 2-core Xeon with AMX; the
-# threshold sits above both, so auto never makes a run slower than plain training on either.
-CPU_BREAK_EVEN_TOKENS = 60_000
-# The same under a time budget (train.budget_seconds): the cold compile's cost, 30-75 s on those machines, x2.
-CPU_BREAK_EVEN_SECONDS = 150.0
+# benchmarks/bench.py (BENCHMARKS.md, "Compiling: when it pays"): on the 2-core Zen 4 a cold compile (empty inductor
+# cache) costs 28-66 s and compiled steps are 1.27-1.42x faster, so compiling pays after 44k (head fine-tuning) to
+# 87k (LoRA) tokens; on the 2-core Xeon with AMX after 40-60k. The threshold sits above all of them, so auto never
+# makes a run slower than plain training on either.
+CPU_BREAK_EVEN_TOKENS = 90_000
+# The same under a time budget (train.budget_seconds): compiling pays after cost x speed-up / (speed-up - 1) seconds,
+# 113-223 s on the Zen 4 for the same three methods.
+CPU_BREAK_EVEN_SECONDS = 240.0
 
 
 def has_compiler() -> bool:

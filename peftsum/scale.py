@@ -113,7 +113,8 @@ def model_record(model: str, folder: str, results: dict, samples: int) -> dict:
     return {"model": model, "folder": folder, "architecture": results["model"]["architecture"],
             "total_params": results["model"]["total_params"],
             "baseline": None if baseline is None else {"eval_loss": baseline["loss"],
-                                                       "rouge1": baseline["rouge"]["rouge1"]["mean"]},
+                                                       "rouge1": baseline["rouge"]["rouge1"]["mean"],
+                                                       "rouge1_interval": baseline["rouge"]["rouge1"]},
             "methods": methods, "gap": gap, "eval_documents": len(next(iter(documents.values()), [])),
             "hardware": f"{env.get('cpu', DASH)}, {env.get('precision', DASH)}"}
 
@@ -143,8 +144,10 @@ def scale_table(records: list[dict]) -> list[str]:
     rows = []
     for r in sorted(records, key=lambda r: r["total_params"]):
         if r["baseline"] is not None:
+            interval = r["baseline"].get("rouge1_interval")  # absent from scale records written before it
+            rouge = _interval(interval, ".1f") if interval else f"{r['baseline']['rouge1']:.1f}"
             rows.append([r["model"], f"{r['total_params']:,}", "untouched", DASH, f"{r['baseline']['eval_loss']:.3f}",
-                         f"{r['baseline']['rouge1']:.1f}", DASH, DASH, DASH])
+                         rouge, DASH, DASH, DASH])
         for name, m in r["methods"].items():
             rows.append([r["model"], f"{r['total_params']:,}", name, f"{m['trainable_params']:,}",
                          _interval(m["eval_loss"], ".3f"), _interval(m["rouge1"], ".1f"), f"{m['steps']:,.0f}",

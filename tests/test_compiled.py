@@ -91,3 +91,19 @@ def test_checkpointed_blocks_keep_fewer_activations(tokenizer):
         return total
 
     assert saved_bytes(True) < 0.6 * saved_bytes(False)
+
+
+def test_auto_compiles_only_past_the_measured_break_even(monkeypatch):
+    from peftsum import compiled
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(compiled, "has_compiler", lambda: True)
+    # The demo plans ~45k tokens: under every break-even measured on the CPUs (44-87k), so it trains plain.
+    assert not compiled.should_compile("auto", cpu, planned_tokens=45_000)
+    assert compiled.should_compile("auto", cpu, planned_tokens=compiled.CPU_BREAK_EVEN_TOKENS)
+    assert compiled.should_compile("auto", cpu, planned_tokens=None)  # epochs of unknown length: a long run
+    assert not compiled.should_compile("auto", cpu, planned_tokens=None, budget_seconds=200)
+    assert compiled.should_compile("auto", cpu, planned_tokens=None, budget_seconds=800)
+    assert compiled.should_compile("true", cpu, planned_tokens=10) and not compiled.should_compile("false", cpu, None)
+    monkeypatch.setattr(compiled, "has_compiler", lambda: False)
+    assert not compiled.should_compile("auto", cpu, planned_tokens=10**9)  # no C++ compiler: nothing to compile with

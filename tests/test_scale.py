@@ -13,7 +13,7 @@ from peftsum.config import load_config
 from peftsum.errors import UserError
 from peftsum.metrics import bootstrap_interval, paired_bootstrap
 from peftsum.runs import model_folder
-from peftsum.scale import model_record, parse_models, plan_models, render_scale_markdown
+from peftsum.scale import model_record, parse_models, plan_models, render_scale_markdown, scale_table
 
 FAST = ["--budget-tokens", "300", "--train.batch_size", "4", "--data.train_eval_size", "0", "--eval-size", "6",
         "--eval.max_new_tokens", "4", "--eval.bootstrap_samples", "50", "--data.max_length", "64",
@@ -52,7 +52,7 @@ def test_record_uses_each_documents_mean_over_seeds():
     lora = [[30.0, 10.0, 20.0, 40.0], [34.0, 12.0, 18.0, 44.0]]
     prompt = [[20.0, 12.0, 10.0, 30.0], [22.0, 8.0, 14.0, 28.0]]
     results = {"model": {"architecture": "LlamaForCausalLM", "total_params": 1234},
-               "baseline": {"eval": {"loss": 3.0, "rouge": {"rouge1": {"mean": 15.0}}}},
+               "baseline": {"eval": {"loss": 3.0, "rouge": {"rouge1": {"mean": 15.0, "low": 12.5, "high": 17.5}}}},
                "environment": {"cpu": "AMD EPYC", "precision": "bfloat16"},
                "methods": {name: {"params": {"trainable": n},
                                   "seed_runs": [_run(s, loss) for s, loss in zip(runs, losses)]}
@@ -65,7 +65,10 @@ def test_record_uses_each_documents_mean_over_seeds():
     assert record["methods"]["prompt"]["seeds"] == 2 and record["eval_documents"] == 4
     assert record["gap"] == paired_bootstrap(prompt_mean, lora_mean, samples=200, seed=0)
     assert record["gap"]["diff"] == pytest.approx(-8.0)
-    assert record["baseline"] == {"eval_loss": 3.0, "rouge1": 15.0}
+    assert record["baseline"] == {"eval_loss": 3.0, "rouge1": 15.0,
+                                  "rouge1_interval": {"mean": 15.0, "low": 12.5, "high": 17.5}}
+    untouched_row = next(line for line in scale_table([record]) if "| untouched |" in line)
+    assert "| 15.0 [12.5, 17.5] |" in untouched_row  # the baseline's interval, as the methods'
     del results["methods"]["prompt"]
     assert model_record("m", "m", results, samples=200)["gap"] is None
 
