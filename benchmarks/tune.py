@@ -58,7 +58,7 @@ TRIALS = [
      {"finetune.lr": 2e-4, "finetune.last_blocks": 2, "finetune.head": False}),
     ("Fine-tuning: what to unfreeze and learning rate", "finetune-last4-1e-4", "finetune",
      {"finetune.lr": 1e-4, "finetune.last_blocks": 4, "finetune.head": False}),
-    # The newer methods and LoRA options, on a small CPU budget (e.g. --budget-tokens 30000 --eval-size 40), in the
+    # The newer methods and LoRA options, on a small CPU budget (--budget-tokens 24000 --eval-size 32), in the
     # chat format users get by default (data.format auto on the instruct model), each against chat-lora-5e-4 below
     # on the same budget.
     ("IA3 learning rate", "ia3-3e-3", "ia3", {"ia3.lr": 3e-3, **CHAT}),
