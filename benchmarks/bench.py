@@ -301,20 +301,28 @@ def run_peer(args) -> dict:
 # ---------------------------------------------------------------- generation
 
 def time_forwards(model, device) -> dict:
-    """Time the model's forward calls, split into prefill (several positions) and decoding (one position)."""
+    """Time the model's forward calls, split into prefill (several positions) and decoding (one position; peftsum's
+    decoding steps run outside the model's forward, in decode.py, timed there)."""
+    from peftsum.decode import LeanDecoder
+
     times = {"prefill_s": 0.0, "decode_s": 0.0}
-    real = model.forward
 
-    def forward(*args, **kwargs):
+    def timed(real, key_of):
+        def call(*args, **kwargs):
+            sync(device)
+            started = time.perf_counter()
+            out = real(*args, **kwargs)
+            sync(device)
+            times[key_of(*args, **kwargs)] += time.perf_counter() - started
+            return out
+        return call
+
+    def forward_key(*args, **kwargs):
         given = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        sync(device)
-        started = time.perf_counter()
-        out = real(*args, **kwargs)
-        sync(device)
-        times["prefill_s" if given.shape[1] > 1 else "decode_s"] += time.perf_counter() - started
-        return out
+        return "prefill_s" if given.shape[1] > 1 else "decode_s"
 
-    model.forward = forward
+    model.forward = timed(model.forward, forward_key)
+    LeanDecoder.__call__ = timed(LeanDecoder.__call__, lambda *args, **kwargs: "decode_s")
     return times
 
 

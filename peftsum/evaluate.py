@@ -21,6 +21,7 @@ from . import distributed
 from .config import DataConfig, EvalConfig
 from .data import Example
 from .files import write_jsonl
+from .decode import LeanDecoder
 from .forward import autocast, collate, generate_batch, summary_loss
 from .methods import Adapted
 from .metrics import ROUGE_KEYS, bootstrap_interval, rouge_intervals, rouge_per_document
@@ -76,12 +77,15 @@ def generate_from(adapted: Adapted, tokenizer, prompts: list[list[int]], eval_cf
     adapted.model.eval()
     int8 = int8_linears(adapted.model, device) if eval_cfg.quantize == "int8" else contextlib.nullcontext()
     with adapted.for_generation(), int8, autocast(device, dtype):  # int8 after LoRA is merged
+        # The model as it generates (LoRA merged, int8 in place): the lean decoding step where it is exact.
+        decoder = LeanDecoder.build(adapted.model, dtype, batch_size or eval_cfg.batch_size) if eval_cfg.num_beams == 1 else None
         for batch_indices in tqdm([batches[i] for i in distributed.shard(batches)], desc=desc,
                                   disable=not progress or not distributed.is_main(), dynamic_ncols=True):
             texts = generate_batch(adapted, tokenizer, [prompts[i] for i in batch_indices],
                                    max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams,
                                    no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size,
-                                   repetition_penalty=eval_cfg.repetition_penalty, stop_ids=stop_ids)
+                                   repetition_penalty=eval_cfg.repetition_penalty, stop_ids=stop_ids,
+                                   decoder=decoder)
             made.extend(zip(batch_indices, texts))
     made = distributed.gather_objects(made)
     if sorted(i for i, _ in made) != list(range(len(prompts))):  # a bug, not a user error: never write such a file

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .decode import LeanDecoder
 from .prompts import IGNORE, Encoded
 from .methods import Adapted
 
@@ -147,9 +148,11 @@ def _contiguous_input(module, args):
 
 @torch.no_grad()
 def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, num_beams: int,
-                   no_repeat_ngram_size: int, repetition_penalty: float, stop_ids: tuple[int, ...]) -> list[str]:
+                   no_repeat_ngram_size: int, repetition_penalty: float, stop_ids: tuple[int, ...],
+                   decoder: LeanDecoder | None = None) -> list[str]:
     """Greedy (or beam) summaries for a batch of tokenized prompts, decoded and stripped; each ends at the first of
-    `stop_ids` it makes (the format's: EOS, and the chat template's end of turn)."""
+    `stop_ids` it makes (the format's: EOS, and the chat template's end of turn). Greedy decoding steps go through
+    `decoder` where given (decode.py)."""
     device = adapted.model.get_input_embeddings().weight.device
     batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts], tokenizer.pad_token_id)
     embeds, mask, _, _ = model_inputs(adapted, batch["input_ids"].to(device), batch["attention_mask"].to(device))
@@ -162,7 +165,7 @@ def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max
         if num_beams == 1:
             output = greedy(adapted.model, embeds, mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                             no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
-                            prefix=prefix)
+                            prefix=prefix, decoder=decoder)
         else:
             output = _hf_generate(adapted.model, tokenizer, embeds, mask, stop_ids, prefix,
                                   max_new_tokens=max_new_tokens, num_beams=num_beams,
@@ -236,12 +239,14 @@ class ReservedLayer(DynamicLayer):
 
 def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, stop_ids: Collection[int],
            no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
-           prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[list[int]]:
+           prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+           decoder: LeanDecoder | None = None) -> list[list[int]]:
     """Greedy decoding from left-padded prompt embeddings: the new tokens of each row, up to and including the first
     of `stop_ids` it makes (EOS, and the chat template's end of turn).
 
     With a key/value `prefix` (per layer, one row per prompt), each prompt is prefilled into a cache that holds it
-    already, and `mask` covers it in front.
+    already, and `mask` covers it in front. With a `decoder` (decode.py: the same step in fewer operations), it makes
+    the decoding steps; the prompts go through the model's own forward.
 
     What `generate(num_beams=1)` computes, token for token (tests/test_generation.py checks it), with one difference
     in the work: a row that has ended leaves the batch and its key/value cache, where `generate` keeps computing it
@@ -297,6 +302,9 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
                                                       position[keep])
         mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         position = position + 1
-        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1].float()
+        if decoder is not None and reservable:
+            logits = decoder(tokens, mask, position, cache)
+        else:
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None],
+                           past_key_values=cache, use_cache=True).logits[:, -1].float()
     return made

@@ -101,3 +101,125 @@ def test_greedy_stops_at_any_stop_token_like_generate(kind, tokenizer):
     ended = {row[-1] for row in got if len(row) < MAX_NEW}
     assert ended <= set(stops) and len(ended) == 2  # rows ended on each of the two
     assert all(got != one for one in alone)  # neither stop alone gives the same rows
+
+
+def _sharpened(kind: str, tokenizer):
+    model = tiny_model(kind, tokenizer)
+    with torch.no_grad():  # as above: logits far enough apart that float noise cannot flip a tie
+        model.get_output_embeddings().weight.mul_(20)
+    return model
+
+
+@pytest.mark.parametrize("settings", [{}, {"no_repeat_ngram_size": 2}])
+@pytest.mark.parametrize("prefill_rows", [16, 4])
+def test_the_lean_decoding_step_makes_the_same_tokens_as_generate(settings, prefill_rows, tokenizer, monkeypatch):
+    """decode.py's step in place of the model's forward: rows of different lengths (left padding in the mask), rows
+    leaving the batch at EOS, the cache filled in parts."""
+    from peftsum.decode import LeanDecoder
+
+    monkeypatch.setattr("peftsum.forward.PREFILL_ROWS", prefill_rows)
+    model = _sharpened("llama", tokenizer)
+    batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts(2)], pad_id=0)
+    embeds, mask = model.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"]
+    decoder = LeanDecoder.build(model, torch.float32, rows=len(embeds))
+    assert decoder is not None
+    with torch.no_grad():
+        free = greedy(model, embeds, mask, max_new_tokens=MAX_NEW, stop_ids={1})
+        eos = max({t for row in free for t in row[:MAX_NEW // 2]}, key=lambda t: sum(t in row for row in free))
+        expected = hf_tokens(model, embeds, mask, eos=eos, **settings)
+        got = greedy(model, embeds, mask, max_new_tokens=MAX_NEW, stop_ids={eos}, decoder=decoder, **settings)
+    assert got == expected
+    assert min(len(row) for row in got) < MAX_NEW  # some rows left the batch early
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
+def test_the_lean_step_computes_the_models_logits(dtype, tolerance, tokenizer):
+    """One decoding step after a padded prompt: the model's forward and the lean step, from equal caches, give the
+    same logits (fp32: to float rounding; bf16 frozen weights under autocast: to the bit, the same products in the
+    same dtype) and write the same keys and values."""
+    import copy
+
+    from peftsum.decode import LeanDecoder
+    from peftsum.forward import ReservedLayer, autocast, filled_cache, positions
+    from peftsum.methods import untouched
+
+    model = tiny_model("llama", tokenizer)
+    untouched(model, dtype)
+    batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts(3)[:4]], pad_id=0)
+    mask, position_ids = batch["attention_mask"], positions(batch["attention_mask"])
+    with torch.no_grad(), autocast(torch.device("cpu"), dtype):
+        cache = filled_cache(model.config, [], lambda: ReservedLayer(4))
+        model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+              use_cache=True)
+        twin = copy.deepcopy(cache)
+        tokens, step_mask = torch.tensor([5, 6, 7, 8]), torch.cat([mask, torch.ones(4, 1, dtype=torch.long)], 1)
+        position = position_ids[:, -1] + 1
+        expected = model(input_ids=tokens[:, None], attention_mask=step_mask, position_ids=position[:, None],
+                         past_key_values=cache, use_cache=True).logits[:, -1].float()
+        got = LeanDecoder.build(model, dtype, rows=4)(tokens, step_mask, position, twin)
+    assert float((got - expected).abs().max()) <= tolerance * float(expected.abs().max())
+    for mine, theirs in zip(twin.layers, cache.layers):
+        assert torch.equal(mine.keys, theirs.keys) if dtype == torch.bfloat16 else torch.allclose(mine.keys, theirs.keys)
+
+
+def test_the_lean_step_is_used_only_where_it_is_exact(tokenizer):
+    from torch import nn
+
+    from peftsum.config import RunConfig
+    from peftsum.decode import LeanDecoder
+    from peftsum.methods import adapt, untouched
+    from peftsum.quantized import int8_linears
+
+    build = LeanDecoder.build
+    assert build(tiny_model("gpt2", tokenizer), torch.float32, 4) is None
+    assert build(tiny_model("gemma3", tokenizer), torch.float32, 4) is None
+    llama = tiny_model("llama", tokenizer)
+    assert build(llama, torch.float32, 4) is not None
+    with int8_linears(llama, torch.device("cpu")):
+        assert build(llama, torch.float32, 4) is None
+    half = tiny_model("llama", tokenizer)
+    untouched(half, torch.bfloat16)
+    assert build(half, torch.float32, 4) is None  # without autocast, bf16 weights compute in bf16: not one dtype
+    assert build(half, torch.bfloat16, 4) is not None
+    cfg = RunConfig()
+    cfg.model.precision = "fp32"
+    for method in ("lora", "ia3"):  # their hooks: in the way until merged, inert after
+        adapted = adapt(tiny_model("llama", tokenizer), tokenizer, method, cfg)
+        assert build(adapted.model, torch.float32, 4) is None
+        with adapted.for_generation():
+            assert build(adapted.model, torch.float32, 4) is not None
+    hooked = tiny_model("llama", tokenizer)
+    hooked.model.layers[1].mlp.up_proj.register_forward_hook(lambda module, args, output: output * 2)
+    assert build(hooked, torch.float32, 4) is None
+    biased = tiny_model("llama", tokenizer)
+    biased.model.layers[0].self_attn.q_proj = nn.Linear(32, 32, bias=True)
+    assert build(biased, torch.float32, 4) is None
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix", "finetune"])
+def test_evaluation_generates_the_same_summaries_with_the_lean_step(method, tokenizer, monkeypatch):
+    """generate_from builds the lean step for the model as it generates (LoRA merged; a soft prompt in the prefill;
+    a key/value prefix in the cache) and makes the summaries the model's own forward makes."""
+    import peftsum.decode
+    from peftsum.config import RunConfig
+    from peftsum.evaluate import generate_from
+    from peftsum.methods import adapt
+
+    cfg = RunConfig()
+    cfg.model.precision = "fp32"
+    cfg.eval.max_new_tokens, cfg.eval.batch_size = MAX_NEW, 4
+    adapted = adapt(_sharpened("llama", tokenizer), tokenizer, method, cfg)
+    torch.manual_seed(1)
+    for p in adapted.trainable:
+        p.data.add_(torch.randn_like(p) * 0.3)
+    texts = [tokenizer.decode(p) for p in prompts(4)]
+    encoded = [tokenizer(t)["input_ids"] for t in texts]
+    built = []
+    real = peftsum.decode.LeanDecoder.build.__func__
+    monkeypatch.setattr(peftsum.decode.LeanDecoder, "build",
+                        classmethod(lambda cls, *a: built.append(real(cls, *a)) or built[-1]))
+    args = (adapted, tokenizer, encoded, cfg.eval, (tokenizer.eos_token_id,), torch.device("cpu"), torch.float32)
+    lean = generate_from(*args)
+    monkeypatch.setattr(peftsum.decode.LeanDecoder, "build", classmethod(lambda cls, *a: None))
+    assert built and built[0] is not None
+    assert any(lean) and lean == generate_from(*args)

@@ -1,0 +1,128 @@
+"""One decoding step of a Llama model (SmolLM2) in a few tensor operations per block, for greedy generation.
+
+At one new token per row, a step's matmuls are small (16 x 576 by 576 x 1536) and the model's own forward spends
+as much time around them as in them: masks, position bookkeeping, the cache's API, ~80 operator calls per block.
+This step makes ~35: the frozen q/k/v weights joined into one matrix and gate/up into another (one product each,
+as fused.py does for training), and, on a CPU, every weight re-laid once in oneDNN's blocked format for its matmul
+(what inductor does for frozen weights), which the small products need most: at 16 rows, 301 -> 211 us for gate/up,
+176 -> 93 us for q/k/v, 7.7 -> 4.5 ms for SmolLM2's LM head. A decoding step at batch 16 on the 2-core Zen 4:
+~84 -> ~55 ms (BENCHMARKS.md).
+
+It computes what `LlamaDecoderLayer` does under the same autocast: the products in the compute dtype, the norms and
+the residual stream in the stored dtypes, attention by SDPA on the cache's key/value heads as transformers' SDPA
+path does for one query (tests/test_generation.py: the same tokens as `generate`). The copies it makes (one more of
+every weight, ~270 MB for SmolLM2 in bf16) live for one `generate_from` call. Any model it does not cover exactly
+(another architecture, a bias, an unmerged adapter's hook, a replaced linear such as int8's, logit capping)
+decodes through its own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama import modeling_llama as llama
+
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _plain(module: nn.Module) -> bool:
+    """No hook that changes what the module computes: none, or only those of a merged LoRA or IA3, which then pass
+    the output through (their update is in the weight)."""
+    hooks = len(module._forward_hooks) + len(module._forward_pre_hooks)
+    adapters = [a for a in (getattr(module, "lora", None), getattr(module, "ia3", None)) if a is not None]
+    return hooks == 0 or (hooks == len(adapters) and all(getattr(a, "merged", False) for a in adapters))
+
+
+def _covered(model: nn.Module) -> bool:
+    """Whether `step` computes exactly what the model's forward does."""
+    if type(model) is not llama.LlamaForCausalLM or not _plain(model) or not _plain(model.model):
+        return False
+    config = model.config
+    if config.hidden_act != "silu" or getattr(config, "final_logit_softcapping", None):
+        return False
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None or not _plain(head):
+        return False
+    for block in model.model.layers:
+        parts = [block, block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm]
+        if type(block) is not llama.LlamaDecoderLayer or not all(_plain(p) for p in parts):
+            return False
+        linears = [getattr(block.self_attn, n, None) or getattr(block.mlp, n) for n in _LINEARS]
+        if any(type(m) is not nn.Linear or m.bias is not None or not _plain(m) for m in linears):
+            return False
+    return True
+
+
+def _packer(device: torch.device, dtype: torch.dtype, rows: int):
+    """(pack, product): re-lay a weight for oneDNN's matmul and multiply by it, where this build can; else the
+    weight as it is and F.linear."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
+        try:
+            probe = torch.ones(rows, 8, dtype=dtype)
+            packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 8, dtype=dtype), rows)
+            if torch.equal(torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], ""),
+                           torch.full((rows, 4), 8.0, dtype=dtype)):
+                return (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows),
+                        lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+        except (RuntimeError, AttributeError):  # a build without these kernels
+            pass
+    return (lambda w: w), F.linear
+
+
+class LeanDecoder:
+    """`decoder(tokens, mask, position, cache)`: the next-token logits (fp32) of one decoding step, writing the new
+    keys and values into `cache` (a ReservedLayer cache, one layer per block)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, rows: int):
+        device = model.get_input_embeddings().weight.device
+        pack, self.product = _packer(device, dtype, rows)
+        self.model, self.dtype = model, dtype
+        config = model.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.blocks = []
+        with torch.no_grad():
+            for block in model.model.layers:
+                attn, mlp = block.self_attn, block.mlp
+                self.blocks.append((
+                    block.input_layernorm,
+                    pack(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(dtype)),
+                    pack(attn.o_proj.weight.to(dtype).contiguous()),
+                    block.post_attention_layernorm,
+                    pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype)),
+                    pack(mlp.down_proj.weight.to(dtype).contiguous()),
+                    attn.scaling,
+                ))
+            self.head = pack(model.get_output_embeddings().weight.to(dtype).contiguous())
+
+    @classmethod
+    def build(cls, model: nn.Module, dtype: torch.dtype, rows: int) -> "LeanDecoder | None":
+        """The decoder for `model` (as it is now: LoRA merged, say) computing in `dtype` (autocast's, or fp32 for
+        none), or None where it would not be exact."""
+        if not _covered(model):
+            return None
+        if dtype == torch.float32 and any(p.dtype != dtype for p in model.parameters()):
+            return None  # without autocast, each product runs in its weight's dtype: not one dtype for all
+        return cls(model, dtype, rows)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+        rows, heads, kv_heads, dim = len(tokens), self.heads, self.kv_heads, self.head_dim
+        hidden = self.model.get_input_embeddings()(tokens)  # (rows, hidden): one position per row
+        cos, sin = self.model.model.rotary_emb(hidden, position[:, None])  # (rows, 1, head_dim)
+        cos, sin = cos[:, None], sin[:, None]  # over (rows, kv_heads, heads per kv head, head_dim)
+        allowed = mask.bool()[:, None, None, :]
+        for (norm_in, qkv, o, norm_post, gate_up, down, scaling), layer in zip(self.blocks, cache.layers):
+            x = norm_in(hidden).to(self.dtype)
+            q, k, v = self.product(x, qkv).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+            # The query's heads grouped by the key/value head they share, as transformers' SDPA path packs them.
+            q = q.view(rows, kv_heads, heads // kv_heads, dim)
+            k, v = k.view(rows, kv_heads, 1, dim), v.view(rows, kv_heads, 1, dim)
+            q, k = q * cos + llama.rotate_half(q) * sin, k * cos + llama.rotate_half(k) * sin
+            keys, values = layer.update(k, v)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scaling)
+            hidden = hidden + self.product(out.reshape(rows, heads * dim), o)
+            gate, up = self.product(norm_post(hidden).to(self.dtype), gate_up).chunk(2, dim=-1)
+            hidden = hidden + self.product(F.silu(gate) * up, down)
+        return self.product(self.model.model.norm(hidden).to(self.dtype), self.head).float()
