@@ -34,15 +34,18 @@ from .models import transformer_blocks
 
 EAGER_ATTENTION_MAX_LENGTH = 512
 
-# train.compile auto, on a CPU: compile once the run's planned training tokens reach this many. Measured with
-# benchmarks/bench.py (BENCHMARKS.md, "Compiling: when it pays"): on the 2-core Zen 4 a cold compile (empty inductor
-# cache) costs 28-66 s and compiled steps are 1.27-1.42x faster, so compiling pays after 44k (head fine-tuning) to
-# 87k (LoRA) tokens; on the 2-core Xeon with AMX after 40-60k. The threshold sits above all of them, so auto never
-# makes a run slower than plain training on either.
+# train.compile auto, on a CPU computing in bf16: compile once the run's planned training tokens reach this many.
+# Measured with benchmarks/bench.py (BENCHMARKS.md, "Compiling: when it pays"): on the 2-core Zen 4 a cold compile
+# (empty inductor cache) costs 28-66 s and compiled steps are 1.27-1.42x faster, so compiling pays after 44k (head
+# fine-tuning) to 87k (LoRA) tokens; on the 2-core Xeon with AMX after 40-60k. The threshold sits above all of them,
+# so auto never makes a run slower than plain training on either.
 CPU_BREAK_EVEN_TOKENS = 90_000
 # The same under a time budget (train.budget_seconds): compiling pays after cost x speed-up / (speed-up - 1) seconds,
 # 113-223 s on the Zen 4 for the same three methods.
 CPU_BREAK_EVEN_SECONDS = 240.0
+# In fp32 (a CPU without native bf16, or --model.precision fp32) auto does not compile on a CPU: on the Zen 4 the
+# compiled steps were 1.05x (LoRA), 1.05x (prompt) and 0.99x (head fine-tuning) the plain ones, after the same 25-53 s
+# compile; the matmuls are most of an fp32 step, and inductor does not make them faster.
 
 
 def has_compiler() -> bool:
@@ -57,14 +60,15 @@ def check_compiler(device: torch.device) -> None:
 
 
 def should_compile(setting: str, device: torch.device, planned_tokens: int | None,
-                   budget_seconds: float = 0.0) -> bool:
+                   budget_seconds: float = 0.0, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether training compiles its blocks: `setting` true/false decides; auto compiles where it was measured to
-    pay: on a GPU always, on a CPU (with a C++ compiler) when the planned work passes the break-even above."""
+    pay: on a GPU always; on a CPU (with a C++ compiler) computing in bf16 (`dtype`) when the planned work passes the
+    break-even above, in fp32 never."""
     if setting != "auto":
         return setting == "true"
     if device.type == "cuda":
         return True
-    if device.type != "cpu" or not has_compiler():
+    if device.type != "cpu" or dtype == torch.float32 or not has_compiler():
         return False
     if budget_seconds:
         return budget_seconds >= CPU_BREAK_EVEN_SECONDS

@@ -137,8 +137,8 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimizer steps between checkpoints (0 = only at the end of each epoch)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept
     # torch.compile the transformer blocks for training (compiled.py): faster steps after a one-off compile. auto:
-    # on where it was measured to pay (a GPU; a CPU once the planned work passes the break-even of
-    # compiled.should_compile); true | false to choose.
+    # on where it was measured to pay (a GPU; a CPU in bf16 once the planned work passes the break-even of
+    # compiled.should_compile; never a CPU in fp32, where it bought 0.99-1.05x); true | false to choose.
     compile: str = "auto"
     # Recompute each block's activations in the backward instead of keeping them: less memory, ~1/3 more compute.
     gradient_checkpointing: bool = False

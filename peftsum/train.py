@@ -405,7 +405,7 @@ def train(adapted: Adapted, examples: list[Encoded], cfg: TrainConfig, lr: float
     total_steps = plan_steps(len(examples), cfg)
     lengths = [len(e.input_ids) for e in examples]
     compiled = not fsdp and should_compile(cfg.compile, device, planned_tokens(lengths, cfg, total_steps),
-                                           cfg.budget_seconds)
+                                           cfg.budget_seconds, dtype)
     read_every = 1 if fsdp else _read_every(device, cfg)
     fused = not fsdp and (read_every > 1 or fused_update(device, dtype, compiled))
     optimizer = make_optimizer(adapted.method.param_groups(adapted, lr), lr, cfg.weight_decay, fused=fused)

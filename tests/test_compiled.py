@@ -101,6 +101,10 @@ def test_auto_compiles_only_past_the_measured_break_even(monkeypatch):
     # The demo plans ~45k tokens: under every break-even measured on the CPUs (44-87k), so it trains plain.
     assert not compiled.should_compile("auto", cpu, planned_tokens=45_000)
     assert compiled.should_compile("auto", cpu, planned_tokens=compiled.CPU_BREAK_EVEN_TOKENS)
+    # In fp32 compiled steps were 0.99-1.05x plain ones on the CPU: auto never compiles there, whatever the length.
+    assert not compiled.should_compile("auto", cpu, planned_tokens=10**9, dtype=torch.float32)
+    assert not compiled.should_compile("auto", cpu, planned_tokens=None, budget_seconds=10**5, dtype=torch.float32)
+    assert compiled.should_compile("true", cpu, planned_tokens=10, dtype=torch.float32)
     assert compiled.should_compile("auto", cpu, planned_tokens=None)  # epochs of unknown length: a long run
     assert not compiled.should_compile("auto", cpu, planned_tokens=None, budget_seconds=200)
     assert compiled.should_compile("auto", cpu, planned_tokens=None, budget_seconds=800)
