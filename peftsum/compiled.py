@@ -35,13 +35,13 @@ from .models import transformer_blocks
 EAGER_ATTENTION_MAX_LENGTH = 512
 
 # train.compile auto, on a CPU computing in bf16: compile once the run's planned training tokens reach this many.
-# Measured with benchmarks/bench.py (BENCHMARKS.md, "Compiling: when it pays"): on the 2-core Zen 4 a cold compile
-# (empty inductor cache) costs 28-66 s and compiled steps are 1.27-1.42x faster, so compiling pays after 44k (head
-# fine-tuning) to 87k (LoRA) tokens; on the 2-core Xeon with AMX after 40-60k. The threshold sits above all of them,
-# so auto never makes a run slower than plain training on either.
-CPU_BREAK_EVEN_TOKENS = 90_000
+# Measured with benchmarks/bench.py (BENCHMARKS.md, "Compiling: when it pays"): on the 2-core Zen 4, over two runs,
+# a cold compile (empty inductor cache) costs 28-66 s and compiled steps are 1.27-1.42x faster, so compiling pays
+# after 44-56k (head fine-tuning), 49-60k (prompt) and 87-104k (LoRA) tokens; on the 2-core Xeon with AMX after
+# 40-60k. The threshold sits above all of them, so auto never makes a run slower than plain training on either.
+CPU_BREAK_EVEN_TOKENS = 110_000
 # The same under a time budget (train.budget_seconds): compiling pays after cost x speed-up / (speed-up - 1) seconds,
-# 113-223 s on the Zen 4 for the same three methods.
+# 113-230 s on the Zen 4 for the same three methods.
 CPU_BREAK_EVEN_SECONDS = 240.0
 # In fp32 (a CPU without native bf16, or --model.precision fp32) auto does not compile on a CPU: on the Zen 4 the
 # compiled steps were 1.05x (LoRA), 1.05x (prompt) and 0.99x (head fine-tuning) the plain ones, after the same 25-53 s

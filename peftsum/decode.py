@@ -9,8 +9,12 @@ as fused.py does for training), and, on a CPU, every weight re-laid once in oneD
 ~84 -> ~55 ms (BENCHMARKS.md).
 
 It computes what `LlamaDecoderLayer` does under the same autocast: the products in the compute dtype, the norms and
-the residual stream in the stored dtypes, attention by SDPA on the cache's key/value heads as transformers' SDPA
-path does for one query (tests/test_generation.py: the same tokens as `generate`). The copies it makes (one more of
+the residual stream in the stored dtypes, attention by SDPA on the cache's key/value heads with the padding mask, as
+transformers' SDPA path does for one query of a padded batch (tests/test_generation.py: the same tokens as
+`generate` in fp32; bit-equal logits in bf16). For a batch without padding transformers drops the mask and calls
+SDPA's GQA kernel instead (3x slower here at one query), which rounds differently in bf16: logits of SmolLM2 then
+differ by up to ~0.4 and a near-tie can go the other way (the demo's untouched ROUGE-1 37.9 vs 37.4, within its
+interval). The copies it makes (one more of
 every weight, ~270 MB for SmolLM2 in bf16) live for one `generate_from` call. Any model it does not cover exactly
 (another architecture, a bias, an unmerged adapter's hook, a replaced linear such as int8's, logit capping)
 decodes through its own forward.
@@ -35,7 +39,7 @@ def _plain(module: nn.Module) -> bool:
 
 
 def _covered(model: nn.Module) -> bool:
-    """Whether `step` computes exactly what the model's forward does."""
+    """Whether the lean step computes exactly what the model's forward does."""
     if type(model) is not llama.LlamaForCausalLM or not _plain(model) or not _plain(model.model):
         return False
     config = model.config

@@ -132,11 +132,13 @@ def test_the_lean_decoding_step_makes_the_same_tokens_as_generate(settings, pref
     assert min(len(row) for row in got) < MAX_NEW  # some rows left the batch early
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
-def test_the_lean_step_computes_the_models_logits(dtype, tolerance, tokenizer):
-    """One decoding step after a padded prompt: the model's forward and the lean step, from equal caches, give the
-    same logits (fp32: to float rounding; bf16 frozen weights under autocast: to the bit, the same products in the
-    same dtype) and write the same keys and values."""
+@pytest.mark.parametrize("dtype, padded, tolerance", [(torch.float32, True, 1e-5), (torch.float32, False, 1e-5),
+                                                     (torch.bfloat16, True, 0.0), (torch.bfloat16, False, 1e-2)])
+def test_the_lean_step_computes_the_models_logits(dtype, padded, tolerance, tokenizer):
+    """One decoding step after the prompts: the model's forward and the lean step, from equal caches, give the same
+    logits (fp32: to float rounding; bf16 frozen weights under autocast, padded batch: to the bit, the same products
+    in the same dtype; bf16 without padding: transformers then calls SDPA's GQA kernel, which rounds differently,
+    decode.py) and write the same keys and values."""
     import copy
 
     from peftsum.decode import LeanDecoder
@@ -145,7 +147,9 @@ def test_the_lean_step_computes_the_models_logits(dtype, tolerance, tokenizer):
 
     model = tiny_model("llama", tokenizer)
     untouched(model, dtype)
-    batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts(3)[:4]], pad_id=0)
+    rows = prompts(3)[:4] if padded else [p[:3] for p in prompts(3)[:4]]  # the shortest has 3 tokens
+    batch = collate([Encoded(p, [IGNORE] * len(p)) for p in rows], pad_id=0)
+    assert bool((batch["attention_mask"] == 0).any()) == padded
     mask, position_ids = batch["attention_mask"], positions(batch["attention_mask"])
     with torch.no_grad(), autocast(torch.device("cpu"), dtype):
         cache = filled_cache(model.config, [], lambda: ReservedLayer(4))
@@ -159,7 +163,11 @@ def test_the_lean_step_computes_the_models_logits(dtype, tolerance, tokenizer):
         got = LeanDecoder.build(model, dtype, rows=4)(tokens, step_mask, position, twin)
     assert float((got - expected).abs().max()) <= tolerance * float(expected.abs().max())
     for mine, theirs in zip(twin.layers, cache.layers):
-        assert torch.equal(mine.keys, theirs.keys) if dtype == torch.bfloat16 else torch.allclose(mine.keys, theirs.keys)
+        for got_states, expected_states in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+            if dtype == torch.bfloat16:
+                assert torch.equal(got_states, expected_states)
+            else:  # oneDNN's packed fp32 product rounds the last bits its own way
+                torch.testing.assert_close(got_states, expected_states)
 
 
 def test_the_lean_step_is_used_only_where_it_is_exact(tokenizer):
