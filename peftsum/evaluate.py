@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import DataConfig, EvalConfig
 from .data import Example
-from .files import write_jsonl
 from .decode import LeanDecoder
+from .files import write_jsonl
 from .forward import autocast, collate, generate_batch, summary_loss
 from .methods import Adapted
 from .metrics import ROUGE_KEYS, bootstrap_interval, rouge_intervals, rouge_per_document
@@ -77,8 +77,9 @@ def generate_from(adapted: Adapted, tokenizer, prompts: list[list[int]], eval_cf
     adapted.model.eval()
     int8 = int8_linears(adapted.model, device) if eval_cfg.quantize == "int8" else contextlib.nullcontext()
     with adapted.for_generation(), int8, autocast(device, dtype):  # int8 after LoRA is merged
-        # The model as it generates (LoRA merged, int8 in place): the lean decoding step where it is exact.
-        decoder = LeanDecoder.build(adapted.model, dtype, batch_size or eval_cfg.batch_size) if eval_cfg.num_beams == 1 else None
+        # Built for the model as it generates (LoRA merged, int8 in place); None where decode.py does not cover it.
+        rows = batch_size or eval_cfg.batch_size
+        decoder = LeanDecoder.build(adapted.model, dtype, rows) if eval_cfg.num_beams == 1 else None
         for batch_indices in tqdm([batches[i] for i in distributed.shard(batches)], desc=desc,
                                   disable=not progress or not distributed.is_main(), dynamic_ncols=True):
             texts = generate_batch(adapted, tokenizer, [prompts[i] for i in batch_indices],
