@@ -14,10 +14,11 @@ transformers' SDPA path does for one query of a padded batch (tests/test_generat
 `generate` in fp32; bit-equal logits in bf16). For a batch without padding transformers drops the mask and calls
 SDPA's GQA kernel instead (3x slower here at one query), which rounds differently in bf16: logits of SmolLM2 then
 differ by up to ~0.4 and a near-tie can go the other way (the demo's untouched ROUGE-1 37.9 vs 37.4, within its
-interval). The copies it makes (one more of
-every weight, ~270 MB for SmolLM2 in bf16) live for one `generate_from` call. Any model it does not cover exactly
-(another architecture, a bias, an unmerged adapter's hook, a replaced linear such as int8's, logit capping)
-decodes through its own forward.
+interval).
+
+The copies it makes (one more of every weight, ~270 MB for SmolLM2 in bf16) live for one `generate_from` call. Any
+model it does not cover exactly (another architecture, a bias, an unmerged adapter's hook, a replaced linear such as
+int8's, logit capping) decodes through its own forward.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama import modeling_llama as llama
 
-_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .fused import GATE_UP, QKV
 
 
 def _plain(module: nn.Module) -> bool:
@@ -52,7 +53,8 @@ def _covered(model: nn.Module) -> bool:
         parts = [block, block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm]
         if type(block) is not llama.LlamaDecoderLayer or not all(_plain(p) for p in parts):
             return False
-        linears = [getattr(block.self_attn, n, None) or getattr(block.mlp, n) for n in _LINEARS]
+        linears = ([getattr(block.self_attn, n) for n in (*QKV, "o_proj")]
+                   + [getattr(block.mlp, n) for n in (*GATE_UP, "down_proj")])
         if any(type(m) is not nn.Linear or m.bias is not None or not _plain(m) for m in linears):
             return False
     return True
@@ -91,10 +93,10 @@ class LeanDecoder:
                 attn, mlp = block.self_attn, block.mlp
                 self.blocks.append((
                     block.input_layernorm,
-                    pack(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(dtype)),
+                    pack(torch.cat([getattr(attn, n).weight for n in QKV]).to(dtype)),
                     pack(attn.o_proj.weight.to(dtype).contiguous()),
                     block.post_attention_layernorm,
-                    pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype)),
+                    pack(torch.cat([getattr(mlp, n).weight for n in GATE_UP]).to(dtype)),
                     pack(mlp.down_proj.weight.to(dtype).contiguous()),
                     attn.scaling,
                 ))
