@@ -301,8 +301,8 @@ def run_peer(args) -> dict:
 # ---------------------------------------------------------------- generation
 
 def time_forwards(model, device) -> dict:
-    """Time the model's forward calls, split into prefill (several positions) and decoding (one position; peftsum's
-    decoding steps run outside the model's forward, in decode.py, timed there)."""
+    """Time the model's forward calls, split into prefill (several positions) and decoding (one position); and
+    peftsum's, which run outside the model's forward where decode.py covers the model."""
     from peftsum.decode import LeanDecoder
 
     times = {"prefill_s": 0.0, "decode_s": 0.0}
@@ -322,6 +322,7 @@ def time_forwards(model, device) -> dict:
         return "prefill_s" if given.shape[1] > 1 else "decode_s"
 
     model.forward = timed(model.forward, forward_key)
+    LeanDecoder.prefill = timed(LeanDecoder.prefill, lambda *args, **kwargs: "prefill_s")
     LeanDecoder.__call__ = timed(LeanDecoder.__call__, lambda *args, **kwargs: "decode_s")
     return times
 

@@ -1,4 +1,5 @@
-"""One decoding step of a Llama model (SmolLM2) in a few tensor operations per block, for greedy generation.
+"""A Llama model's (SmolLM2's) forward for greedy generation, in a few tensor operations per block: the prompts
+(prefill) and each decoding step.
 
 At one new token per row, a step's matmuls are small (16 x 576 by 576 x 1536) and the model's own forward spends
 as much time around them as in them: masks, position bookkeeping, the cache's API, ~80 operator calls per block.
@@ -6,19 +7,22 @@ This step makes ~35: the frozen q/k/v weights joined into one matrix and gate/up
 as fused.py does for training), and, on a CPU, every weight re-laid once in oneDNN's blocked format for its matmul
 (what inductor does for frozen weights), which the small products need most: at 16 rows, 301 -> 211 us for gate/up,
 176 -> 93 us for q/k/v, 7.7 -> 4.5 ms for SmolLM2's LM head. A decoding step at batch 16 on the 2-core Zen 4:
-~84 -> ~55 ms (BENCHMARKS.md).
+~84 -> ~55 ms (BENCHMARKS.md). The prefill's products are large and near the matmul peak either way; what it saves
+there is the rest (autocast's cast of every fp32 weight at every call, the per-block bookkeeping): 64 prompts of
+191 tokens, 12.5 -> 10.3 s (three runs each, bf16).
 
 It computes what `LlamaDecoderLayer` does under the same autocast: the products in the compute dtype, the norms and
-the residual stream in the stored dtypes, attention by SDPA on the cache's key/value heads with the padding mask, as
-transformers' SDPA path does for one query of a padded batch (tests/test_generation.py: the same tokens as
-`generate` in fp32; bit-equal logits in bf16). For a batch without padding transformers drops the mask and calls
-SDPA's GQA kernel instead (3x slower here at one query), which rounds differently in bf16: logits of SmolLM2 then
-differ by up to ~0.4 and a near-tie can go the other way (the demo's untouched ROUGE-1 37.9 vs 37.4, within its
-interval).
+the residual stream in the stored dtypes, attention by SDPA as transformers' SDPA path calls it (the prefill:
+causal without a mask where no row is padded and no prefix is cached, else the padding mask; a decoding step: one
+query per row on the cache's key/value heads with the padding mask). tests/test_generation.py: the same tokens as
+`generate` in fp32; in bf16, bit-equal prefill logits and bit-equal step logits for a padded batch. For a decoding
+step without padding transformers drops the mask and calls SDPA's GQA kernel instead (3x slower here at one
+query), which rounds differently in bf16: logits of SmolLM2 then differ by up to ~0.4 and a near-tie can go the
+other way (the demo's untouched ROUGE-1 37.9 vs 37.4, within its interval).
 
 The copies it makes (one more of every weight, ~270 MB for SmolLM2 in bf16) live for one `generate_from` call. Any
 model it does not cover exactly (another architecture, a bias, an unmerged adapter's hook, a replaced linear such as
-int8's, logit capping) decodes through its own forward.
+int8's, logit capping) generates through its own forward.
 """
 
 from __future__ import annotations
@@ -77,16 +81,17 @@ def _packer(device: torch.device, dtype: torch.dtype, rows: int):
 
 
 class LeanDecoder:
-    """`decoder(tokens, mask, position, cache)`: the next-token logits (fp32) of one decoding step, writing the new
-    keys and values into `cache` (a ReservedLayer cache, one layer per block)."""
+    """`decoder.prefill(embeds, mask, position_ids, cache)` and `decoder(tokens, mask, position, cache)`: the
+    next-token logits (fp32) after the prompts and after each decoding step, writing keys and values into `cache`
+    (a ReservedLayer cache, one layer per block)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, rows: int):
         device = model.get_input_embeddings().weight.device
         pack, self.product = _packer(device, dtype, rows)
         self.model, self.dtype = model, dtype
         config = model.config
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        heads = config.num_attention_heads
+        self._shape = (heads, config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // heads)
         self.blocks = []
         with torch.no_grad():
             for block in model.model.layers:
@@ -113,22 +118,72 @@ class LeanDecoder:
         return cls(model, dtype, rows)
 
     @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+        """The next-token logits (fp32) after left-padded prompt embeddings (rows, positions, hidden), writing their
+        keys and values into `cache` (empty, or holding a key/value prefix that `mask` covers in front)."""
+        rows, length, (heads, kv_heads, dim) = embeds.shape[0], embeds.shape[1], self._shape
+        cos, sin = self.model.model.rotary_emb(embeds, position_ids)  # (rows, positions, head_dim)
+        cos, sin = cos[:, None], sin[:, None]  # over (rows, heads, positions, head_dim)
+        held = mask.shape[1] - length  # prefix positions already in the cache
+        if held == 0 and bool(mask.all()):
+            allowed = None  # transformers' choice too: causal attention with no mask
+        else:
+            # Each prompt position sees the real positions up to itself, and itself: a padding position then attends
+            # to itself alone and stays finite (what it computes reaches no real position).
+            query = torch.arange(length, device=mask.device)[:, None] + held
+            key = torch.arange(mask.shape[1], device=mask.device)[None]
+            allowed = ((key <= query) & mask.bool()[:, None, :] | (key == query))[:, None]
+
+        def attend(q, k, v, layer, scaling):
+            q = q.view(rows, length, heads, dim).transpose(1, 2)
+            k = k.view(rows, length, kv_heads, dim).transpose(1, 2)
+            v = v.view(rows, length, kv_heads, dim).transpose(1, 2)
+            q, k = self._rotated(q, k, cos, sin)
+            keys, values = layer.update(k, v)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, is_causal=allowed is None,
+                                                 scale=scaling, enable_gqa=True)
+            return out.transpose(1, 2).reshape(rows, length, heads * dim)
+
+        hidden = self._blocks(embeds, cache, attend)
+        return self.product(self.model.model.norm(hidden[:, -1]).to(self.dtype), self.head).float()
+
+    @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
-        rows, heads, kv_heads, dim = len(tokens), self.heads, self.kv_heads, self.head_dim
+        """The next-token logits (fp32) of one decoding step, writing the new keys and values into `cache`."""
+        rows, (heads, kv_heads, dim) = len(tokens), self._shape
         hidden = self.model.get_input_embeddings()(tokens)  # (rows, hidden): one position per row
         cos, sin = self.model.model.rotary_emb(hidden, position[:, None])  # (rows, 1, head_dim)
         cos, sin = cos[:, None], sin[:, None]  # over (rows, kv_heads, heads per kv head, head_dim)
         allowed = mask.bool()[:, None, None, :]
-        for (norm_in, qkv, o, norm_post, gate_up, down, scaling), layer in zip(self.blocks, cache.layers):
-            x = norm_in(hidden).to(self.dtype)
-            q, k, v = self.product(x, qkv).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+
+        def attend(q, k, v, layer, scaling):
             # The query's heads grouped by the key/value head they share, as transformers' SDPA path packs them.
             q = q.view(rows, kv_heads, heads // kv_heads, dim)
             k, v = k.view(rows, kv_heads, 1, dim), v.view(rows, kv_heads, 1, dim)
-            q, k = q * cos + llama.rotate_half(q) * sin, k * cos + llama.rotate_half(k) * sin
+            q, k = self._rotated(q, k, cos, sin)
             keys, values = layer.update(k, v)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scaling)
-            hidden = hidden + self.product(out.reshape(rows, heads * dim), o)
+            return out.reshape(rows, heads * dim)
+
+        hidden = self._blocks(hidden, cache, attend)
+        return self.product(self.model.model.norm(hidden).to(self.dtype), self.head).float()
+
+    def _rotated(self, q, k, cos, sin):
+        """q and k with rotary embeddings, k in the compute dtype.
+
+        The rotation runs in the dtype transformers' does (fp32: cos and sin follow the fp32 residual stream), which
+        leaves fp32 keys in transformers' cache; SDPA under autocast casts them to bf16 at every step, a tenth of a
+        decoding step at batch 64. Stored cast once, they give SDPA the same values."""
+        return q * cos + llama.rotate_half(q) * sin, (k * cos + llama.rotate_half(k) * sin).to(self.dtype)
+
+    def _blocks(self, hidden: torch.Tensor, cache, attend) -> torch.Tensor:
+        """The residual stream after every block, `attend(q, k, v, cache layer, scaling)` giving attention's output
+        for the joined q/k/v product."""
+        heads, kv_heads, dim = self._shape
+        for (norm_in, qkv, o, norm_post, gate_up, down, scaling), layer in zip(self.blocks, cache.layers):
+            q, k, v = self.product(norm_in(hidden).to(self.dtype), qkv).split(
+                [heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+            hidden = hidden + self.product(attend(q, k, v, layer, scaling), o)
             gate, up = self.product(norm_post(hidden).to(self.dtype), gate_up).chunk(2, dim=-1)
             hidden = hidden + self.product(F.silu(gate) * up, down)
-        return self.product(self.model.model.norm(hidden).to(self.dtype), self.head).float()
+        return hidden

@@ -245,8 +245,8 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
     of `stop_ids` it makes (EOS, and the chat template's end of turn).
 
     With a key/value `prefix` (per layer, one row per prompt), each prompt is prefilled into a cache that holds it
-    already, and `mask` covers it in front. With a `decoder` (decode.py: the same step in fewer operations), it makes
-    the decoding steps; the prompts go through the model's own forward.
+    already, and `mask` covers it in front. With a `decoder` (decode.py: the same forward in fewer operations), the
+    prompts and the decoding steps go through it instead of the model's forward.
 
     What `generate(num_beams=1)` computes, token for token (tests/test_generation.py checks it), with one difference
     in the work: a row that has ended leaves the batch and its key/value cache, where `generate` keeps computing it
@@ -276,8 +276,12 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
         part = slice(start, start + chunk)
         cache = filled_cache(model.config, [(k[part], v[part]) for k, v in prefix or []],
                              (lambda: ReservedLayer(reserve)) if reservable else None)
-        logits.append(model(inputs_embeds=embeds[part], attention_mask=mask[part], position_ids=position_ids[part],
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float())
+        if decoder is not None and reservable:
+            logits.append(decoder.prefill(embeds[part], mask[part], position_ids[part], cache))
+        else:
+            logits.append(model(inputs_embeds=embeds[part], attention_mask=mask[part],
+                                position_ids=position_ids[part], past_key_values=cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1].float())
         caches.append(cache)
     cache, logits = caches[0], torch.cat(logits)
     if len(caches) > 1:  # prompts prefilled in parts: one cache holds them all

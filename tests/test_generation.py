@@ -132,29 +132,55 @@ def test_the_lean_decoding_step_makes_the_same_tokens_as_generate(settings, pref
     assert min(len(row) for row in got) < MAX_NEW  # some rows left the batch early
 
 
-@pytest.mark.parametrize("dtype, padded, tolerance", [(torch.float32, True, 1e-5), (torch.float32, False, 1e-5),
-                                                     (torch.bfloat16, True, 0.0), (torch.bfloat16, False, 1e-2)])
-def test_the_lean_step_computes_the_models_logits(dtype, padded, tolerance, tokenizer):
-    """One decoding step after the prompts: the model's forward and the lean step, from equal caches, give the same
-    logits (fp32: to float rounding; bf16 frozen weights under autocast, padded batch: to the bit, the same products
-    in the same dtype; bf16 without padding: transformers then calls SDPA's GQA kernel, which rounds differently,
-    decode.py) and write the same keys and values."""
-    import copy
+def _prompt_batch(padded: bool):
+    from peftsum.forward import positions
 
-    from peftsum.decode import LeanDecoder
-    from peftsum.forward import ReservedLayer, autocast, filled_cache, positions
-    from peftsum.methods import untouched
-
-    model = tiny_model("llama", tokenizer)
-    untouched(model, dtype)
     rows = prompts(3)[:4] if padded else [p[:3] for p in prompts(3)[:4]]  # the shortest has 3 tokens
     batch = collate([Encoded(p, [IGNORE] * len(p)) for p in rows], pad_id=0)
     assert bool((batch["attention_mask"] == 0).any()) == padded
-    mask, position_ids = batch["attention_mask"], positions(batch["attention_mask"])
+    return batch["input_ids"], batch["attention_mask"], positions(batch["attention_mask"])
+
+
+def _assert_same_cache(mine, theirs, mask, dtype):
+    """The same keys and values at the positions `mask` covers (a padding position's are never read, and the two
+    paths let it attend differently): in bf16 to the bit once in the compute dtype (the lean path stores keys in
+    it, transformers leaves them fp32 where the residual stream is fp32: SDPA casts them alike); in fp32 to rounding
+    (oneDNN's packed product rounds the last bits its own way)."""
+    real = mask.bool()[:, None, :, None]
+    for got_layer, expected_layer in zip(mine.layers, theirs.layers):
+        for got, expected in ((got_layer.keys, expected_layer.keys), (got_layer.values, expected_layer.values)):
+            got, expected = got.masked_fill(~real, 0), expected.masked_fill(~real, 0)
+            if dtype == torch.bfloat16:
+                assert torch.equal(got.to(dtype), expected.to(dtype))
+            else:
+                torch.testing.assert_close(got, expected)
+
+
+# (compute dtype, stored dtype): fp32; bf16 frozen weights under autocast (untouched, LoRA merged); fp32 weights
+# under bf16 autocast (a fine-tuned block's), whose fp32 residual stream makes transformers' keys fp32.
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+
+
+@pytest.mark.parametrize("dtype, stored", DTYPES)
+@pytest.mark.parametrize("padded", [True, False])
+def test_the_lean_step_computes_the_models_logits(dtype, stored, padded, tokenizer):
+    """One decoding step after the prompts: the model's forward and the lean step, from equal caches, give the same
+    logits (fp32: to float rounding; bf16 under autocast, padded batch: to the bit, the same products in the same
+    dtype; bf16 without padding: transformers then calls SDPA's GQA kernel, which rounds differently, decode.py)
+    and write the same keys and values."""
+    import copy
+
+    from peftsum.decode import LeanDecoder
+    from peftsum.forward import ReservedLayer, autocast, filled_cache
+    from peftsum.methods import untouched
+
+    model = tiny_model("llama", tokenizer)
+    untouched(model, stored)
+    ids, mask, position_ids = _prompt_batch(padded)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.0 if padded else 1e-2
     with torch.no_grad(), autocast(torch.device("cpu"), dtype):
         cache = filled_cache(model.config, [], lambda: ReservedLayer(4))
-        model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-              use_cache=True)
+        model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
         twin = copy.deepcopy(cache)
         tokens, step_mask = torch.tensor([5, 6, 7, 8]), torch.cat([mask, torch.ones(4, 1, dtype=torch.long)], 1)
         position = position_ids[:, -1] + 1
@@ -162,12 +188,42 @@ def test_the_lean_step_computes_the_models_logits(dtype, padded, tolerance, toke
                          past_key_values=cache, use_cache=True).logits[:, -1].float()
         got = LeanDecoder.build(model, dtype, rows=4)(tokens, step_mask, position, twin)
     assert float((got - expected).abs().max()) <= tolerance * float(expected.abs().max())
-    for mine, theirs in zip(twin.layers, cache.layers):
-        for got_states, expected_states in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
-            if dtype == torch.bfloat16:
-                assert torch.equal(got_states, expected_states)
-            else:  # oneDNN's packed fp32 product rounds the last bits its own way
-                torch.testing.assert_close(got_states, expected_states)
+    _assert_same_cache(twin, cache, step_mask, dtype)
+
+
+@pytest.mark.parametrize("dtype, stored", DTYPES)
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("prefix", [False, True])
+def test_the_lean_prefill_computes_the_models_logits(dtype, stored, padded, prefix, tokenizer):
+    """The prompts through the lean path and through the model's forward, into empty caches or caches holding a
+    key/value prefix (prefix tuning's): the same last-position logits (bf16: to the bit) and the same cache."""
+    from peftsum.decode import LeanDecoder
+    from peftsum.forward import ReservedLayer, autocast, filled_cache
+    from peftsum.methods import untouched
+
+    model = tiny_model("llama", tokenizer)
+    untouched(model, stored)
+    ids, mask, position_ids = _prompt_batch(padded)
+    held = []
+    if prefix:  # two positions per layer, in front of the prompt and covered by the mask
+        config, generator = model.config, torch.Generator().manual_seed(5)
+        shape = (4, config.num_key_value_heads, 2, config.hidden_size // config.num_attention_heads)
+        held = [(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+                for _ in range(config.num_hidden_layers)]
+        mask = torch.cat([torch.ones(4, 2, dtype=torch.long), mask], 1)
+        position_ids = position_ids + 2
+    embeds = model.get_input_embeddings()(ids)
+    with torch.no_grad(), autocast(torch.device("cpu"), dtype):
+        cache = filled_cache(model.config, held, lambda: ReservedLayer(4))
+        expected = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        twin = filled_cache(model.config, held, lambda: ReservedLayer(4))
+        got = LeanDecoder.build(model, dtype, rows=4).prefill(embeds, mask, position_ids, twin)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    _assert_same_cache(twin, cache, mask, dtype)
 
 
 def test_the_lean_step_is_used_only_where_it_is_exact(tokenizer):
