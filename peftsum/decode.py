@@ -8,8 +8,8 @@ as fused.py does for training), and, on a CPU, every weight re-laid once in oneD
 (what inductor does for frozen weights), which the small products need most: at 16 rows, 301 -> 211 us for gate/up,
 176 -> 93 us for q/k/v, 7.7 -> 4.5 ms for SmolLM2's LM head. A decoding step at batch 16 on the 2-core Zen 4:
 ~84 -> ~55 ms (BENCHMARKS.md). The prefill's products are large and near the matmul peak either way; what it saves
-there is the rest (autocast's cast of every fp32 weight at every call, the per-block bookkeeping): 64 prompts of
-191 tokens, 12.5 -> 10.3 s (three runs each, bf16).
+there is the rest (the per-block bookkeeping, and where weights are fp32 under autocast, a cast of every weight at
+every call): 64 prompts of 191 tokens, 12.5 -> 10.3 s (three runs each, bf16).
 
 It computes what `LlamaDecoderLayer` does under the same autocast: the products in the compute dtype, the norms and
 the residual stream in the stored dtypes, attention by SDPA as transformers' SDPA path calls it (the prefill:
