@@ -224,6 +224,8 @@ def test_the_lean_prefill_computes_the_models_logits(dtype, stored, padded, pref
     else:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     _assert_same_cache(twin, cache, mask, dtype)
+    if not prefix:  # keys held in the compute dtype, which SDPA reads without a cast at every decoding step
+        assert {layer.keys.dtype for layer in twin.layers} == {dtype}
 
 
 def test_the_lean_step_is_used_only_where_it_is_exact(tokenizer):
