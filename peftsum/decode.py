@@ -33,6 +33,7 @@ from torch import nn
 from transformers.models.llama import modeling_llama as llama
 
 from .fused import GATE_UP, QKV
+from .methods.prefix import kv_layout
 
 
 def _plain(module: nn.Module) -> bool:
@@ -90,8 +91,8 @@ class LeanDecoder:
         pack, self.product = _packer(device, dtype, rows)
         self.model, self.dtype = model, dtype
         config = model.config
-        heads = config.num_attention_heads
-        self._shape = (heads, config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // heads)
+        _, kv_heads, head_dim = kv_layout(config)
+        self._shape = (config.num_attention_heads, kv_heads, head_dim)
         self.blocks = []
         with torch.no_grad():
             for block in model.model.layers:

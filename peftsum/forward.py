@@ -269,6 +269,7 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
     # the C allocator maps fresh from the OS (and page-faults in) at every use; decoding then runs on all rows at once.
     reservable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers or [None])
     chunk = PREFILL_ROWS if reservable else rows  # other cache layouts (sliding windows...): transformers' own cache
+    lean = decoder if reservable else None  # decode.py writes into ReservedLayer caches only
     caches, logits = [], []
     # A layer's first update reserves room for what follows it: the new tokens, and the prompt after a prefix.
     reserve = max_new_tokens + (embeds.shape[1] if prefix is not None else 0)
@@ -276,8 +277,8 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
         part = slice(start, start + chunk)
         cache = filled_cache(model.config, [(k[part], v[part]) for k, v in prefix or []],
                              (lambda: ReservedLayer(reserve)) if reservable else None)
-        if decoder is not None and reservable:
-            logits.append(decoder.prefill(embeds[part], mask[part], position_ids[part], cache))
+        if lean is not None:
+            logits.append(lean.prefill(embeds[part], mask[part], position_ids[part], cache))
         else:
             logits.append(model(inputs_embeds=embeds[part], attention_mask=mask[part],
                                 position_ids=position_ids[part], past_key_values=cache, use_cache=True,
@@ -306,8 +307,8 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
                                                       position[keep])
         mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         position = position + 1
-        if decoder is not None and reservable:
-            logits = decoder(tokens, mask, position, cache)
+        if lean is not None:
+            logits = lean(tokens, mask, position, cache)
         else:
             logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None],
                            past_key_values=cache, use_cache=True).logits[:, -1].float()

@@ -200,16 +200,17 @@ def test_the_lean_prefill_computes_the_models_logits(dtype, stored, padded, pref
     from peftsum.decode import LeanDecoder
     from peftsum.forward import ReservedLayer, autocast, filled_cache
     from peftsum.methods import untouched
+    from peftsum.methods.prefix import kv_layout
 
     model = tiny_model("llama", tokenizer)
     untouched(model, stored)
     ids, mask, position_ids = _prompt_batch(padded)
     held = []
     if prefix:  # two positions per layer, in front of the prompt and covered by the mask
-        config, generator = model.config, torch.Generator().manual_seed(5)
-        shape = (4, config.num_key_value_heads, 2, config.hidden_size // config.num_attention_heads)
+        layers, kv_heads, head_dim = kv_layout(model.config)
+        generator, shape = torch.Generator().manual_seed(5), (4, kv_heads, 2, head_dim)
         held = [(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
-                for _ in range(config.num_hidden_layers)]
+                for _ in range(layers)]
         mask = torch.cat([torch.ones(4, 2, dtype=torch.long), mask], 1)
         position_ids = position_ids + 2
     embeds = model.get_input_embeddings()(ids)
