@@ -16,7 +16,7 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import max_diff, requires_real, step_losses, tiny_model, trained_weights, write_tiny_data
+from conftest import max_diff, step_losses, tiny_model, trained_weights, write_tiny_data
 from transformers import AutoModelForCausalLM
 
 from peftsum import adapters, checkpoint
@@ -415,24 +415,5 @@ def test_bad_settings_are_refused_in_one_line(flags, message, tiny_model_dirs, t
     assert message in err and len(err.splitlines()) == 1
 
 
-# ---------------------------------------------------------------- the real model
-
-@pytest.mark.slow
-@requires_real
-def test_prefix_tuning_lowers_the_validation_loss_of_the_embedded_model():
-    """Six steps of prefix tuning (its default settings) on SmolLM2-135M and XSum lower the validation loss."""
-    from test_real_model import session_for, train_briefly
-
-    from peftsum.data import load_data
-    from peftsum.evaluate import mean_loss
-    from peftsum.methods import untouched
-
-    cfg, session = session_for({"data.train_size": "48", "data.train_eval_size": "0", "data.eval_size": "24",
-                                "train.batch_size": "8"})
-    splits = load_data(cfg.data, seed=0)
-    tok = session.loaded.tokenizer
-    before, _ = mean_loss(untouched(session.loaded.model), tok, splits.eval, cfg.data, 8, session.device, session.dtype)
-    adapted, stats = train_briefly(session, "prefix", splits)
-    after, _ = mean_loss(adapted, tok, splits.eval, cfg.data, 8, session.device, session.dtype)
-    assert stats["steps"] == 6
-    assert after < before - 0.05, (before, after)
+# The real model: prefix tuning lowers SmolLM2's validation loss on XSum in tests/test_real_model.py, with the other
+# methods (test_methods_lower_the_validation_loss).

@@ -1,5 +1,7 @@
 """Slow tests on the real embedded SmolLM2-135M and ../shared/data (skipped where either is absent; CI has both)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,10 +17,12 @@ from peftsum.train import train
 pytestmark = [pytest.mark.slow, requires_real]
 
 
+BASE_SETTINGS = {"data.source": str(SHARED_DATA / "xsum"), "data.max_length": "256", "data.max_summary_tokens": "48",
+                 "eval.max_new_tokens": "48", "eval.bootstrap_samples": "200"}
+
+
 def session_for(overrides):
-    cfg = load_config(None, {"data.source": str(SHARED_DATA / "xsum"), "data.max_length": "256",
-                             "data.max_summary_tokens": "48", "eval.max_new_tokens": "48",
-                             "eval.bootstrap_samples": "200", **overrides})
+    cfg = load_config(None, {**BASE_SETTINGS, **overrides})
     return cfg, open_session(cfg, progress=False)
 
 
@@ -44,28 +48,33 @@ def test_embedded_model_loads_from_the_cache_quickly():
     assert sum(p.numel() for p in session.loaded.model.parameters()) == 134_515_008
 
 
-def test_lora_lowers_validation_loss():
-    cfg, session = session_for({"data.train_size": "48", "data.train_eval_size": "0", "data.eval_size": "24",
-                                "train.batch_size": "8", "lora.lr": "2e-3"})
-    splits = load_data(cfg.data, seed=0)
-    tok = session.loaded.tokenizer
-    before, _ = mean_loss(untouched(session.loaded.model), tok, splits.eval, cfg.data, 8, session.device, session.dtype)
-    adapted, stats = train_briefly(session, "lora", splits)
-    after, _ = mean_loss(adapted, tok, splits.eval, cfg.data, 8, session.device, session.dtype)
-    assert stats["steps"] == 6
-    assert after < before - 0.05, (before, after)
+LOSS_SETTINGS = {"data.train_size": "48", "data.train_eval_size": "0", "data.eval_size": "24", "train.batch_size": "8",
+                 "data.max_length": "128"}
 
 
-@pytest.mark.parametrize("method, overrides", [("lora", {"lora.variant": "dora"}), ("ia3", {})])
-def test_dora_and_ia3_lower_validation_loss(method, overrides):
-    """DoRA and IA3 at their default learning rates: six steps on 48 XSum pairs lower the loss on 24 others."""
-    cfg, session = session_for({"data.train_size": "48", "data.train_eval_size": "0", "data.eval_size": "24",
-                                "train.batch_size": "8", **overrides})
+@pytest.fixture(scope="module")
+def xsum_loss_before():
+    """(cfg, session, splits, the untouched model's validation loss) at LOSS_SETTINGS, shared by the methods' tests:
+    one model load and one 'before' for all of them. 128 tokens (an XSum document's first ~70 and its summary) keep
+    six steps quick; every method below still lowers the loss by 2.4x the margin or more (measured: LoRA 0.26, DoRA
+    0.12, IA3 0.26, prefix 0.14 on the Zen 4 in bf16)."""
+    cfg, session = session_for(LOSS_SETTINGS)
     splits = load_data(cfg.data, seed=0)
-    tok = session.loaded.tokenizer
-    before, _ = mean_loss(untouched(session.loaded.model), tok, splits.eval, cfg.data, 8, session.device, session.dtype)
-    adapted, stats = train_briefly(session, method, splits)
-    after, _ = mean_loss(adapted, tok, splits.eval, cfg.data, 8, session.device, session.dtype)
+    before, _ = mean_loss(untouched(session.loaded.model), session.tokenizer, splits.eval, cfg.data, 8,
+                          session.device, session.dtype)
+    return cfg, session, splits, before
+
+
+@pytest.mark.parametrize("method, overrides", [("lora", {"lora.lr": "2e-3"}), ("lora", {"lora.variant": "dora"}),
+                                               ("ia3", {}), ("prefix", {})], ids=["lora", "dora", "ia3", "prefix"])
+def test_methods_lower_the_validation_loss(method, overrides, xsum_loss_before):
+    """Six steps on 48 XSum pairs lower the loss on 24 others: LoRA (at a higher learning rate), and DoRA, IA3 and
+    prefix tuning at their defaults."""
+    cfg, session, splits, before = xsum_loss_before
+    method_session = dataclasses.replace(session, cfg=load_config(None, {**BASE_SETTINGS, **LOSS_SETTINGS,
+                                                                         **overrides}))
+    adapted, stats = train_briefly(method_session, method, splits)
+    after, _ = mean_loss(adapted, session.tokenizer, splits.eval, cfg.data, 8, session.device, session.dtype)
     assert stats["steps"] == 6
     assert after < before - 0.05, (before, after)
 
