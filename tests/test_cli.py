@@ -124,6 +124,22 @@ def test_user_errors_are_one_line_with_exit_code_2(args, message, tiny_data, tin
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", [["compare"], ["train", "--method", "lora"], ["sweep", "--vary", "lora.rank=1,2"],
+                                     ["scale", "--models", "a,b"]])
+def test_an_unusable_out_folder_is_refused_before_torch_is_imported(command, tiny_data, tmp_path):
+    """Importing torch and transformers takes seconds: a refusal a user can cause comes before them."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = ("import sys; from peftsum.cli import main; code = main(sys.argv[1:]); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code, *command, "--data", str(tiny_data),
+                             "--out", str(blocker / "run")], capture_output=True, text=True,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"peftsum: error: --out {blocker / 'run'}: {blocker} is a file, not a folder"
+    assert result.stdout.strip() == "no torch"
+
+
 def test_bad_flag_exits_2():
     result = subprocess.run([sys.executable, "-m", "peftsum", "compare", "--no-such-flag"], capture_output=True,
                             text=True)

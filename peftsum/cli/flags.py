@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from ..config import flag_names
 from ..errors import UserError
@@ -73,6 +74,19 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--adapter", metavar="DIR",
                         help="an adapter folder (adapter_config.json + adapter_model.safetensors) made by peft or "
                              "peftsum; base model: --model, else the adapter's base_model_name_or_path")
+
+
+def check_out(folder: Path) -> None:
+    """Refuse an --out folder that cannot be created or written, before torch is imported: the imports take seconds a
+    refusal should not cost (lock.holding checks it again, when the folder is taken)."""
+    from .. import distributed
+    from ..files import check_writable
+
+    try:
+        check_writable(folder, "--out")
+    except UserError as exc:  # the same on every rank: rank 0 says it
+        exc.from_main = distributed.launch_rank() != 0
+        raise
 
 
 def launch(cfg, fsdp_flag: bool = False) -> bool:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..config import METHODS, config_from_args
-from .flags import add_config_flags, add_run_flags, launch
+from .flags import add_config_flags, add_run_flags, check_out, launch
 
 
 def add_compare(parser) -> None:
@@ -18,6 +18,8 @@ def add_compare(parser) -> None:
 
 def compare(args) -> int:
     cfg = config_from_args(args)  # before torch is imported: a bad setting is refused at once
+    if not args.dry_run:
+        check_out(Path(cfg.out))
     from .. import lock, runs
     from ..compare import compare, plan
     from ..session import open_session
@@ -53,6 +55,7 @@ def train(args) -> int:
     cfg = config_from_args(args)
     cfg.methods = [args.method]
     folder = Path(cfg.out) if "out" in vars(args) else Path(cfg.out) / args.method
+    check_out(folder)
     # Before the model loads: bad data is refused at once.
     splits = load_data(cfg.data, seed=cfg.train.seed, validation_size=cfg.train.validation_size)
 
@@ -122,6 +125,7 @@ def add_sweep(parser) -> None:
 
 def sweep(args) -> int:
     cfg = config_from_args(args)  # before torch is imported: a bad setting is refused at once
+    check_out(Path(cfg.out))
     from .. import lock
     from ..sweep import parse_varies, run_sweep, sweep_table
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..config import config_from_args
 from ..errors import UserError
-from .flags import add_config_flags, launch
+from .flags import add_config_flags, check_out, launch
 
 DESCRIPTION = ("Run one comparison (methods, data, budget, seeds: every setting but the model) for each model given "
                "in --models, into <out>/<model>/, and chart each method's eval ROUGE-1 and loss and the "
@@ -26,6 +26,7 @@ def scale(args) -> int:
     if "model.name" in vars(args):
         raise UserError("scale takes its models from --models; leave out --model")
     cfg = config_from_args(args)  # before torch is imported: a bad setting is refused at once
+    check_out(Path(cfg.out))
     from .. import lock, runs
     from ..scale import parse_models, run_scale, scale_table
 

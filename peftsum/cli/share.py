@@ -32,7 +32,8 @@ def report(args) -> int:
 def add_push(parser) -> None:
     parser.add_argument("--run", required=True, metavar="DIR",
                         help="a trained method folder (adapter or fine-tuned weights) or an export (export --merged)")
-    parser.add_argument("--repo", required=True, metavar="ID", help="the hub model repository, e.g. me/smollm2-xsum-lora")
+    parser.add_argument("--repo", required=True, metavar="ID",
+                        help="the hub model repository, e.g. me/smollm2-xsum-lora")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
 
 
