@@ -262,7 +262,7 @@ def with_seeds(results: dict, name: str, runs: list[dict]) -> dict:
 
 def test_seed_summary_matches_numpy():
     losses, r1 = [2.0, 2.3, 2.9], [30.0, 27.5, 31.25]
-    runs = [_seed_run(s, l, r) for s, l, r in zip((7, 8, 9), losses, r1)]
+    runs = [_seed_run(s, loss, r) for s, loss, r in zip((7, 8, 9), losses, r1)]
     summary = seed_summary(runs)
     assert summary["n"] == 3 and summary["train"] is None
     assert summary["eval"]["loss"]["mean"] == pytest.approx(np.mean(losses))
@@ -276,7 +276,7 @@ def test_seed_summary_matches_numpy():
 
 def test_seeds_in_tables_and_paired_test_uses_seed_means():
     losses, r1 = [2.0, 2.3, 2.9], [30.0, 27.5, 31.25]
-    runs = [_seed_run(s, l, r) for s, l, r in zip((7, 8, 9), losses, r1)]
+    runs = [_seed_run(s, loss, r) for s, loss, r in zip((7, 8, 9), losses, r1)]
     md = report_of(with_seeds(make_results(), "lora", runs))
     mean, std = np.mean(r1), np.std(r1, ddof=1)
     assert "### lora (3 seeds)" in md and "seeds 7–9" in md and "- **Seeds**: 7–9;" in md
