@@ -192,7 +192,13 @@ def _hf_generate(model, tokenizer, embeds, mask, stop_ids: tuple[int, ...], pref
                               **settings)
 
 
-PREFILL_ROWS = 16
+# Prompt positions per prefill part (rows x padded length). Products of ~2k rows still run at the matmul peak, and
+# their activations stay small enough to be reused rather than mapped fresh from the OS and page-faulted in at every
+# use (a whole batch of 64 prompts makes ~40 MB a tensor). 64 XSum prompts of 191 tokens, three runs each, the 2-core
+# Zen 4: fp32 18.3-19.7 s in parts of 16 rows, 17.4-18.0 s in parts of 8, 18.2-19.1 s in parts of 4; bf16 11.5-11.8,
+# 10.9-11.6, 11.4-13.0 s. 30 CNN/DailyMail prompts of 447 tokens, bf16: 13.9-15.0 s at 16 rows, 13.3-14.5 at 8,
+# 13.3-14.2 at 4, 14.8-15.5 at 2.
+PREFILL_TOKENS = 2048
 
 
 class ReservedLayer(DynamicLayer):
@@ -265,10 +271,11 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
     rows = embeds.shape[0]
     stops = torch.tensor(sorted(set(stop_ids)), device=embeds.device)
     position_ids = positions(mask)[:, -embeds.shape[1]:]
-    # The prompts go through the model PREFILL_ROWS at a time: a whole batch of 64 makes activations of ~40 MB, which
-    # the C allocator maps fresh from the OS (and page-faults in) at every use; decoding then runs on all rows at once.
+    # The prompts go through the model in parts of about PREFILL_TOKENS positions; decoding then runs on all rows at
+    # once.
     reservable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers or [None])
-    chunk = PREFILL_ROWS if reservable else rows  # other cache layouts (sliding windows...): transformers' own cache
+    # Other cache layouts (sliding windows...) stay in transformers' own cache, one part.
+    chunk = max(1, PREFILL_TOKENS // embeds.shape[1]) if reservable else rows
     lean = decoder if reservable else None  # decode.py writes into ReservedLayer caches only
     caches, logits = [], []
     # A layer's first update reserves room for what follows it: the new tokens, and the prompt after a prefix.

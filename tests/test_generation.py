@@ -33,9 +33,10 @@ def hf_tokens(model, embeds, mask, eos: int | list[int], **settings) -> list[lis
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3"])
 @pytest.mark.parametrize("settings", [{}, {"no_repeat_ngram_size": 2}, {"repetition_penalty": 1.3}])
-@pytest.mark.parametrize("prefill_rows", [16, 4])  # the whole batch at once, or in parts joined in one cache
-def test_greedy_equals_generate(kind, settings, prefill_rows, tokenizer, monkeypatch):
-    monkeypatch.setattr("peftsum.forward.PREFILL_ROWS", prefill_rows)
+# The whole batch at once, or in parts joined in one cache (prompts of a few positions: one row a part).
+@pytest.mark.parametrize("prefill_tokens", [10**6, 1])
+def test_greedy_equals_generate(kind, settings, prefill_tokens, tokenizer, monkeypatch):
+    monkeypatch.setattr("peftsum.forward.PREFILL_TOKENS", prefill_tokens)
     model = tiny_model(kind, tokenizer)
     with torch.no_grad():  # a random model's logits are near-uniform: sharpen them, so float noise cannot flip a tie
         model.get_output_embeddings().weight.mul_(20)
@@ -111,13 +112,13 @@ def _sharpened(kind: str, tokenizer):
 
 
 @pytest.mark.parametrize("settings", [{}, {"no_repeat_ngram_size": 2}])
-@pytest.mark.parametrize("prefill_rows", [16, 4])
-def test_the_lean_decoding_step_makes_the_same_tokens_as_generate(settings, prefill_rows, tokenizer, monkeypatch):
+@pytest.mark.parametrize("prefill_tokens", [10**6, 1])
+def test_the_lean_decoding_step_makes_the_same_tokens_as_generate(settings, prefill_tokens, tokenizer, monkeypatch):
     """decode.py's step in place of the model's forward: rows of different lengths (left padding in the mask), rows
     leaving the batch at EOS, the cache filled in parts."""
     from peftsum.decode import LeanDecoder
 
-    monkeypatch.setattr("peftsum.forward.PREFILL_ROWS", prefill_rows)
+    monkeypatch.setattr("peftsum.forward.PREFILL_TOKENS", prefill_tokens)
     model = _sharpened("llama", tokenizer)
     batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts(2)], pad_id=0)
     embeds, mask = model.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"]
