@@ -197,8 +197,9 @@ def _hf_generate(model, tokenizer, embeds, mask, stop_ids: tuple[int, ...], pref
 # use (a whole batch of 64 prompts makes ~40 MB a tensor). 64 XSum prompts of 191 tokens, three runs each, the 2-core
 # Zen 4: fp32 18.3-19.7 s in parts of 16 rows, 17.4-18.0 s in parts of 8, 18.2-19.1 s in parts of 4; bf16 11.5-11.8,
 # 10.9-11.6, 11.4-13.0 s. 30 CNN/DailyMail prompts of 447 tokens, bf16: 13.9-15.0 s at 16 rows, 13.3-14.5 at 8,
-# 13.3-14.2 at 4, 14.8-15.5 at 2.
+# 13.3-14.2 at 4, 14.8-15.5 at 2. End to end at 2048 (fp32, batch 64): prefill 19.5-20.0 -> 16.5-17.3 s.
 PREFILL_TOKENS = 2048
+PREFILL_ROWS = 16  # on a GPU (its caching allocator reuses memory, and larger products fill it better): as before
 
 
 class ReservedLayer(DynamicLayer):
@@ -271,11 +272,12 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
     rows = embeds.shape[0]
     stops = torch.tensor(sorted(set(stop_ids)), device=embeds.device)
     position_ids = positions(mask)[:, -embeds.shape[1]:]
-    # The prompts go through the model in parts of about PREFILL_TOKENS positions; decoding then runs on all rows at
-    # once.
+    # The prompts go through the model in parts (of about PREFILL_TOKENS positions on a CPU); decoding then runs on
+    # all rows at once.
     reservable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers or [None])
     # Other cache layouts (sliding windows...) stay in transformers' own cache, one part.
-    chunk = max(1, PREFILL_TOKENS // embeds.shape[1]) if reservable else rows
+    on_cpu = embeds.device.type == "cpu"
+    chunk = (max(1, PREFILL_TOKENS // embeds.shape[1]) if on_cpu else PREFILL_ROWS) if reservable else rows
     lean = decoder if reservable else None  # decode.py writes into ReservedLayer caches only
     caches, logits = [], []
     # A layer's first update reserves room for what follows it: the new tokens, and the prompt after a prefix.

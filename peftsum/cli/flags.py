@@ -78,15 +78,13 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
 
 def check_out(folder: Path) -> None:
     """Refuse an --out folder that cannot be created or written, before torch is imported: the imports take seconds a
-    refusal should not cost (lock.holding checks it again, when the folder is taken)."""
+    refusal should not cost (lock.holding checks it again, when the folder is taken). Launched as several processes,
+    rank 0 alone probes the folder, as it alone writes there; its launcher then stops the others."""
     from .. import distributed
     from ..files import check_writable
 
-    try:
+    if distributed.launch_rank() == 0:
         check_writable(folder, "--out")
-    except UserError as exc:  # the same on every rank: rank 0 says it
-        exc.from_main = distributed.launch_rank() != 0
-        raise
 
 
 def launch(cfg, fsdp_flag: bool = False) -> bool:
