@@ -275,9 +275,12 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
     # The prompts go through the model in parts (of about PREFILL_TOKENS positions on a CPU); decoding then runs on
     # all rows at once.
     reservable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers or [None])
-    # Other cache layouts (sliding windows...) stay in transformers' own cache, one part.
-    on_cpu = embeds.device.type == "cpu"
-    chunk = (max(1, PREFILL_TOKENS // embeds.shape[1]) if on_cpu else PREFILL_ROWS) if reservable else rows
+    if not reservable:  # other cache layouts (sliding windows...): transformers' own cache, one part
+        chunk = rows
+    elif embeds.device.type == "cpu":
+        chunk = max(1, PREFILL_TOKENS // embeds.shape[1])
+    else:
+        chunk = PREFILL_ROWS
     lean = decoder if reservable else None  # decode.py writes into ReservedLayer caches only
     caches, logits = [], []
     # A layer's first update reserves room for what follows it: the new tokens, and the prompt after a prefix.

@@ -21,8 +21,12 @@ BASE_SETTINGS = {"data.source": str(SHARED_DATA / "xsum"), "data.max_length": "2
                  "eval.max_new_tokens": "48", "eval.bootstrap_samples": "200"}
 
 
+def config_for(overrides):
+    return load_config(None, {**BASE_SETTINGS, **overrides})
+
+
 def session_for(overrides):
-    cfg = load_config(None, {**BASE_SETTINGS, **overrides})
+    cfg = config_for(overrides)
     return cfg, open_session(cfg, progress=False)
 
 
@@ -71,8 +75,7 @@ def test_methods_lower_the_validation_loss(method, overrides, xsum_loss_before):
     """Six steps on 48 XSum pairs lower the loss on 24 others: LoRA (at a higher learning rate), and DoRA, IA3 and
     prefix tuning at their defaults."""
     cfg, session, splits, before = xsum_loss_before
-    method_session = dataclasses.replace(session, cfg=load_config(None, {**BASE_SETTINGS, **LOSS_SETTINGS,
-                                                                         **overrides}))
+    method_session = dataclasses.replace(session, cfg=config_for({**LOSS_SETTINGS, **overrides}))
     adapted, stats = train_briefly(method_session, method, splits)
     after, _ = mean_loss(adapted, session.tokenizer, splits.eval, cfg.data, 8, session.device, session.dtype)
     assert stats["steps"] == 6
