@@ -169,7 +169,8 @@ class EvalConfig:
     no_repeat_ngram_size: int = 3  # greedy decoding of small models loops without it
     repetition_penalty: float = 1.0
     bootstrap_samples: int = 1000  # resamples for the 95% ROUGE intervals
-    # int8: the frozen linear layers generate with dynamic int8 matmuls (CPU only; the report says so); none: as trained.
+    # int8: generation multiplies by int8 weights, the activations quantized per token (quantized.py; CPU only; the
+    # report says so); none: in the training precision.
     quantize: str = "none"
     before: bool = True  # score the baselines (below) before training; false skips them all
     # What every method is measured against (baselines.py): zero-shot (the untouched model in the run's format, and
@@ -508,11 +509,6 @@ def validate(cfg: RunConfig) -> None:
     _check(e.repetition_penalty > 0, f"eval.repetition_penalty must be > 0, got {e.repetition_penalty}")
     _check(e.bootstrap_samples >= 0, f"eval.bootstrap_samples must be >= 0, got {e.bootstrap_samples}")
     _check(e.quantize in ("none", "int8"), f"eval.quantize must be none or int8, got {e.quantize!r}")
-    # Measured (BENCHMARKS.md, 2-core Zen 4): dynamic int8 matmuls, one activation scale per call, cost the embedded
-    # model 6 ROUGE-1 points (14.6 -> 8.5 on 64 XSum documents; 8.8 with the LM head left in bf16): the summaries
-    # loop. The path (quantized.py) stays for benchmarks/bench.py until per-token activation scales make it usable.
-    _check(e.quantize != "int8", "eval.quantize int8 is not yet usable: it cost the embedded model 6 ROUGE-1 points "
-                                 "(BENCHMARKS.md); set --eval.quantize none")
     for b in e.baselines:
         _check(b in BASELINES, f"unknown baseline {b!r} in eval.baselines; choose from {', '.join(BASELINES)}")
     _check(len(set(e.baselines)) == len(e.baselines), f"eval.baselines lists a baseline twice: {e.baselines}")

@@ -34,6 +34,7 @@ from transformers.models.llama import modeling_llama as llama
 
 from .fused import GATE_UP, QKV
 from .methods.prefix import kv_layout
+from .quantized import int8_product, int8_weight
 
 
 def _plain(module: nn.Module) -> bool:
@@ -65,9 +66,11 @@ def _covered(model: nn.Module) -> bool:
     return True
 
 
-def _packer(device: torch.device, dtype: torch.dtype, rows: int):
-    """(pack, product): re-lay a weight for oneDNN's matmul and multiply by it, where this build can; else the
-    weight as it is and F.linear."""
+def _packer(device: torch.device, dtype: torch.dtype, rows: int, int8: bool = False):
+    """(pack, product): int8 weights and their per-token product (quantized.py) for `int8`; else re-lay a weight
+    for oneDNN's matmul and multiply by it, where this build can; else the weight as it is and F.linear."""
+    if int8:
+        return int8_weight, int8_product
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
         try:
             probe = torch.ones(rows, 8, dtype=dtype)
@@ -86,9 +89,11 @@ class LeanDecoder:
     next-token logits (fp32) after the prompts and after each decoding step, writing keys and values into `cache`
     (a ReservedLayer cache, one layer per block)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, rows: int):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, rows: int, int8: bool = False):
         device = model.get_input_embeddings().weight.device
-        pack, self.product = _packer(device, dtype, rows)
+        pack, self.product = _packer(device, dtype, rows, int8)
+        # A weight in the compute dtype, contiguous; int8 quantizes from the stored weight (one rounding, not two).
+        cast = (lambda w: w) if int8 else (lambda w: w.to(dtype).contiguous())
         self.model, self.dtype = model, dtype
         config = model.config
         _, kv_heads, head_dim = kv_layout(config)
@@ -99,24 +104,24 @@ class LeanDecoder:
                 attn, mlp = block.self_attn, block.mlp
                 self.blocks.append((
                     block.input_layernorm,
-                    pack(torch.cat([getattr(attn, n).weight for n in QKV]).to(dtype)),
-                    pack(attn.o_proj.weight.to(dtype).contiguous()),
+                    pack(cast(torch.cat([getattr(attn, n).weight for n in QKV]))),
+                    pack(cast(attn.o_proj.weight)),
                     block.post_attention_layernorm,
-                    pack(torch.cat([getattr(mlp, n).weight for n in GATE_UP]).to(dtype)),
-                    pack(mlp.down_proj.weight.to(dtype).contiguous()),
+                    pack(cast(torch.cat([getattr(mlp, n).weight for n in GATE_UP]))),
+                    pack(cast(mlp.down_proj.weight)),
                     attn.scaling,
                 ))
-            self.head = pack(model.get_output_embeddings().weight.to(dtype).contiguous())
+            self.head = pack(cast(model.get_output_embeddings().weight))
 
     @classmethod
-    def build(cls, model: nn.Module, dtype: torch.dtype, rows: int) -> "LeanDecoder | None":
+    def build(cls, model: nn.Module, dtype: torch.dtype, rows: int, int8: bool = False) -> "LeanDecoder | None":
         """The decoder for `model` (as it is now: LoRA merged, say) computing in `dtype` (autocast's, or fp32 for
-        none), or None where it would not be exact."""
+        none), its products int8 for `int8` (eval.quantize), or None where it would not be exact."""
         if not _covered(model):
             return None
         if dtype == torch.float32 and any(p.dtype != dtype for p in model.parameters()):
             return None  # without autocast, each product runs in its weight's dtype: not one dtype for all
-        return cls(model, dtype, rows)
+        return cls(model, dtype, rows, int8)
 
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:

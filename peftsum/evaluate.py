@@ -26,7 +26,7 @@ from .forward import autocast, collate, generate_batch, summary_loss
 from .methods import Adapted
 from .metrics import ROUGE_KEYS, bootstrap_interval, rouge_intervals, rouge_per_document
 from .prompts import prompt_format
-from .quantized import int8_linears
+from .quantized import check_int8, int8_linears
 
 
 def _by_length(items: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -75,19 +75,24 @@ def generate_from(adapted: Adapted, tokenizer, prompts: list[list[int]], eval_cf
     made: list[tuple[int, str]] = []
     batches = _by_length(prompts, batch_size or eval_cfg.batch_size)
     adapted.model.eval()
-    int8 = int8_linears(adapted.model, device) if eval_cfg.quantize == "int8" else contextlib.nullcontext()
-    with adapted.for_generation(), int8, autocast(device, dtype):  # int8 after LoRA is merged
-        # Built for the model as it generates (LoRA merged, int8 in place); None where decode.py does not cover it.
+    int8 = eval_cfg.quantize == "int8"
+    if int8:
+        check_int8(device)
+    with adapted.for_generation(), autocast(device, dtype):
+        # Built for the model as it generates (LoRA merged); None where decode.py does not cover it, and then int8
+        # goes in as modules in place of the model's linear layers.
         rows = batch_size or eval_cfg.batch_size
-        decoder = LeanDecoder.build(adapted.model, dtype, rows) if eval_cfg.num_beams == 1 else None
-        for batch_indices in tqdm([batches[i] for i in distributed.shard(batches)], desc=desc,
-                                  disable=not progress or not distributed.is_main(), dynamic_ncols=True):
-            texts = generate_batch(adapted, tokenizer, [prompts[i] for i in batch_indices],
-                                   max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams,
-                                   no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size,
-                                   repetition_penalty=eval_cfg.repetition_penalty, stop_ids=stop_ids,
-                                   decoder=decoder)
-            made.extend(zip(batch_indices, texts))
+        decoder = LeanDecoder.build(adapted.model, dtype, rows, int8) if eval_cfg.num_beams == 1 else None
+        swapped = int8_linears(adapted.model, device) if int8 and decoder is None else contextlib.nullcontext()
+        with swapped:
+            for batch_indices in tqdm([batches[i] for i in distributed.shard(batches)], desc=desc,
+                                      disable=not progress or not distributed.is_main(), dynamic_ncols=True):
+                texts = generate_batch(adapted, tokenizer, [prompts[i] for i in batch_indices],
+                                       max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams,
+                                       no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size,
+                                       repetition_penalty=eval_cfg.repetition_penalty, stop_ids=stop_ids,
+                                       decoder=decoder)
+                made.extend(zip(batch_indices, texts))
     made = distributed.gather_objects(made)
     if sorted(i for i, _ in made) != list(range(len(prompts))):  # a bug, not a user error: never write such a file
         raise RuntimeError(f"generation covered {len(made)} summaries for {len(prompts)} documents")

@@ -363,7 +363,7 @@ def _speed(results: dict) -> str:
     compiled = [n for n, c in known.items() if c]
     training = (f"compiled blocks for {', '.join(compiled)}" if compiled else "plain blocks") if known else DASH
     int8 = results["config"]["eval"].get("quantize") == "int8"
-    generation = ("int8 dynamic matmuls for the linear layers (eval.quantize int8)" if int8
+    generation = ("int8 matmuls for the linear layers, activations quantized per token (eval.quantize int8)" if int8
                   else "in the training precision")
     setting = results["config"]["train"].get("compile")
     return f"- **Speed settings**: training with {training} (train.compile {setting}); generation {generation}"

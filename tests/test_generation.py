@@ -58,13 +58,16 @@ def test_greedy_equals_generate(kind, settings, prefill_tokens, tokenizer, monke
     assert min(lengths) < MAX_NEW and max(lengths) == MAX_NEW  # some rows did end early, others did not
 
 
-def test_int8_linears_stand_in_for_every_linear_and_go_away(tokenizer):
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_int8_linears_stand_in_for_every_linear_and_go_away(kind, tokenizer):
     from torch import nn
+    from transformers.pytorch_utils import Conv1D
 
     from peftsum.quantized import Int8Linear, int8_linears
 
-    model = tiny_model("llama", tokenizer)
-    layers = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    model = tiny_model(kind, tokenizer)
+    layers = {name: m for name, m in model.named_modules() if type(m) in (nn.Linear, Conv1D)}
+    assert len(layers) > 1  # GPT-2's blocks are Conv1D: they count too, not only its LM head
     x = torch.randint(2, 250, (2, 9))
     with torch.no_grad():
         plain = model(input_ids=x).logits
@@ -74,6 +77,26 @@ def test_int8_linears_stand_in_for_every_linear_and_go_away(tokenizer):
     assert all(model.get_submodule(name) is module for name, module in layers.items())
     error = float((quantized - plain).abs().max() / plain.abs().max())
     assert 0 < error < 0.05  # int8 rounding: close, not equal
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_product_scales_each_row_on_its_own(dtype):
+    """One activation scale per row (per token): a row's product is the same to the bit alone or beside an outlier
+    row a thousand times larger, and within int8 rounding of the float product."""
+    from peftsum.quantized import int8_product, int8_weight
+
+    torch.manual_seed(0)
+    weight = int8_weight(torch.randn(24, 40))
+    x = torch.randn(2, 3, 40).to(dtype)
+    x[1, 0] *= 1000  # a token with a huge activation
+    got = int8_product(x, weight)
+    assert got.shape == (2, 3, 24) and got.dtype == dtype
+    for i in range(2):
+        for j in range(3):
+            assert torch.equal(got[i, j], int8_product(x[i, j][None], weight)[0])
+    exact = x.float() @ (weight.values.float() * weight.scales[:, None]).T
+    error = (got.float() - exact).abs().amax(-1) / exact.abs().amax(-1)
+    assert float(error.max()) < 0.03
 
 
 def test_int8_is_for_the_cpu(tokenizer):
@@ -131,6 +154,24 @@ def test_the_lean_decoding_step_makes_the_same_tokens_as_generate(settings, pref
         got = greedy(model, embeds, mask, max_new_tokens=MAX_NEW, stop_ids={eos}, decoder=decoder, **settings)
     assert got == expected
     assert min(len(row) for row in got) < MAX_NEW  # some rows left the batch early
+
+
+def test_the_lean_int8_path_makes_the_tokens_of_the_models_int8_linears(tokenizer):
+    """eval.quantize int8 through decode.py (the joined q/k/v and gate/up weights quantized once) and through the
+    model's forward with every linear layer swapped (the path of models decode.py does not cover): per-row weight
+    scales and per-token activation scales make the same integer products either way, so the same tokens."""
+    from peftsum.decode import LeanDecoder
+    from peftsum.quantized import int8_linears
+
+    model = _sharpened("llama", tokenizer)
+    batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts(2)], pad_id=0)
+    embeds, mask = model.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"]
+    decoder = LeanDecoder.build(model, torch.float32, rows=len(embeds), int8=True)
+    with torch.no_grad():
+        lean = greedy(model, embeds, mask, max_new_tokens=MAX_NEW, stop_ids={1}, decoder=decoder)
+        with int8_linears(model, torch.device("cpu")):
+            swapped = greedy(model, embeds, mask, max_new_tokens=MAX_NEW, stop_ids={1})
+    assert lean == swapped and all(lean)
 
 
 def _prompt_batch(padded: bool):
@@ -291,3 +332,30 @@ def test_evaluation_generates_the_same_summaries_with_the_lean_step(method, toke
     monkeypatch.setattr(peftsum.decode.LeanDecoder, "build", classmethod(lambda cls, *a: None))
     assert built and built[0] is not None
     assert any(lean) and lean == generate_from(*args)
+
+
+@pytest.mark.parametrize("kind, lean", [("llama", True), ("gpt2", False)])
+def test_evaluation_generates_with_int8_products_where_asked(kind, lean, tokenizer, monkeypatch):
+    """eval.quantize int8: generate_from multiplies in int8 through decode.py where it covers the model, else
+    through the model with its linear layers swapped, which it gets back afterwards."""
+    import peftsum.decode
+    from peftsum.config import RunConfig
+    from peftsum.evaluate import generate_from
+    from peftsum.methods import untouched
+
+    cfg = RunConfig()
+    cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.quantize = 4, 4, "int8"
+    model = _sharpened(kind, tokenizer)
+    adapted = untouched(model, torch.float32)
+    layers = dict(model.named_modules())
+    built, products = [], []
+    real_build, real_int_mm = peftsum.decode.LeanDecoder.build.__func__, torch._int_mm
+    monkeypatch.setattr(peftsum.decode.LeanDecoder, "build",
+                        classmethod(lambda cls, *a: built.append((real_build(cls, *a), a[-1])) or built[-1][0]))
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: products.append(1) or real_int_mm(*a))
+    encoded = [tokenizer(tokenizer.decode(p))["input_ids"] for p in prompts(5)]
+    texts = generate_from(adapted, tokenizer, encoded, cfg.eval, (tokenizer.eos_token_id,), torch.device("cpu"),
+                          torch.float32)
+    assert len(texts) == len(encoded) and products
+    assert built == [(built[0][0], True)] and (built[0][0] is not None) == lean
+    assert dict(model.named_modules()) == layers  # every layer back in place

@@ -381,3 +381,11 @@ def test_old_results_get_their_single_baseline():
     assert results["baselines"]["zero-shot"]["eval"] == results["baseline"]["eval"]
     assert results["config"]["data"]["format"] == "plain" and results["config"]["eval"]["baselines"] == ["zero-shot"]
     assert "- **Prompt**: plain format: template '{document}\\nTL;DR:'" in render_markdown(results)
+
+
+def test_the_configuration_says_when_generation_ran_in_int8():
+    results = make_results()
+    assert "generation in the training precision" in report_of(results)
+    results["config"]["eval"] = {"quantize": "int8"}
+    assert "generation int8 matmuls for the linear layers, activations quantized per token (eval.quantize int8)" \
+        in report_of(results)
