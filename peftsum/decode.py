@@ -33,35 +33,28 @@ from torch import nn
 from transformers.models.llama import modeling_llama as llama
 
 from .fused import GATE_UP, QKV
+from .methods import unhooked
 from .methods.prefix import kv_layout
 from .quantized import int8_product, int8_weight
 
 
-def _plain(module: nn.Module) -> bool:
-    """No hook that changes what the module computes: none, or only those of a merged LoRA or IA3, which then pass
-    the output through (their update is in the weight)."""
-    hooks = len(module._forward_hooks) + len(module._forward_pre_hooks)
-    adapters = [a for a in (getattr(module, "lora", None), getattr(module, "ia3", None)) if a is not None]
-    return hooks == 0 or (hooks == len(adapters) and all(getattr(a, "merged", False) for a in adapters))
-
-
 def _covered(model: nn.Module) -> bool:
     """Whether the lean step computes exactly what the model's forward does."""
-    if type(model) is not llama.LlamaForCausalLM or not _plain(model) or not _plain(model.model):
+    if type(model) is not llama.LlamaForCausalLM or not unhooked(model) or not unhooked(model.model):
         return False
     config = model.config
     if config.hidden_act != "silu" or getattr(config, "final_logit_softcapping", None):
         return False
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear or head.bias is not None or not _plain(head):
+    if type(head) is not nn.Linear or head.bias is not None or not unhooked(head):
         return False
     for block in model.model.layers:
         parts = [block, block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm]
-        if type(block) is not llama.LlamaDecoderLayer or not all(_plain(p) for p in parts):
+        if type(block) is not llama.LlamaDecoderLayer or not all(unhooked(p) for p in parts):
             return False
         linears = ([getattr(block.self_attn, n) for n in (*QKV, "o_proj")]
                    + [getattr(block.mlp, n) for n in (*GATE_UP, "down_proj")])
-        if any(type(m) is not nn.Linear or m.bias is not None or not _plain(m) for m in linears):
+        if any(type(m) is not nn.Linear or m.bias is not None or not unhooked(m) for m in linears):
             return False
     return True
 

@@ -79,6 +79,18 @@ def test_int8_linears_stand_in_for_every_linear_and_go_away(kind, tokenizer):
     assert 0 < error < 0.05  # int8 rounding: close, not equal
 
 
+def test_int8_linears_refuse_a_layer_whose_hook_changes_its_output(tokenizer):
+    from peftsum.quantized import int8_linears
+
+    model = tiny_model("llama", tokenizer)
+    layers = dict(model.named_modules())
+    model.model.layers[1].mlp.up_proj.register_forward_hook(lambda module, args, output: output * 2)
+    with pytest.raises(RuntimeError, match="int8 would drop what a hook on up_proj computes"):
+        with int8_linears(model, torch.device("cpu")):
+            pass
+    assert dict(model.named_modules()) == layers  # nothing swapped
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_product_scales_each_row_on_its_own(dtype):
     """One activation scale per row (per token): a row's product is the same to the bit alone or beside an outlier

@@ -156,6 +156,14 @@ def check_decoder_only(adapter_config: dict, where: Path) -> None:
                         f"peftsum supports 1 (causal LMs)")
 
 
+def unhooked(module: nn.Module) -> bool:
+    """Whether the module computes what its own forward does, no hook changing it: it has none, or only those of a
+    merged LoRA or IA3, which then pass the output through (their update is in the weight)."""
+    hooks = len(module._forward_hooks) + len(module._forward_pre_hooks)
+    adapters = [a for a in (getattr(module, "lora", None), getattr(module, "ia3", None)) if a is not None]
+    return hooks == 0 or (hooks == len(adapters) and all(getattr(a, "merged", False) for a in adapters))
+
+
 class Untouched(Method):
     """The base model as it is: the 'before training' reference every method is measured against."""
 
