@@ -20,9 +20,10 @@ step without padding transformers drops the mask and calls SDPA's GQA kernel ins
 query), which rounds differently in bf16: logits of SmolLM2 then differ by up to ~0.4 and a near-tie can go the
 other way (the demo's untouched ROUGE-1 37.9 vs 37.4, within its interval).
 
-The copies it makes (one more of every weight, ~270 MB for SmolLM2 in bf16) live for one `generate_from` call. Any
-model it does not cover exactly (another architecture, a bias, an unmerged adapter's hook, a replaced linear such as
-int8's, logit capping) generates through its own forward.
+The copies it makes (one more of every weight, ~270 MB for SmolLM2 in bf16; int8 for `eval.quantize int8`, whose
+products are quantized.py's) live for one `generate_from` call. Any model it does not cover exactly (another
+architecture, a bias, an unmerged adapter's hook, a replaced linear layer, logit capping) generates through its own
+forward.
 """
 
 from __future__ import annotations
