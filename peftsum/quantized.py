@@ -20,9 +20,11 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .errors import UserError
 from .methods import unhooked
+from .methods.lora import linear_weight
 
 
 class Int8Weight(NamedTuple):
@@ -58,20 +60,13 @@ def check_int8(device: torch.device) -> None:
                         "--eval.quantize none")
 
 
-def _linears() -> tuple[type, ...]:
-    """The layer types swapped: nn.Linear, and GPT-2's Conv1D (a linear layer with its weight stored (in, out))."""
-    from transformers.pytorch_utils import Conv1D
-
-    return nn.Linear, Conv1D
-
-
 class Int8Linear(nn.Module):
     """A frozen linear layer (nn.Linear or Conv1D) as an int8 matmul; takes and returns the activations' own
     dtype."""
 
     def __init__(self, linear: nn.Module):
         super().__init__()
-        weight = linear.weight if type(linear) is nn.Linear else linear.weight.T  # Conv1D's is (in, out)
+        weight = linear_weight(linear)
         self.out_features, self.in_features = weight.shape
         self.quantized = int8_weight(weight)
         self.bias = None if linear.bias is None else linear.bias.detach().float()
@@ -86,9 +81,8 @@ def int8_linears(model: nn.Module, device: torch.device):
     """Within the block, every linear layer of `model` (the LM head included) is an `Int8Linear`; on exit the model
     holds its own layers again."""
     check_int8(device)
-    linears = _linears()
     swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) in linears]
+               if type(child) in (nn.Linear, Conv1D)]  # Conv1D: GPT-2's linear layers
     for _, name, child in swapped:
         if not unhooked(child):  # a bug, not a user error: what its hook adds would be left behind
             raise RuntimeError(f"int8 would drop what a hook on {name} computes (an unmerged adapter?)")
