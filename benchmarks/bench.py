@@ -13,7 +13,9 @@ batch size, max length, AdamW settings, constant learning rate and seed. Each (s
 subprocess with an empty inductor cache (so peak memory is its own, and a compile is cold, as on a new machine); the
 sides alternate, and `--repeats` runs it all again in the other order, so the ratios come with their spread. Tokens/s
 counts real tokens only. Both sides then score the same 32 validation examples with their own loss code; the losses
-must agree within 2% or the speed-up does not count. The whole run is `peftsum compare --config configs/demo.yaml`
+must agree within 2% or the speed-up does not count. peftsum trains as `train.compile auto` does for a long run on
+this hardware (compiled on a GPU and on a CPU in bf16, plain on a CPU in fp32), and once the other way, for the
+compile break-even. The whole run is `peftsum compare --config configs/demo.yaml`
 against the same comparison written as the usual loop. The measured part of BENCHMARKS.md for this machine's kind is
 rewritten; other kinds' tables stay.
 """
@@ -565,7 +567,8 @@ def spawn(side: str, what: str, method: str, args, compile: bool = True, eval_ba
     out = json.loads(lines[-1][len("RESULT "):])
     LOADS.append(os.getloadavg()[0])
     out["wall_s"] = wall
-    print(f"  {side} {what} {method}{'' if compile else ' plain'}: "
+    variant = (" compiled" if compile else " plain") if side == "peftsum" and what == "train" else ""
+    print(f"  {side} {what} {method}{variant}: "
           + ", ".join(f"{k} {v:.3g}" for k, v in out.items() if isinstance(v, float)), flush=True)
     return out
 
@@ -596,11 +599,12 @@ def training_tables(args, peak: float, repeats: list[dict]) -> str:
             f"{max(p['peak_memory_mb'] for p in peer):.0f} / {max(o['peak_memory_mb'] for o in ours):.0f} | "
             f"{statistics.median(p['first_step_s'] for p in peer):.1f} / "
             f"{statistics.median(o['first_step_s'] for o in ours):.1f} |")
-        plain = [r.get("plain") for r in runs if r.get("plain")]
-        if plain:
+        other = [r.get("plain" if args.compile else "compiled") for r in runs]
+        if all(other):
+            plain, compiled = (other, ours) if args.compile else (ours, other)
             plain_tps = statistics.median(p["tokens_per_s"] for p in plain)
-            compiled_tps = statistics.median(o["tokens_per_s"] for o in ours)
-            cost = statistics.median(o["first_step_s"] for o in ours) - statistics.median(
+            compiled_tps = statistics.median(o["tokens_per_s"] for o in compiled)
+            cost = statistics.median(o["first_step_s"] for o in compiled) - statistics.median(
                 p["first_step_s"] for p in plain)
             saving = 1 / plain_tps - 1 / compiled_tps  # seconds saved per token once compiled
             even = f"{cost / saving:,.0f}" if saving > 0 else "never"
@@ -608,7 +612,9 @@ def training_tables(args, peak: float, repeats: list[dict]) -> str:
                                 f"{compiled_tps / plain_tps:.2f}x | {cost:.0f} | {even} |")
     table = (
         f"#### Training ({len(repeats)} repeat(s) of {args.steps} steps of batch {args.batch_size}, max length "
-        f"{args.max_length}, first {args.warmup_steps} steps untimed; median, range over the repeats)\n\n"
+        f"{args.max_length}, first {args.warmup_steps} steps untimed; median, range over the repeats; peftsum "
+        f"{'compiled' if args.compile else 'plain, not compiled'}: what `train.compile auto` picks here for a long "
+        "run)\n\n"
         "| method | peer tokens/s | peftsum tokens/s | ratio | peftsum MFU | peer MFU | eval loss peer / peftsum | "
         "loss within 2% | peak memory peer / peftsum (MB) | first step peer / peftsum (s) |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
@@ -684,9 +690,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--no-generation", action="store_true")
     parser.add_argument("--no-whole-run", action="store_true")
-    parser.add_argument("--no-break-even", action="store_true", help="skip peftsum's plain (uncompiled) runs")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="peftsum with compiled blocks (what train.compile auto picks for long runs)")
+    parser.add_argument("--no-break-even", action="store_true",
+                        help="skip peftsum's runs the other way (plain where it compiles, compiled where it does not)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="peftsum with compiled blocks (default: what train.compile auto picks for a long run "
+                             "on this hardware)")
     parser.add_argument("--profile", metavar="METHOD", help="profile one peftsum training step of METHOD")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -706,6 +714,9 @@ def main() -> None:
     gpu = device.type == "cuda"
     args.steps = args.steps or (30 if gpu else 16)
     args.batch_size = args.batch_size or (64 if gpu else 8)
+    if args.compile is None:  # the default's speed: what `train.compile auto` does for a run past the break-even
+        from peftsum.compiled import should_compile
+        args.compile = should_compile("auto", device, None, dtype=dtype)
     if args.profile:
         return profile(args)
     key, title = hardware_kind(device, dtype)
@@ -719,8 +730,9 @@ def main() -> None:
         for method in args.methods.split(","):
             sides = ["peer", "peftsum"] if repeat % 2 == 0 else ["peftsum", "peer"]
             runs[method] = {side: spawn(side, "train", method, args, compile=args.compile) for side in sides}
-            if args.compile and not args.no_break_even:
-                runs[method]["plain"] = spawn("peftsum", "train", method, args, compile=False)
+            if not args.no_break_even:
+                other = "plain" if args.compile else "compiled"
+                runs[method][other] = spawn("peftsum", "train", method, args, compile=not args.compile)
         repeats.append(runs)
     text = training_tables(args, peak, repeats)
     if not args.no_generation:
