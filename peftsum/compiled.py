@@ -44,8 +44,9 @@ CPU_BREAK_EVEN_TOKENS = 110_000
 # 113-230 s on the Zen 4 for the same three methods.
 CPU_BREAK_EVEN_SECONDS = 240.0
 # In fp32 (a CPU without native bf16, or --model.precision fp32) auto does not compile on a CPU: on the Zen 4 the
-# compiled steps were 1.05x (LoRA), 1.05x (prompt) and 0.99x (head fine-tuning) the plain ones, after the same 25-53 s
-# compile; the matmuls are most of an fp32 step, and inductor does not make them faster.
+# compiled steps were 0.93-1.22x the plain ones over four bench.py runs (median ~1.0x; the latest 0.98x LoRA, 0.95x
+# prompt, 1.00x head fine-tuning), after a 25-66 s compile; the matmuls are most of an fp32 step, and inductor does
+# not make them faster.
 
 
 def has_compiler() -> bool:
