@@ -53,7 +53,7 @@ def markers(key: str) -> tuple[str, str]:
 def pick(args):
     """(device, dtype) of this run: --device / --precision, auto = the best for the hardware."""
 
-    from peftsum.models import compute_dtype, pick_device
+    from peftsum.core.models import compute_dtype, pick_device
 
     device = pick_device(args.device)
     return device, compute_dtype(args.precision, device)
@@ -63,7 +63,7 @@ def hardware_kind(device, dtype) -> tuple[str, str]:
     """(key, title) of this machine's kind: which table of BENCHMARKS.md it measures."""
     import torch
 
-    from peftsum.session import cpu_name
+    from peftsum.core.session import cpu_name
 
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
     if device.type == "cuda":
@@ -140,9 +140,9 @@ def setup(args):
     import torch
 
     from peftsum.config import load_config
-    from peftsum.data import load_data
-    from peftsum.prompts import encode_example
-    from peftsum.models import load_model
+    from peftsum.core.data import load_data
+    from peftsum.core.models import load_model
+    from peftsum.core.prompts import encode_example
 
     cfg = load_config(None, {
         "data.source": str(DATA), "data.train_size": str(args.steps * args.batch_size),
@@ -183,10 +183,10 @@ def run_peftsum(args) -> dict:
     """peftsum's training step as `train` runs it: joined/compiled blocks, the summary-only LM head, fused AdamW."""
     import torch
 
-    from peftsum.compiled import training_blocks
-    from peftsum.forward import autocast, collate, summary_loss
-    from peftsum.session import Session, fresh_adapted
-    from peftsum.train import fused_update, make_optimizer
+    from peftsum.core.forward import autocast, collate, summary_loss
+    from peftsum.core.session import Session, fresh_adapted
+    from peftsum.fast.compiled import training_blocks
+    from peftsum.training.train import fused_update, make_optimizer
 
     cfg, loaded, train, held_out, batches = setup(args)
     device, dtype = pick(args)
@@ -305,7 +305,7 @@ def run_peer(args) -> dict:
 def time_forwards(model, device) -> dict:
     """Time the model's forward calls, split into prefill (several positions) and decoding (one position); and
     peftsum's, which run outside the model's forward where decode.py covers the model."""
-    from peftsum.decode import LeanDecoder
+    from peftsum.fast.decode import LeanDecoder
 
     times = {"prefill_s": 0.0, "decode_s": 0.0}
 
@@ -349,12 +349,12 @@ def peer_generate(model, tokenizer, prompts, batch_size, max_new_tokens, no_repe
 def run_generation(args) -> dict:
     """Summaries/s of peftsum's evaluation vs the peer's batched generate, same 64 documents, same max_new_tokens."""
     from peftsum.config import load_config
-    from peftsum.data import load_data
-    from peftsum.prompts import prompt_format
-    from peftsum.evaluate import generate
+    from peftsum.core.data import load_data
+    from peftsum.core.models import load_model
+    from peftsum.core.prompts import prompt_format
+    from peftsum.evaluation.evaluate import generate
+    from peftsum.evaluation.metrics import rouge_summary
     from peftsum.methods import untouched
-    from peftsum.metrics import rouge_summary
-    from peftsum.models import load_model
 
     device, dtype = pick(args)
     overrides = {"data.source": str(DATA), "data.format": "plain", "data.train_eval_size": "0",
@@ -416,10 +416,10 @@ def run_whole_peer(args) -> dict:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from peftsum.data import load_data
-    from peftsum.metrics import rouge_summary
-    from peftsum.models import load_model
-    from peftsum.prompts import prompt_format
+    from peftsum.core.data import load_data
+    from peftsum.core.models import load_model
+    from peftsum.core.prompts import prompt_format
+    from peftsum.evaluation.metrics import rouge_summary
 
     cfg = demo_config(args)
     device, dtype = pick(args)
@@ -483,10 +483,10 @@ def profile(args) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from peftsum.compiled import training_blocks
-    from peftsum.forward import autocast, collate, summary_loss
-    from peftsum.session import Session, fresh_adapted
-    from peftsum.train import fused_update, make_optimizer
+    from peftsum.core.forward import autocast, collate, summary_loss
+    from peftsum.core.session import Session, fresh_adapted
+    from peftsum.fast.compiled import training_blocks
+    from peftsum.training.train import fused_update, make_optimizer
 
     inductor.cpp.enable_kernel_profile = True  # the fused kernels by name, not one "graph" entry
     args.method, args.steps = args.profile, max(args.steps, 4)
@@ -715,7 +715,7 @@ def main() -> None:
     args.steps = args.steps or (30 if gpu else 16)
     args.batch_size = args.batch_size or (64 if gpu else 8)
     if args.compile is None:  # the default's speed: what `train.compile auto` does for a run past the break-even
-        from peftsum.compiled import should_compile
+        from peftsum.fast.compiled import should_compile
         args.compile = should_compile("auto", device, None, dtype=dtype)
     if args.profile:
         return profile(args)

@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftsum.baselines import lead  # noqa: E402
 from peftsum.config import load_config  # noqa: E402
-from peftsum.data import load_data  # noqa: E402
-from peftsum.evaluate import evaluate, score_predictions  # noqa: E402
+from peftsum.core.data import load_data  # noqa: E402
+from peftsum.core.session import open_session  # noqa: E402
+from peftsum.evaluation.evaluate import evaluate, score_predictions  # noqa: E402
 from peftsum.methods import untouched  # noqa: E402
-from peftsum.session import open_session  # noqa: E402
+from peftsum.study.baselines import lead  # noqa: E402
 
 # data set -> (settings of its shipped config or the demo, instruction wordings, lead settings to try)
 SETS = {

@@ -22,14 +22,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftsum import adapters  # noqa: E402
-from peftsum.compare import compare  # noqa: E402
-from peftsum.runs import RUN_CONFIG  # noqa: E402
-from peftsum.session import open_session  # noqa: E402
 from peftsum.config import load_config  # noqa: E402
-from peftsum.data import load_data  # noqa: E402
-from peftsum.evaluate import evaluate  # noqa: E402
-from peftsum.methods import adapt, method_named, untouched  # noqa: E402
+from peftsum.core.data import load_data  # noqa: E402
+from peftsum.core.session import open_session  # noqa: E402
+from peftsum.evaluation.evaluate import evaluate  # noqa: E402
+from peftsum.infra.runs import RUN_CONFIG  # noqa: E402
+from peftsum.methods import (  # noqa: E402
+    adapt,
+    adapters,  # noqa: E402
+    method_named,
+    untouched,
+)
+from peftsum.study.compare import compare  # noqa: E402
 
 INSTRUCTION = "Summarize the following text in one sentence.\n\n{document}\n\nSummary:"
 CHAT = {"data.format": "chat"}

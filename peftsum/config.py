@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .files import read_text
+from .infra.files import read_text
 
 METHODS = ("lora", "prompt", "finetune", "ia3", "prefix", "ptuning")  # every method (methods.REGISTRY, in this order)
 DEFAULT_METHODS = ("lora", "prompt", "finetune")  # what a comparison runs unless told: `--methods all` runs every one

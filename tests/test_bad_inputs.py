@@ -27,13 +27,12 @@ from typing import Callable
 
 import pytest
 import torch
+from conftest import max_diff, step_losses, trained_weights, write_tiny_data
 from safetensors.torch import load_file, save_file
 
-from peftsum import checkpoint
-from peftsum import train as train_module
 from peftsum.cli import main
-
-from conftest import max_diff, step_losses, trained_weights, write_tiny_data
+from peftsum.training import checkpoint
+from peftsum.training import train as train_module
 
 ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
 # 24 training examples in batches of 4: 6 steps an epoch.
@@ -49,7 +48,7 @@ sys.exit(main(sys.argv[1:]))
 # Training steps slowed down, so that a signal sent from outside lands mid-run.
 SLOW_STEPS = '''
 import time
-import peftsum.train as t
+import peftsum.training.train as t
 real = t.summary_loss
 def slow(*args):
     time.sleep(0.15)
@@ -225,7 +224,7 @@ def writable_again(path: Path) -> None:
 # Simulated failures of the operating system, run in the peftsum process before the command.
 FULL_DISK_AT_CHECKPOINT = '''
 from safetensors import SafetensorError
-import peftsum.checkpoint as c
+import peftsum.training.checkpoint as c
 def full(tensors, path, *args, **kwargs):
     open(path, "wb").write(b"half a checkpoint")
     raise SafetensorError('Error while serializing: I/O error: No space left on device (os error {number}) at path "' + path + '"')
@@ -239,7 +238,7 @@ os.fsync = fsync
 '''
 FULL_DISK_AFTER_GENERATING = '''
 import errno, os
-import peftsum.files as f
+import peftsum.infra.files as f
 def fsync(path):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 f.fsync = fsync
@@ -533,7 +532,7 @@ def test_bad_input_is_refused_in_one_line_and_nothing_changes(case: Case, outcom
 
 def test_bom_csv_keeps_its_ids_and_columns_and_utf16_yaml_loads(tmp_path):
     from peftsum.config import DataConfig, load_config
-    from peftsum.data import load_split
+    from peftsum.core.data import load_split
 
     folder = tmp_path / "bom"
     folder.mkdir()
@@ -581,7 +580,7 @@ def test_sigterm_from_outside_saves_a_checkpoint_and_the_run_resumes_to_the_same
     step = int(line.split(" at step ")[1].split(";")[0])
     assert 2 <= step < 12 and checkpoint.latest(cut).name == f"step-{step:08d}"
     assert not (cut / "adapter_model.safetensors").exists()
-    assert not (cut / ".peftsum.lock").exists()  # released on the way out
+    assert not (cut / ".peftsum.infra.lock").exists()  # released on the way out
 
     resumed = peftsum(*shlex.split(line.split("resume with: peftsum ")[1]), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr.decode()
@@ -611,7 +610,7 @@ def test_sighup_stops_training_as_ctrl_c_does(world, reference, tmp_path, monkey
 
 SECOND_SIGTERM_DURING_THE_CHECKPOINT_WRITE = SLOW_STEPS + '''
 import os, signal
-import peftsum.checkpoint as c
+import peftsum.training.checkpoint as c
 real_save = c.save_file
 calls = iter(range(1, 100))
 def forward(*args):
@@ -649,7 +648,7 @@ def test_a_second_sigterm_during_a_checkpoint_write_keeps_the_last_complete_chec
 
 SIGTERM_WHILE_GENERATING = '''
 import os, signal
-import peftsum.evaluate as e
+import peftsum.evaluation.evaluate as e
 real = e.generate_batch
 def generate_batch(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
@@ -687,7 +686,7 @@ def test_an_ignored_sighup_stays_ignored(world, tmp_path):
 # Training waits at its first step until a gate file appears: the lock is surely held meanwhile.
 GATED_STEPS = '''
 import os, time
-import peftsum.train as t
+import peftsum.training.train as t
 real = t.summary_loss
 def gated(*args):
     deadline = time.monotonic() + 120
@@ -703,7 +702,7 @@ def test_a_second_process_on_the_same_folder_is_refused_naming_the_first(world, 
     first = peftsum(*world.train_args, "--out", out, cwd=tmp_path, prelude=GATED_STEPS.replace("{gate}", str(gate)),
                     popen=True)
     deadline = time.monotonic() + 120
-    while not (out / ".peftsum.lock").exists() and first.poll() is None and time.monotonic() < deadline:
+    while not (out / ".peftsum.infra.lock").exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     second = peftsum(*world.train_args, "--out", out, cwd=tmp_path)
     stderr = second.stderr.decode()
@@ -714,7 +713,7 @@ def test_a_second_process_on_the_same_folder_is_refused_naming_the_first(world, 
     gate.touch()
     _, first_err = first.communicate(timeout=180)
     assert first.returncode == 0, first_err.decode()  # the first run was not disturbed
-    assert (out / "adapter_model.safetensors").is_file() and not (out / ".peftsum.lock").exists()
+    assert (out / "adapter_model.safetensors").is_file() and not (out / ".peftsum.infra.lock").exists()
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(world, tmp_path):
@@ -722,19 +721,19 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(world, tmp_path
     dead.wait()
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".peftsum.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+    (out / ".peftsum.infra.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
                                                    "since": "2026-01-01T00:00:00+00:00", "command": "peftsum train"}))
     result = peftsum(*world.train_args, "--max-steps", "1", "--out", out, cwd=tmp_path)
     stderr = result.stderr.decode()
     assert result.returncode == 0, stderr
     assert (f"peftsum: note: taking over the lock on {out} left by process {dead.pid} on {socket.gethostname()} "
             f"(since 2026-01-01T00:00:00+00:00: peftsum train), which is no longer running") in stderr
-    assert (out / "adapter_model.safetensors").is_file() and not (out / ".peftsum.lock").exists()
+    assert (out / "adapter_model.safetensors").is_file() and not (out / ".peftsum.infra.lock").exists()
 
 
 def test_the_lock_refuses_within_one_process_and_cleans_up_what_it_created(tmp_path):
-    from peftsum import lock
     from peftsum.errors import UserError
+    from peftsum.infra import lock
 
     folder = tmp_path / "a" / "b"
     with lock.holding(folder):
@@ -747,8 +746,8 @@ def test_the_lock_refuses_within_one_process_and_cleans_up_what_it_created(tmp_p
 
 def test_without_flock_the_lock_file_alone_decides(tmp_path, monkeypatch, capsys):
     """Some network file systems have no flock: a live holder on this host is refused, a dead one taken over."""
-    from peftsum import lock
     from peftsum.errors import UserError
+    from peftsum.infra import lock
 
     monkeypatch.setattr(lock, "_flock", lambda fd, path: None)
     folder = tmp_path / "run"
@@ -767,7 +766,7 @@ def test_without_flock_the_lock_file_alone_decides(tmp_path, monkeypatch, capsys
 
 
 def test_a_stop_signal_can_be_set_by_hand_and_restores_the_handlers():
-    from peftsum.signals import StopSignal, exit_code
+    from peftsum.infra.signals import StopSignal, exit_code
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     with pytest.raises(KeyboardInterrupt) as raised:

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tiny_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import write_tiny_data
-from peftsum.baselines import few_shot_prompts, lead, shot_pool
 from peftsum.cli import main
 from peftsum.config import RunConfig, load_config
-from peftsum.data import Example, Splits
-from peftsum.prompts import ChatFormat, PlainFormat, prompt_format
-
+from peftsum.core.data import Example, Splits
+from peftsum.core.prompts import ChatFormat, PlainFormat, prompt_format
+from peftsum.study.baselines import few_shot_prompts, lead, shot_pool
 
 # ---------------------------------------------------------------- lead-k
 

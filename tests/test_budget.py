@@ -6,15 +6,14 @@ import threading
 
 import pytest
 import torch
+from conftest import max_diff, tiny_model, trained_weights
 
-from peftsum import train as train_module
 from peftsum.cli import main
 from peftsum.config import load_config
-from peftsum.data import load_data
-from peftsum.prompts import encode_example
+from peftsum.core.data import load_data
+from peftsum.core.prompts import encode_example
 from peftsum.methods import adapt
-
-from conftest import max_diff, tiny_model, trained_weights
+from peftsum.training import train as train_module
 
 # 24 training examples in batches of 4: 6 steps per epoch.
 TINY = ["--random-init", "--precision", "fp32", "--data.max_length", "64", "--data.max_summary_tokens", "12",

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import KINDS
+
 from peftsum.cli import main
 
 FAST = ["--train.epochs", "2", "--train.batch_size", "4", "--data.train_eval_size", "4", "--eval-size", "4",

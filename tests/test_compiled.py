@@ -3,13 +3,12 @@ Llama, so only float reassociation differs), and the model is plain again afterw
 
 import pytest
 import torch
+from conftest import max_diff, step_losses, tiny_model, trained_weights
 
 from peftsum.cli import main
-from peftsum.compiled import training_blocks
+from peftsum.core.models import transformer_blocks
 from peftsum.errors import UserError
-from peftsum.models import transformer_blocks
-
-from conftest import max_diff, step_losses, tiny_model, trained_weights
+from peftsum.fast.compiled import training_blocks
 
 TINY = ["--random-init", "--precision", "fp32", "--data.max_length", "64", "--data.max_summary_tokens", "12",
         "--train.batch_size", "4", "--data.train_eval_size", "0", "--eval-size", "0", "--train.checkpoint_every", "0",
@@ -83,7 +82,7 @@ def test_checkpointed_blocks_keep_fewer_activations(tokenizer):
             nonlocal total
             total += t.numel() * t.element_size()
             return t
-        from peftsum.compiled import training_blocks
+        from peftsum.fast.compiled import training_blocks
         with training_blocks(model, torch.device("cpu"), 48, compile=False, gradient_checkpointing=checkpointing):
             embeds = model.get_input_embeddings()(x).requires_grad_(True)
             with saved_tensors_hooks(pack, lambda t: t):
@@ -94,7 +93,7 @@ def test_checkpointed_blocks_keep_fewer_activations(tokenizer):
 
 
 def test_auto_compiles_only_past_the_measured_break_even(monkeypatch):
-    from peftsum import compiled
+    from peftsum.fast import compiled
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(compiled, "has_compiler", lambda: True)

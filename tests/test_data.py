@@ -5,8 +5,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peftsum.config import DataConfig
-from peftsum.data import Example, load_data, load_split
-from peftsum.prompts import IGNORE, encode_example, encode_prompt, prompt_budget
+from peftsum.core.data import Example, load_data, load_split
+from peftsum.core.prompts import IGNORE, encode_example, encode_prompt, prompt_budget
 from peftsum.errors import UserError
 
 

@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from peftsum import checkpoint
-from peftsum.cli import main
-
 from conftest import make_tokenizer, max_diff, step_losses, tiny_config, trained_weights, write_tiny_data
+
+from peftsum.cli import main
+from peftsum.training import checkpoint
 
 # 21 training examples in global batches of 4: each epoch ends with a one-example batch, which rank 1 sits out.
 # 7 eval examples in batches of 2: 4 batches, 2 per rank, the last one short.

@@ -6,12 +6,12 @@ import functools
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from peftsum import fused
+
 from peftsum.config import FinetuneConfig, LoraConfig
+from peftsum.core.models import transformer_blocks
+from peftsum.fast import fused
 from peftsum.methods import finetune, lora
-from peftsum.models import transformer_blocks
 
 
 def loss_and_grads(model, params, batch, joined: bool):

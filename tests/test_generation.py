@@ -3,10 +3,10 @@ on tiny random-init models in fp32, left-padded prompts of different lengths."""
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from peftsum.forward import collate, greedy
-from peftsum.prompts import Encoded, IGNORE
+
+from peftsum.core.forward import collate, greedy
+from peftsum.core.prompts import IGNORE, Encoded
 
 MAX_NEW = 12
 
@@ -36,7 +36,7 @@ def hf_tokens(model, embeds, mask, eos: int | list[int], **settings) -> list[lis
 # The whole batch at once, or in parts joined in one cache (prompts of a few positions: one row a part).
 @pytest.mark.parametrize("prefill_tokens", [10**6, 1])
 def test_greedy_equals_generate(kind, settings, prefill_tokens, tokenizer, monkeypatch):
-    monkeypatch.setattr("peftsum.forward.PREFILL_TOKENS", prefill_tokens)
+    monkeypatch.setattr("peftsum.core.forward.PREFILL_TOKENS", prefill_tokens)
     model = tiny_model(kind, tokenizer)
     with torch.no_grad():  # a random model's logits are near-uniform: sharpen them, so float noise cannot flip a tie
         model.get_output_embeddings().weight.mul_(20)
@@ -63,7 +63,7 @@ def test_int8_linears_stand_in_for_every_linear_and_go_away(kind, tokenizer):
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    from peftsum.quantized import Int8Linear, int8_linears
+    from peftsum.fast.quantized import Int8Linear, int8_linears
 
     model = tiny_model(kind, tokenizer)
     layers = {name: m for name, m in model.named_modules() if type(m) in (nn.Linear, Conv1D)}
@@ -80,7 +80,7 @@ def test_int8_linears_stand_in_for_every_linear_and_go_away(kind, tokenizer):
 
 
 def test_int8_linears_refuse_a_layer_whose_hook_changes_its_output(tokenizer):
-    from peftsum.quantized import int8_linears
+    from peftsum.fast.quantized import int8_linears
 
     model = tiny_model("llama", tokenizer)
     layers = dict(model.named_modules())
@@ -95,7 +95,7 @@ def test_int8_linears_refuse_a_layer_whose_hook_changes_its_output(tokenizer):
 def test_int8_product_scales_each_row_on_its_own(dtype):
     """One activation scale per row (per token): a row's product is the same to the bit alone or beside an outlier
     row a thousand times larger, and within int8 rounding of the float product."""
-    from peftsum.quantized import int8_product, int8_weight
+    from peftsum.fast.quantized import int8_product, int8_weight
 
     torch.manual_seed(0)
     weight = int8_weight(torch.randn(24, 40))
@@ -113,7 +113,7 @@ def test_int8_product_scales_each_row_on_its_own(dtype):
 
 def test_int8_is_for_the_cpu(tokenizer):
     from peftsum.errors import UserError
-    from peftsum.quantized import int8_linears
+    from peftsum.fast.quantized import int8_linears
 
     with pytest.raises(UserError, match="CPU only"):
         with int8_linears(tiny_model("llama", tokenizer), torch.device("cuda")):
@@ -151,9 +151,9 @@ def _sharpened(kind: str, tokenizer):
 def test_the_lean_decoding_step_makes_the_same_tokens_as_generate(settings, prefill_tokens, tokenizer, monkeypatch):
     """decode.py's step in place of the model's forward: rows of different lengths (left padding in the mask), rows
     leaving the batch at EOS, the cache filled in parts."""
-    from peftsum.decode import LeanDecoder
+    from peftsum.fast.decode import LeanDecoder
 
-    monkeypatch.setattr("peftsum.forward.PREFILL_TOKENS", prefill_tokens)
+    monkeypatch.setattr("peftsum.core.forward.PREFILL_TOKENS", prefill_tokens)
     model = _sharpened("llama", tokenizer)
     batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts(2)], pad_id=0)
     embeds, mask = model.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"]
@@ -172,8 +172,8 @@ def test_the_lean_int8_path_makes_the_tokens_of_the_models_int8_linears(tokenize
     """eval.quantize int8 through decode.py (the joined q/k/v and gate/up weights quantized once) and through the
     model's forward with every linear layer swapped (the path of models decode.py does not cover): per-row weight
     scales and per-token activation scales make the same integer products either way, so the same tokens."""
-    from peftsum.decode import LeanDecoder
-    from peftsum.quantized import int8_linears
+    from peftsum.fast.decode import LeanDecoder
+    from peftsum.fast.quantized import int8_linears
 
     model = _sharpened("llama", tokenizer)
     batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts(2)], pad_id=0)
@@ -187,7 +187,7 @@ def test_the_lean_int8_path_makes_the_tokens_of_the_models_int8_linears(tokenize
 
 
 def _prompt_batch(padded: bool):
-    from peftsum.forward import positions
+    from peftsum.core.forward import positions
 
     rows = prompts(3)[:4] if padded else [p[:3] for p in prompts(3)[:4]]  # the shortest has 3 tokens
     batch = collate([Encoded(p, [IGNORE] * len(p)) for p in rows], pad_id=0)
@@ -224,8 +224,8 @@ def test_the_lean_step_computes_the_models_logits(dtype, stored, padded, tokeniz
     and write the same keys and values."""
     import copy
 
-    from peftsum.decode import LeanDecoder
-    from peftsum.forward import ReservedLayer, autocast, filled_cache
+    from peftsum.core.forward import ReservedLayer, autocast, filled_cache
+    from peftsum.fast.decode import LeanDecoder
     from peftsum.methods import untouched
 
     model = tiny_model("llama", tokenizer)
@@ -251,8 +251,8 @@ def test_the_lean_step_computes_the_models_logits(dtype, stored, padded, tokeniz
 def test_the_lean_prefill_computes_the_models_logits(dtype, stored, padded, prefix, tokenizer):
     """The prompts through the lean path and through the model's forward, into empty caches or caches holding a
     key/value prefix (prefix tuning's): the same last-position logits (bf16: to the bit) and the same cache."""
-    from peftsum.decode import LeanDecoder
-    from peftsum.forward import ReservedLayer, autocast, filled_cache
+    from peftsum.core.forward import ReservedLayer, autocast, filled_cache
+    from peftsum.fast.decode import LeanDecoder
     from peftsum.methods import untouched
     from peftsum.methods.prefix import kv_layout
 
@@ -287,9 +287,9 @@ def test_the_lean_step_is_used_only_where_it_is_exact(tokenizer):
     from torch import nn
 
     from peftsum.config import RunConfig
-    from peftsum.decode import LeanDecoder
+    from peftsum.fast.decode import LeanDecoder
+    from peftsum.fast.quantized import int8_linears
     from peftsum.methods import adapt, untouched
-    from peftsum.quantized import int8_linears
 
     build = LeanDecoder.build
     assert build(tiny_model("gpt2", tokenizer), torch.float32, 4) is None
@@ -321,9 +321,9 @@ def test_the_lean_step_is_used_only_where_it_is_exact(tokenizer):
 def test_evaluation_generates_the_same_summaries_with_the_lean_step(method, tokenizer, monkeypatch):
     """generate_from builds the lean step for the model as it generates (LoRA merged; a soft prompt in the prefill;
     a key/value prefix in the cache) and makes the summaries the model's own forward makes."""
-    import peftsum.decode
+    import peftsum.fast.decode
     from peftsum.config import RunConfig
-    from peftsum.evaluate import generate_from
+    from peftsum.evaluation.evaluate import generate_from
     from peftsum.methods import adapt
 
     cfg = RunConfig()
@@ -336,12 +336,12 @@ def test_evaluation_generates_the_same_summaries_with_the_lean_step(method, toke
     texts = [tokenizer.decode(p) for p in prompts(4)]
     encoded = [tokenizer(t)["input_ids"] for t in texts]
     built = []
-    real = peftsum.decode.LeanDecoder.build.__func__
-    monkeypatch.setattr(peftsum.decode.LeanDecoder, "build",
+    real = peftsum.fast.decode.LeanDecoder.build.__func__
+    monkeypatch.setattr(peftsum.fast.decode.LeanDecoder, "build",
                         classmethod(lambda cls, *a: built.append(real(cls, *a)) or built[-1]))
     args = (adapted, tokenizer, encoded, cfg.eval, (tokenizer.eos_token_id,), torch.device("cpu"), torch.float32)
     lean = generate_from(*args)
-    monkeypatch.setattr(peftsum.decode.LeanDecoder, "build", classmethod(lambda cls, *a: None))
+    monkeypatch.setattr(peftsum.fast.decode.LeanDecoder, "build", classmethod(lambda cls, *a: None))
     assert built and built[0] is not None
     assert any(lean) and lean == generate_from(*args)
 
@@ -350,9 +350,9 @@ def test_evaluation_generates_the_same_summaries_with_the_lean_step(method, toke
 def test_evaluation_generates_with_int8_products_where_asked(kind, lean, tokenizer, monkeypatch):
     """eval.quantize int8: generate_from multiplies in int8 through decode.py where it covers the model, else
     through the model with its linear layers swapped, which it gets back afterwards."""
-    import peftsum.decode
+    import peftsum.fast.decode
     from peftsum.config import RunConfig
-    from peftsum.evaluate import generate_from
+    from peftsum.evaluation.evaluate import generate_from
     from peftsum.methods import untouched
 
     cfg = RunConfig()
@@ -361,8 +361,8 @@ def test_evaluation_generates_with_int8_products_where_asked(kind, lean, tokeniz
     adapted = untouched(model, torch.float32)
     layers = dict(model.named_modules())
     built, products = [], []
-    real_build, real_int_mm = peftsum.decode.LeanDecoder.build.__func__, torch._int_mm
-    monkeypatch.setattr(peftsum.decode.LeanDecoder, "build",
+    real_build, real_int_mm = peftsum.fast.decode.LeanDecoder.build.__func__, torch._int_mm
+    monkeypatch.setattr(peftsum.fast.decode.LeanDecoder, "build",
                         classmethod(lambda cls, *a: built.append((real_build(cls, *a), a[-1])) or built[-1][0]))
     monkeypatch.setattr(torch, "_int_mm", lambda *a: products.append(1) or real_int_mm(*a))
     encoded = [tokenizer(tokenizer.decode(p))["input_ids"] for p in prompts(5)]

@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftsum.cli import main
 from peftsum.config import load_config
-from peftsum.prompts import encode_prompt, prompt_budget
+from peftsum.core.prompts import encode_prompt, prompt_budget
 from peftsum.errors import UserError
-from peftsum.gguf_export import write_gguf
+from peftsum.outputs.gguf_export import write_gguf
 
 FAST = ["--train.max_steps", "3", "--train.batch_size", "4", "--data.train_eval_size", "2", "--eval-size", "4",
         "--eval.max_new_tokens", "8", "--eval.bootstrap_samples", "10", "--data.max_length", "64",
@@ -189,7 +189,7 @@ def test_llama3_style_tokenizer_and_chat_template_round_trip(tmp_path):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from peftsum.gguf_export import _LLAMA3_SPLIT
+    from peftsum.outputs.gguf_export import _LLAMA3_SPLIT
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
@@ -340,7 +340,7 @@ def test_llama_cpp_on_the_real_model(tmp_path):
     """The untouched embedded SmolLM2 (peftsum's fp32 cache) exported to f16: llama.cpp's tokens and greedy text."""
     import llama_cpp
 
-    from peftsum.models import embedded_model_dir, load_tokenizer
+    from peftsum.core.models import embedded_model_dir, load_tokenizer
 
     source = embedded_model_dir("smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
@@ -363,6 +363,6 @@ def test_llama_cpp_on_the_real_model(tmp_path):
 
 def test_the_command_line_offers_exactly_the_writer_types():
     from peftsum.cli import export
-    from peftsum.gguf_export import GGUF_TYPES
+    from peftsum.outputs.gguf_export import GGUF_TYPES
 
     assert export.GGUF_TYPES == GGUF_TYPES

@@ -10,8 +10,8 @@ commit.
 """
 
 import pytest
-
 from conftest import step_losses
+
 from peftsum.cli import main
 
 TOLERANCE = 2e-5  # absolute, in nats

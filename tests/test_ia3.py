@@ -15,17 +15,15 @@ import peft
 import pytest
 import torch
 from conftest import tiny_model
+from test_lora_variants import DOCUMENT, _base_folder, _batch, _diff, _logits, load_in_peft
 from transformers import AutoModelForCausalLM
 
-from peftsum import adapters
 from peftsum.cli import main
 from peftsum.config import METHODS, RunConfig, load_config
-from peftsum.prompts import encode_prompt, prompt_budget
+from peftsum.core.prompts import encode_prompt, prompt_budget
+from peftsum.core.session import load_run
 from peftsum.errors import UserError
-from peftsum.methods import adapt, ia3
-from peftsum.session import load_run
-
-from test_lora_variants import DOCUMENT, _base_folder, _batch, _diff, _logits, load_in_peft
+from peftsum.methods import adapt, adapters, ia3
 
 KINDS = ["gpt2", "llama"]
 # peft's defaults: (targets, feed-forward targets), and the trainable numbers on the tiny models (2 blocks).

@@ -23,18 +23,17 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from peft.optimizers import create_loraplus_optimizer
 from conftest import max_diff, step_losses, tiny_model, trained_weights
+from peft.optimizers import create_loraplus_optimizer
 from transformers import AutoModelForCausalLM
 
-from peftsum import adapters
-from peftsum import train as train_module
 from peftsum.cli import main
 from peftsum.config import METHODS, LoraConfig, RunConfig, load_config
-from peftsum.prompts import encode_prompt, prompt_budget
+from peftsum.core.prompts import encode_prompt, prompt_budget
+from peftsum.core.session import fresh_adapted, load_run, open_session
 from peftsum.errors import UserError
-from peftsum.methods import REGISTRY, adapt, lora
-from peftsum.session import fresh_adapted, load_run, open_session
+from peftsum.methods import REGISTRY, adapt, adapters, lora
+from peftsum.training import train as train_module
 
 KINDS = ["gpt2", "llama"]
 RANK, ALPHA = 4, 8.0
@@ -452,7 +451,7 @@ def test_pissa_rank_beyond_the_weight_is_refused(tokenizer):
 def test_a_comparison_written_before_these_settings_existed_still_resumes(tmp_path):
     """Settings an older results.json lacks (lora.variant, the ia3 section...) read as their defaults, which are
     what that version did; a non-default value is still a change that refuses the folder."""
-    from peftsum import runs
+    from peftsum.infra import runs
 
     cfg = load_config(None, {"out": str(tmp_path)})
     old = cfg.to_dict()

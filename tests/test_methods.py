@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import KINDS, tiny_model
+
 from peftsum.config import RunConfig
-from peftsum.prompts import IGNORE, Encoded
-from peftsum.forward import collate, generate_batch, summary_loss
+from peftsum.core.forward import collate, generate_batch, summary_loss
+from peftsum.core.prompts import IGNORE, Encoded
 from peftsum.methods import adapt, lora, untouched
 
 
@@ -152,7 +152,7 @@ def test_batched_generation_equals_one_at_a_time(kind, tokenizer):
 @pytest.mark.parametrize("method", ["lora", "prompt", "finetune"])
 def test_bf16_frozen_weights_train_every_method(kind, method, tokenizer):
     """Frozen weights stored in bf16 next to fp32 trainable ones (a trainable tied embedding, trainable norms)."""
-    from peftsum.forward import autocast
+    from peftsum.core.forward import autocast
 
     cfg = RunConfig()
     cfg.model.precision = "bf16"
@@ -199,7 +199,7 @@ def test_newer_methods_train_and_generate_on_every_architecture(kind, method, to
 def test_length_grouped_batches_cover_every_example_once_and_pad_less():
     import random
 
-    from peftsum.train import epoch_batches
+    from peftsum.training.train import epoch_batches
 
     lengths = [random.Random(i).randint(10, 300) for i in range(200)]
     batches = epoch_batches(lengths, 8, seed=0, epoch=1)
@@ -260,7 +260,7 @@ def test_soft_prompt_starts_at_the_scale_of_the_embedding_output(kind, init, tok
 
 
 def test_gemma_head_is_tied_and_its_size_is_stated(tokenizer):
-    from peftsum.models import ties_embeddings
+    from peftsum.core.models import ties_embeddings
 
     model = tiny_model("gemma3", tokenizer)
     assert ties_embeddings(model)

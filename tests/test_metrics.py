@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from peftsum.errors import UserError
-from peftsum.metrics import (
+from peftsum.evaluation.metrics import (
     ROUGE_KEYS,
     bootstrap_interval,
     format_table,
@@ -17,7 +17,6 @@ from peftsum.metrics import (
     rouge_summary,
     split_sentences,
 )
-
 
 # --- ROUGE -------------------------------------------------------------------
 
@@ -103,7 +102,7 @@ def test_rouge_summary_shape_and_mean():
 
 def test_per_document_scores_give_the_same_intervals_as_before():
     # evaluate() now scores each document once and keeps the scores; its intervals must not change.
-    from peftsum.evaluate import _rouge_scores
+    from peftsum.evaluation.evaluate import _rouge_scores
 
     predictions = ["the cat sat", "a dog ran home", "nothing matches", "the mat"]
     references = ["the cat sat on the mat", "a dog ran home", "completely different", ["a mat", "the cat"]]

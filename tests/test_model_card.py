@@ -12,10 +12,10 @@ import yaml
 from conftest import TINY_COMPARE, write_tiny_data
 
 from peftsum.cli import main
-from peftsum.metrics import ROUGE_KEYS, bootstrap_interval, paired_bootstrap
-from peftsum.model_card import CardInfo, render_card
-from peftsum.push import upload_files
-from peftsum.formatting import ci, p_value, signed
+from peftsum.evaluation.metrics import ROUGE_KEYS, bootstrap_interval, paired_bootstrap
+from peftsum.outputs.formatting import ci, p_value, signed
+from peftsum.outputs.model_card import CardInfo, render_card
+from peftsum.outputs.push import upload_files
 
 EMBEDDED_CONFIG = {"model": {"name": "smollm2-135m", "random_init": False, "precision": "bf16"},
                    "data": {"source": "xsum", "template": "{document}\nTL;DR:", "max_length": 256,

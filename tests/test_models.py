@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-from peftsum import models
+from peftsum.core import models
 from peftsum.errors import UserError
 
 CHUNKS = [b"GGUF" + bytes(range(200)) * 50, bytes(range(255, 0, -1)) * 30, b"tail"]

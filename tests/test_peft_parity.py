@@ -25,10 +25,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from peftsum import adapters
 from peftsum.config import LoraConfig, PromptConfig, RunConfig
-from peftsum.forward import model_inputs
-from peftsum.methods import adapt, lora
+from peftsum.core.forward import model_inputs
+from peftsum.methods import adapt, adapters, lora
 from peftsum.methods.lora import LoRA
 
 KINDS = ["gpt2", "llama", "gemma3"]

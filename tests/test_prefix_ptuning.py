@@ -19,13 +19,13 @@ import torch
 from conftest import max_diff, step_losses, tiny_model, trained_weights, write_tiny_data
 from transformers import AutoModelForCausalLM
 
-from peftsum import adapters, checkpoint
 from peftsum.cli import main
 from peftsum.config import RunConfig, load_config
-from peftsum.prompts import IGNORE, Encoded, encode_prompt, prompt_budget
-from peftsum.forward import collate, generate_batch, greedy, model_inputs, prefix_cache, summary_loss
-from peftsum.methods import adapt
-from peftsum.session import load_adapter
+from peftsum.core.forward import collate, generate_batch, greedy, model_inputs, prefix_cache, summary_loss
+from peftsum.core.prompts import IGNORE, Encoded, encode_prompt, prompt_budget
+from peftsum.core.session import load_adapter
+from peftsum.methods import adapt, adapters
+from peftsum.training import checkpoint
 
 KINDS = ["gpt2", "llama"]
 N_VIRTUAL = 5
@@ -285,7 +285,7 @@ def test_rows_leaving_the_batch_keep_their_prefix(kind, tokenizer):
 @pytest.mark.parametrize("kind", KINDS)
 def test_bf16_frozen_weights_train_and_generate(kind, method, settings, tokenizer):
     """Frozen weights in bf16 next to the fp32 prefix or encoder: the prefix joins the bf16 cache, gradients reach it."""
-    from peftsum.forward import autocast
+    from peftsum.core.forward import autocast
 
     cfg = _run_config(method, settings)
     cfg.model.precision = "bf16"

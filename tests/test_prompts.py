@@ -7,17 +7,24 @@ import json
 
 import pytest
 import torch
+from conftest import SHARED_DATA, WORDS, make_chat_tokenizer, requires_real, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import SHARED_DATA, WORDS, make_chat_tokenizer, requires_real, tiny_model
 from peftsum.config import DataConfig, EvalConfig, load_config
-from peftsum.data import Example
+from peftsum.core.data import Example
+from peftsum.core.prompts import (
+    IGNORE,
+    ChatFormat,
+    PlainFormat,
+    encode_example,
+    encode_prompt,
+    encode_summary,
+    prompt_format,
+)
 from peftsum.errors import UserError
-from peftsum.evaluate import generate
+from peftsum.evaluation.evaluate import generate
 from peftsum.methods import untouched
-from peftsum.prompts import (IGNORE, ChatFormat, PlainFormat, encode_example, encode_prompt, encode_summary,
-                             prompt_format)
 
 DOCUMENTS = ["the council said on monday that new rules for city buses will start next year.",
              "  drivers and riders asked for more routes\n\nand cheaper fares!  ", "a"]
@@ -54,7 +61,7 @@ def test_chat_tokens_are_apply_chat_templates(chat_tokenizer, system):
 def test_embedded_models_chat_tokens_are_apply_chat_templates():
     from transformers import AutoTokenizer
 
-    from peftsum.models import embedded_model_dir
+    from peftsum.core.models import embedded_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
     cfg = DataConfig(source=str(SHARED_DATA / "cnn_dailymail"))
@@ -133,7 +140,7 @@ def test_saved_config_without_a_format_was_plain(tmp_path):
 
 def test_generation_stops_at_the_end_of_turn(chat_tokenizer, monkeypatch):
     """A model that always answers <|im_end|>: the chat format stops after it; EOS alone would not."""
-    import peftsum.forward
+    import peftsum.core.forward
 
     model = tiny_model("llama", chat_tokenizer)
     end = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -143,8 +150,8 @@ def test_generation_stops_at_the_end_of_turn(chat_tokenizer, monkeypatch):
         model.model.norm.weight.fill_(1.0)
         model.model.norm.register_forward_hook(lambda module, args, out: out.abs())
     made = []
-    original = peftsum.forward.greedy
-    monkeypatch.setattr(peftsum.forward, "greedy", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    original = peftsum.core.forward.greedy
+    monkeypatch.setattr(peftsum.core.forward, "greedy", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
     eval_cfg = EvalConfig(max_new_tokens=6, no_repeat_ngram_size=0)
     adapted = untouched(model)
     for data_format, length in (("chat", 1), ("plain", 6)):

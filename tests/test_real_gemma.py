@@ -1,16 +1,16 @@
 """Slow tests on the real Gemma 3 270M from its wheels and ../shared/data (skipped where either is absent)."""
 
 import pytest
-
 from conftest import SHARED_DATA
+
 from peftsum.config import load_config
-from peftsum.data import load_data
-from peftsum.evaluate import mean_loss
+from peftsum.core.data import load_data
+from peftsum.core.models import count_parameters, embedded_available
+from peftsum.core.prompts import encode_example, prompt_format
+from peftsum.core.session import fresh_adapted, open_session
+from peftsum.evaluation.evaluate import mean_loss
 from peftsum.methods import untouched
-from peftsum.models import count_parameters, embedded_available
-from peftsum.prompts import encode_example, prompt_format
-from peftsum.session import fresh_adapted, open_session
-from peftsum.train import train
+from peftsum.training.train import train
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (embedded_available("gemma3-270m") and SHARED_DATA.is_dir()),

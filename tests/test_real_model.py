@@ -4,15 +4,15 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import SHARED_DATA, requires_real
-from peftsum.session import fresh_adapted, open_session
+
 from peftsum.config import load_config
-from peftsum.data import load_data
-from peftsum.prompts import encode_example
-from peftsum.evaluate import evaluate, mean_loss
+from peftsum.core.data import load_data
+from peftsum.core.prompts import encode_example
+from peftsum.core.session import fresh_adapted, open_session
+from peftsum.evaluation.evaluate import evaluate, mean_loss
 from peftsum.methods import untouched
-from peftsum.train import train
+from peftsum.training.train import train
 
 pytestmark = [pytest.mark.slow, requires_real]
 
@@ -42,7 +42,7 @@ def train_briefly(session, method, splits):
 def test_embedded_model_loads_from_the_cache_quickly():
     import time
 
-    from peftsum.models import embedded_model_dir
+    from peftsum.core.models import embedded_model_dir
 
     embedded_model_dir("smollm2-135m")  # converts once if this machine has not yet
     started = time.perf_counter()
@@ -111,8 +111,8 @@ def test_trained_lora_round_trips_through_peft(tmp_path):
 
     import peft
 
-    from peftsum import adapters
-    from peftsum.forward import collate
+    from peftsum.core.forward import collate
+    from peftsum.methods import adapters
 
     cfg, session = session_for({"data.train_size": "8", "data.train_eval_size": "0", "data.eval_size": "0",
                                 "data.max_length": "128", "train.batch_size": "4", "lora.lr": "1e-2",

@@ -16,16 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tokenizer, max_diff, step_losses, tiny_config, trained_weights, write_tiny_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peftsum import checkpoint
-from peftsum import train as train_module
 from peftsum.cli import main
 from peftsum.config import DataConfig
-from peftsum.data import load_split
-
-from conftest import make_tokenizer, max_diff, step_losses, tiny_config, trained_weights, write_tiny_data
+from peftsum.core.data import load_split
+from peftsum.training import checkpoint
+from peftsum.training import train as train_module
 
 # 24 training examples in batches of 4 for 2 epochs: 12 steps.
 TINY = ["--random-init", "--precision", "fp32", "--data.max_length", "64", "--data.max_summary_tokens", "12",
@@ -159,7 +158,7 @@ def test_training_twice_gives_identical_losses_and_weights(tiny_model_dirs, tiny
 
 def test_compare_resumes_without_redoing_finished_work_and_is_deterministic(tiny_model_dirs, tmp_path, monkeypatch,
                                                                            capsys):
-    from peftsum import compare as compare_module
+    from peftsum.study import compare as compare_module
 
     data = write_tiny_data(tmp_path / "data")
     with (data / "train.jsonl").open("a") as f:  # rows to skip: an empty document, a whitespace-only summary

@@ -1,4 +1,4 @@
-"""Tests for peftsum.report on fabricated results dicts (no model, no training: fast)."""
+"""Tests for peftsum.outputs.report on fabricated results dicts (no model, no training: fast)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from peftsum.metrics import ROUGE_KEYS, bootstrap_interval, paired_bootstrap
-from peftsum.analysis import seed_summary
-from peftsum.report import render_markdown, write_report
-from peftsum.analysis import upgrade
+from peftsum.evaluation.metrics import ROUGE_KEYS, bootstrap_interval, paired_bootstrap
+from peftsum.outputs.report import render_markdown, write_report
+from peftsum.study.analysis import seed_summary, upgrade
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOTAL = 134_515_008

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from test_report import make_results, with_documents
 
-from peftsum.analysis import upgrade
 from peftsum.cli import main
 from peftsum.config import DataConfig
-from peftsum.data import load_eval
-from peftsum.metrics import ROUGE_KEYS, rouge_per_document
-from peftsum.report import render_markdown, write_report
-from peftsum.report_html import browser_data, markdown_to_html, script_json
+from peftsum.core.data import load_eval
+from peftsum.evaluation.metrics import ROUGE_KEYS, rouge_per_document
+from peftsum.outputs.report import render_markdown, write_report
+from peftsum.outputs.report_html import browser_data, markdown_to_html, script_json
+from peftsum.study.analysis import upgrade
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -11,9 +11,9 @@ import pytest
 from peftsum.cli import main
 from peftsum.config import load_config
 from peftsum.errors import UserError
-from peftsum.metrics import bootstrap_interval, paired_bootstrap
-from peftsum.runs import model_folder
-from peftsum.scale import model_record, parse_models, plan_models, render_scale_markdown, scale_table
+from peftsum.evaluation.metrics import bootstrap_interval, paired_bootstrap
+from peftsum.infra.runs import model_folder
+from peftsum.study.scale import model_record, parse_models, plan_models, render_scale_markdown, scale_table
 
 FAST = ["--budget-tokens", "300", "--train.batch_size", "4", "--data.train_eval_size", "0", "--eval-size", "6",
         "--eval.max_new_tokens", "4", "--eval.bootstrap_samples", "50", "--data.max_length", "64",
@@ -89,7 +89,7 @@ def test_cli_refuses_model_with_models_in_one_line():
 
 
 def test_a_scale_folder_in_use_is_refused_before_any_model_loads(tmp_path, capsys):
-    from peftsum import lock
+    from peftsum.infra import lock
 
     out = tmp_path / "scale"
     held = lock.acquire(out)  # another process's lock, as far as the command can tell (its own file description)

@@ -4,10 +4,9 @@ report gives mean ± std over seeds. Tiny random-init models."""
 import json
 
 import numpy as np
+from conftest import max_diff, trained_weights
 
 from peftsum.cli import main
-
-from conftest import max_diff, trained_weights
 
 TINY = ["--random-init", "--precision", "fp32", "--data.max_length", "64", "--data.max_summary_tokens", "12",
         "--train.batch_size", "4", "--data.train_eval_size", "0", "--eval-size", "4", "--train.epochs", "1",

@@ -9,8 +9,15 @@ import pytest
 from peftsum.cli import main
 from peftsum.config import load_config
 from peftsum.errors import UserError
-from peftsum.sweep import (Vary, pareto_front, parse_vary, parse_varies, plan_points, render_sweep_markdown,
-                           sweep_table)
+from peftsum.study.sweep import (
+    Vary,
+    pareto_front,
+    parse_varies,
+    parse_vary,
+    plan_points,
+    render_sweep_markdown,
+    sweep_table,
+)
 
 FAST = ["--max-steps", "2", "--train.batch_size", "4", "--data.train_eval_size", "2", "--eval-size", "2",
         "--eval.max_new_tokens", "4", "--eval.bootstrap_samples", "10", "--data.max_length", "64",

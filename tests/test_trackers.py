@@ -7,12 +7,11 @@ import json
 import sys
 
 import pytest
+from conftest import write_tiny_data
 
 from peftsum.cli import main
 from peftsum.errors import UserError
-from peftsum.trackers import Tracking, require, result_metrics, step_metrics
-
-from conftest import write_tiny_data
+from peftsum.outputs.trackers import Tracking, require, result_metrics, step_metrics
 
 RUNS = ["lora-seed-0", "lora-seed-1", "prompt-seed-0", "prompt-seed-1"]
 # 8 training examples in batches of 4 for 2 epochs: 4 steps; validation at steps 2 and 4.

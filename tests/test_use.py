@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftsum.cli import main
 from peftsum.config import load_config
-from peftsum.prompts import encode_prompt, prompt_budget
-from peftsum.forward import model_inputs
-from peftsum.session import load_adapter, load_run
+from peftsum.core.forward import model_inputs
+from peftsum.core.prompts import encode_prompt, prompt_budget
+from peftsum.core.session import load_adapter, load_run
 
 KINDS = ["gpt2", "llama", "gemma3"]
 FAST = ["--train.max_steps", "3", "--train.batch_size", "4", "--data.train_eval_size", "2", "--eval-size", "4",

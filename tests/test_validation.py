@@ -7,17 +7,16 @@ import threading
 
 import pytest
 import torch
+from conftest import max_diff, tiny_model, write_tiny_data
 
-from peftsum import train as train_module
 from peftsum.cli import main
 from peftsum.config import load_config
-from peftsum.data import Example, load_data, validation_note, validation_subset
-from peftsum.prompts import encode_example
-from peftsum.evaluate import evaluate, generate, mean_loss, validation
+from peftsum.core.data import Example, load_data, validation_note, validation_subset
+from peftsum.core.prompts import encode_example
+from peftsum.evaluation.evaluate import evaluate, generate, mean_loss, validation
 from peftsum.methods import adapt
-from peftsum.report import loss_figure, render_markdown
-
-from conftest import max_diff, tiny_model, write_tiny_data
+from peftsum.outputs.report import loss_figure, render_markdown
+from peftsum.training import train as train_module
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 
@@ -240,8 +239,8 @@ def test_bad_validation_settings_are_refused(flags, message, tiny_model_dirs, da
 
 
 def test_fsdp_refuses_validation_for_now():
+    from peftsum.core.session import check_fsdp
     from peftsum.errors import UserError
-    from peftsum.session import check_fsdp
 
     cfg = load_config(overrides={"methods": "finetune", "finetune.all": "true", "train.eval_every": 5})
     with pytest.raises(UserError, match="not yet: validation during training"):

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import signals
 from ..errors import UserError
+from ..infra import signals
 from . import evaluate, export, run, scale, share, summarize
 from .flags import Parser
 
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resume_command(argv: list[str]) -> str:
     """The command line that continues an interrupted compare or train run."""
-    from ..distributed import launched
+    from ..infra.distributed import launched
 
     started_as_module = Path(sys.argv[0]).resolve() == Path(__file__).parent.with_name("__main__.py").resolve()
     program = "python -m peftsum" if started_as_module else "peftsum"
@@ -89,13 +89,13 @@ def _interrupted(args, argv: list[str], exc: KeyboardInterrupt) -> str:
 
 def _rank() -> int:
     """This process's rank as its launcher set it (0 when started as one process)."""
-    from ..distributed import launch_rank
+    from ..infra.distributed import launch_rank
 
     return launch_rank()
 
 
 def _launched() -> bool:
-    from ..distributed import launched
+    from ..infra.distributed import launched
 
     return launched()
 
@@ -144,6 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         if quiet:
             quiet.close()
         if "torch" in sys.modules:  # joined a process group only if torch was ever imported
-            from ..distributed import shutdown
+            from ..infra.distributed import shutdown
 
             shutdown(wait=finished)  # after a failure, others may never arrive: leave at once

@@ -19,10 +19,10 @@ def add_evaluate(parser) -> None:
 
 
 def evaluate(args) -> int:
-    from .. import lock, runs
-    from ..data import load_data
-    from ..evaluate import evaluate
-    from ..metrics import format_table
+    from ..core.data import load_data
+    from ..evaluation.evaluate import evaluate
+    from ..evaluation.metrics import format_table
+    from ..infra import lock, runs
     from .source import open_source, source_config
 
     out = Path(source_config(args).out) if "out" in vars(args) else None
@@ -53,7 +53,7 @@ def add_score(parser) -> None:
 
 
 def score(args) -> int:
-    from ..metrics import format_table, read_summaries, rouge_summary
+    from ..evaluation.metrics import format_table, read_summaries, rouge_summary
 
     if args.samples < 0:
         raise UserError(f"--samples must be >= 0 (0 = no interval), got {args.samples}")

@@ -34,12 +34,12 @@ def _cannot_merge(source: Path, flag: str, method) -> UserError:
 def export(args) -> int:
     import yaml
 
-    from .. import adapters, gguf_export
-    from ..export import check_target, merged_model, prompted_like_the_run, write_model
-    from ..files import check_writable
-    from ..methods import BY_PEFT_TYPE, REGISTRY, method_named
-    from ..model_card import export_card, write_card
-    from ..prompts import prompt_format
+    from ..core.prompts import prompt_format
+    from ..infra.files import check_writable
+    from ..methods import BY_PEFT_TYPE, REGISTRY, adapters, method_named
+    from ..outputs import gguf_export
+    from ..outputs.export import check_target, merged_model, prompted_like_the_run, write_model
+    from ..outputs.model_card import export_card, write_card
     from .source import open_source, source_config
 
     if args.merged is not None and not args.merged.strip():

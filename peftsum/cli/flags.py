@@ -80,8 +80,8 @@ def check_out(folder: Path) -> None:
     """Refuse an --out folder that cannot be created or written, before torch is imported: the imports take seconds a
     refusal should not cost (lock.holding checks it again, when the folder is taken). Launched as several processes,
     rank 0 alone probes the folder, as it alone writes there; its launcher then stops the others."""
-    from .. import distributed
-    from ..files import check_writable
+    from ..infra import distributed
+    from ..infra.files import check_writable
 
     if distributed.launch_rank() == 0:
         check_writable(folder, "--out")
@@ -90,7 +90,7 @@ def check_out(folder: Path) -> None:
 def launch(cfg, fsdp_flag: bool = False) -> bool:
     """Take the launcher's settings (accelerate's mixed precision unless --precision is given) and, when started as
     several processes, join their group: the one place that does. Returns whether FSDP is asked for."""
-    from .. import distributed
+    from ..infra import distributed
 
     try:
         if cfg.model.precision == "auto":

@@ -20,9 +20,9 @@ def compare(args) -> int:
     cfg = config_from_args(args)  # before torch is imported: a bad setting is refused at once
     if not args.dry_run:
         check_out(Path(cfg.out))
-    from .. import lock, runs
-    from ..compare import compare, plan
-    from ..session import open_session
+    from ..core.session import open_session
+    from ..infra import lock, runs
+    from ..study.compare import compare, plan
 
     fsdp = launch(cfg, args.fsdp)
     if args.dry_run:
@@ -50,7 +50,7 @@ def add_train(parser) -> None:
 
 
 def train(args) -> int:
-    from ..data import load_data, skipped_note, validation_note
+    from ..core.data import load_data, skipped_note, validation_note
 
     cfg = config_from_args(args)
     cfg.methods = [args.method]
@@ -59,13 +59,14 @@ def train(args) -> int:
     # Before the model loads: bad data is refused at once.
     splits = load_data(cfg.data, seed=cfg.train.seed, validation_size=cfg.train.validation_size)
 
-    from .. import checkpoint, distributed, lock, runs
-    from ..compare import train_method
-    from ..evaluate import mean_loss
-    from ..files import make_folder
-    from ..model_card import train_card, write_card
-    from ..session import check_fsdp, environment, open_session
-    from ..trackers import open_tracking, require, training_metrics
+    from ..core.session import check_fsdp, environment, open_session
+    from ..evaluation.evaluate import mean_loss
+    from ..infra import distributed, lock, runs
+    from ..infra.files import make_folder
+    from ..outputs.model_card import train_card, write_card
+    from ..outputs.trackers import open_tracking, require, training_metrics
+    from ..study.compare import train_method
+    from ..training import checkpoint
 
     fsdp = launch(cfg, args.fsdp)
     if fsdp:
@@ -126,8 +127,8 @@ def add_sweep(parser) -> None:
 def sweep(args) -> int:
     cfg = config_from_args(args)  # before torch is imported: a bad setting is refused at once
     check_out(Path(cfg.out))
-    from .. import lock
-    from ..sweep import parse_varies, run_sweep, sweep_table
+    from ..infra import lock
+    from ..study.sweep import parse_varies, run_sweep, sweep_table
 
     varies = parse_varies(args.vary, cfg.methods)
     launch(cfg)

@@ -27,8 +27,8 @@ def scale(args) -> int:
         raise UserError("scale takes its models from --models; leave out --model")
     cfg = config_from_args(args)  # before torch is imported: a bad setting is refused at once
     check_out(Path(cfg.out))
-    from .. import lock, runs
-    from ..scale import parse_models, run_scale, scale_table
+    from ..infra import lock, runs
+    from ..study.scale import parse_models, run_scale, scale_table
 
     models = parse_models(args.scale_models)
     launch(cfg)

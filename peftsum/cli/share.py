@@ -13,11 +13,11 @@ def add_report(parser) -> None:
 
 
 def report(args) -> int:
-    from .. import runs
-    from ..analysis import upgrade
-    from ..files import read_json
-    from ..model_card import write_cards
-    from ..report import write_report
+    from ..infra import runs
+    from ..infra.files import read_json
+    from ..outputs.model_card import write_cards
+    from ..outputs.report import write_report
+    from ..study.analysis import upgrade
 
     run = Path(args.run)
     if not (run / runs.RESULTS).is_file():
@@ -38,7 +38,7 @@ def add_push(parser) -> None:
 
 
 def push(args) -> int:
-    from ..push import push
+    from ..outputs.push import push
 
     url, names = push(Path(args.run), args.repo, private=args.private)
     print(f"pushed {len(names)} files ({', '.join(names)}) from {args.run} to {url}")

@@ -17,7 +17,8 @@ def open_source(args, progress: bool = True):
     given. Joins a data-parallel group when launched as several
     processes.
     """
-    from .. import runs, session
+    from ..core import session
+    from ..infra import runs
 
     run = Path(args.run) if getattr(args, "run", None) else None
     cfg = config_from_args(args, base=runs.run_config_path(run) if run is not None else None)
@@ -42,8 +43,8 @@ PROMPT_KEYS = ("format", "instruction", "system", "template")
 def _prompt_of_run(cfg: RunConfig, folder: Path, args) -> None:
     """An adapter folder that a peftsum run wrote is prompted as it was trained (its config.yaml's prompt format),
     unless flags say otherwise; a peft-made adapter takes the configured format."""
-    from .. import runs
     from ..config import load_config
+    from ..infra import runs
 
     if (folder / runs.RUN_CONFIG).is_file():
         trained = load_config(folder / runs.RUN_CONFIG, saved=True).data
@@ -54,7 +55,7 @@ def _prompt_of_run(cfg: RunConfig, folder: Path, args) -> None:
 
 def source_config(args) -> RunConfig:
     """The config `open_source` will use, without loading anything (for checks before the model loads)."""
-    from .. import runs
+    from ..infra import runs
 
     run = Path(args.run) if getattr(args, "run", None) else None
     return config_from_args(args, base=runs.run_config_path(run) if run is not None else None)

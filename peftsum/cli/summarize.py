@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import check_writable, decode_text, kind_of, read_text
+from ..infra.files import check_writable, decode_text, kind_of, read_text
 from .flags import add_config_flags, add_source_flags
 
 STDIN = "-"
@@ -38,7 +38,7 @@ def add_summarize(parser) -> None:
 
 
 def summarize(args) -> int:
-    from ..files import write_jsonl
+    from ..infra.files import write_jsonl
 
     names = list(args.files)
     if names.count(STDIN) > 1:
@@ -54,7 +54,7 @@ def summarize(args) -> int:
     if args.input:
         configured = vars(args).get("data.document_column")
         documents += read_input(Path(args.input), configured, explicit=configured is not None)
-    from ..evaluate import generate  # torch: once the documents and the output are known to be fine
+    from ..evaluation.evaluate import generate  # torch: once the documents and the output are known to be fine
     from .source import open_source
 
     cfg, session, adapted = open_source(args)
@@ -106,7 +106,7 @@ def _read_document(name: str) -> Document:
 
 def document_column(rows: list[dict], configured: str | None, explicit: bool, where: str) -> str:
     """The column holding the documents: --document-column, else the run's, else a known name (article, document...)."""
-    from ..data import KNOWN_COLUMNS
+    from ..core.data import KNOWN_COLUMNS
 
     available = list(dict.fromkeys(k for row in rows for k in row))
     if configured and (configured in available or explicit):
@@ -121,7 +121,7 @@ def document_column(rows: list[dict], configured: str | None, explicit: bool, wh
 
 
 def read_input(path: Path, configured: str | None, explicit: bool) -> list[Document]:
-    from ..data import EXTENSIONS, read_numbered_rows, text_value
+    from ..core.data import EXTENSIONS, read_numbered_rows, text_value
 
     if path.suffix not in EXTENSIONS:
         raise UserError(f"--input {path}: expected JSONL rows (.jsonl, .json) or CSV (.csv); for a plain-text "
@@ -141,7 +141,7 @@ def read_input(path: Path, configured: str | None, explicit: bool) -> list[Docum
 
 def _truncated(tokenizer, documents: list[Document], data_cfg, reserved: int) -> int:
     """How many documents the prompt budget cuts."""
-    from ..prompts import prompt_format
+    from ..core.prompts import prompt_format
 
     fmt = prompt_format(tokenizer, data_cfg)
     budget = fmt.budget(data_cfg, reserved=reserved)

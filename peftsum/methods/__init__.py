@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
+from ..core.models import compute_dtype, count_parameters
 from ..errors import UserError
-from ..models import compute_dtype, count_parameters
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name, used by every method that has a peft form
 
@@ -177,7 +177,14 @@ class Untouched(Method):
         return {}
 
 
-from . import finetune, ia3, lora, prefix, prompt, ptuning  # noqa: E402  (the method modules build on the protocol above)
+from . import (  # noqa: E402  (the method modules build on the protocol above)
+    finetune,
+    ia3,
+    lora,
+    prefix,
+    prompt,
+    ptuning,
+)
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (lora.METHOD, prompt.METHOD, finetune.METHOD, ia3.METHOD,
                                                    prefix.METHOD, ptuning.METHOD)}

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..config import FinetuneConfig, RunConfig
+from ..core.models import final_norms, ties_embeddings, transformer_blocks
 from ..errors import UserError
-from ..models import final_norms, ties_embeddings, transformer_blocks
 from . import Adapted, Method, check_shape
 
 

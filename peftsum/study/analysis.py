@@ -1,0 +1,179 @@
+"""The statistics of a comparison, computed once and stored in results.json: seed summaries, the ranking of the
+methods, and paired tests over the same eval documents.
+
+`compare` calls `analyze` whenever it publishes results; report.py renders what it finds here and computes nothing.
+The tests are seeded (seed 0), so the same results give the same statistics every time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..evaluation.metrics import ROUGE_KEYS, paired_bootstrap
+from .results import (
+    SCHEMA_VERSION,
+    ZERO_SHOT,
+    Analysis,
+    BaselineAnalysis,
+    BaselineResult,
+    MethodResult,
+    PairedTest,
+    Results,
+    SeedSummary,
+    Split,
+)
+
+BEFORE = "untouched model"  # the name the untouched model in the run's format goes by in tests
+ALPHA = 0.05  # significance threshold of the paired tests
+DEFAULT_SAMPLES = 1000  # EvalConfig's default, for results written before the config recorded it
+TESTED_KEYS = ("rouge1", "rouge2", "rougeL")  # the ROUGE keys the verdict draws conclusions on
+
+
+def seed_summary(seed_runs: list[dict]) -> SeedSummary:
+    """Mean and sample standard deviation (ddof=1) over seeds of the after-training scores.
+
+    Returns {"n": N, "eval": {"loss": {"mean", "std"}, "rouge1": {"mean", "std"}, ...}, "train": same}; ROUGE keys
+    are those of metrics.ROUGE_KEYS, each seed contributing its mean F1 x 100. A split no seed scored is None; with
+    a single scored seed the std is None (undefined), not 0.
+    """
+    after = [run.get("after") or {} for run in seed_runs]
+    return {"n": len(seed_runs), "eval": _across_seeds([a.get("eval") for a in after]),
+            "train": _across_seeds([a.get("train") for a in after])}
+
+
+def _across_seeds(splits: list[Split | None]) -> dict | None:
+    splits = [s for s in splits if s is not None]
+    if not splits:
+        return None
+    columns = {"loss": [s["loss"] for s in splits]}
+    columns.update({k: [s["rouge"][k]["mean"] for s in splits] for k in ROUGE_KEYS})
+    return {key: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None}
+            for key, v in columns.items()}
+
+
+def seed_runs(method: MethodResult) -> list[dict]:
+    """The method's runs when it was trained with several seeds, else [] (one seed reports as a single run)."""
+    runs = method.get("seed_runs") or []
+    return runs if len(runs) > 1 else []
+
+
+def eval_after(method: MethodResult) -> Split | None:
+    return method["after"]["eval"]
+
+
+def samples_of(results: dict) -> int:
+    samples = results["config"].get("eval", {}).get("bootstrap_samples")
+    return DEFAULT_SAMPLES if samples is None else int(samples)
+
+
+def _eval_mean(method: MethodResult, key: str) -> float:
+    """Eval loss or ROUGE mean that ranks the method: over its seeds when it has several."""
+    if seed_runs(method):
+        return method["across_seeds"]["eval"][key]["mean"]
+    split = eval_after(method)
+    return split["loss"] if key == "loss" else split["rouge"][key]["mean"]
+
+
+def _per_document(split: Split | None, key: str) -> list[float] | None:
+    return (split or {}).get("per_document", {}).get(key)
+
+
+def method_scores(method: MethodResult, key: str) -> list[float] | None:
+    """Per-document eval scores; with several seeds, each document's mean over the seeds."""
+    runs = seed_runs(method)
+    splits = [r["after"]["eval"] for r in runs] if runs else [eval_after(method)]
+    scores = [_per_document(s, key) for s in splits]
+    if any(s is None for s in scores) or len({len(s) for s in scores}) != 1:
+        return None
+    return list(np.mean(scores, axis=0))
+
+
+def _ranking(methods: dict[str, MethodResult], key: str) -> list[str]:
+    """Scored methods, best first: highest eval mean of a ROUGE key, or lowest eval loss for key "loss"."""
+    scored = [n for n, m in methods.items() if eval_after(m) is not None]
+    sign = 1 if key == "loss" else -1
+    return sorted(scored, key=lambda n: sign * _eval_mean(methods[n], key))
+
+
+def baseline_name(key: str) -> str:
+    """A baseline's name in tests: BEFORE for the run-format zero-shot (today's "untouched model"), else its key."""
+    return BEFORE if key == ZERO_SHOT else key
+
+
+def _scored_baselines(results: dict) -> dict[str, BaselineResult]:
+    """Baselines with eval scores, by test name, in the order they were scored."""
+    return {baseline_name(k): b for k, b in results["baselines"].items() if b.get("eval") is not None}
+
+
+def _baseline_analysis(baselines: dict[str, BaselineResult]) -> BaselineAnalysis:
+    means = {n: {key: b["eval"]["rouge"][key]["mean"] for key in TESTED_KEYS} for n, b in baselines.items()}
+    ranking = {key: sorted(means, key=lambda n: -means[n][key]) for key in TESTED_KEYS}
+    return {"labels": {n: b["label"] for n, b in baselines.items()}, "ranking": ranking,
+            "strongest": {key: ranked[0] for key, ranked in ranking.items() if ranked}, "eval_means": means}
+
+
+def _pairs(ranking: dict[str, list[str]], baselines: dict[str, BaselineResult]) -> list[tuple[str, str, str]]:
+    """(a, b, key) for every test the report states: the leader against each other method, each method against
+    the untouched model and against every other baseline, and the untouched model in the run's format against the
+    same model in the other format."""
+    others = [n for n in baselines if n != BEFORE]
+    zero_shots = [n for n in others if baselines[n]["kind"] == "zero-shot"]
+    pairs = []
+    for key in TESTED_KEYS:
+        ranked = ranking[key]
+        pairs += [(ranked[0], other, key) for other in ranked[1:]] + [(n, BEFORE, key) for n in ranked]
+        pairs += [(n, b, key) for n in ranked for b in others] + [(BEFORE, b, key) for b in zero_shots]
+    return list(dict.fromkeys(pairs))
+
+
+def analyze(results: dict) -> Analysis:
+    """The ranking, the baselines' ranking and every paired test, where both sides have per-document scores on the
+    same documents."""
+    methods, samples = results["methods"], samples_of(results)
+    baselines = _scored_baselines(results)
+    ranking = {key: _ranking(methods, key) for key in ("loss", *TESTED_KEYS)}
+    tests: list[PairedTest] = []
+    for a, b, key in _pairs(ranking, baselines):
+        xs, ys = (_per_document(baselines[n]["eval"], key) if n in baselines else
+                  method_scores(methods[n], key) if n in methods else None for n in (a, b))
+        if xs is not None and ys is not None and len(xs) == len(ys):
+            test = paired_bootstrap(xs, ys, samples=samples, seed=0)
+            p_value = None if math.isnan(test["p_value"]) else test["p_value"]
+            tests.append({"a": a, "b": b, "metric": key, **test, "p_value": p_value})
+    means = {n: {key: _eval_mean(methods[n], key) for key in ranking} for n in ranking["loss"]}
+    return {"alpha": ALPHA, "samples": samples, "ranking": ranking, "eval_means": means, "tests": tests,
+            "baselines": _baseline_analysis(baselines)}
+
+
+def significant(test: PairedTest, alpha: float = ALPHA) -> bool:
+    return test["p_value"] is not None and test["p_value"] < alpha
+
+
+def upgrade(results: dict) -> Results:
+    """`results` at the current schema: an older file gains its statistics (computed now), and the settings that
+    did not exist when it was written read as their defaults (which keep the old behaviour); in place."""
+    from ..config import complete_saved
+
+    complete_saved(results["config"])
+    if "baselines" not in results:  # before there were several: the untouched model alone, in the plain format
+        base = results.get("baseline")
+        results["baselines"] = {} if base is None else {ZERO_SHOT: {
+            "kind": "zero-shot", "label": "untouched model (plain)", "dir": "baseline",
+            "settings": {"format": "plain"}, "note": None, "train": base.get("train"), "eval": base.get("eval")}}
+    results.setdefault("prompt", {"format": "plain", "chosen": "plain",
+                                  "template": results["config"]["data"]["template"]})
+    for method in results["methods"].values():
+        method.setdefault("after", {"train": None, "eval": None})
+        for run in [method, *(method.get("seed_runs") or [])]:
+            for epoch in run["training"]["epochs"]:  # before budgets, every epoch was whole
+                epoch.setdefault("batches", 1)
+                epoch.setdefault("of_batches", 1)
+        if len(method.get("seed_runs") or []) > 1 and "across_seeds" not in method:
+            method["across_seeds"] = seed_summary(method["seed_runs"])
+    if results.get("schema_version") != SCHEMA_VERSION or "analysis" not in results:
+        results["analysis"] = analyze(results)
+        results["schema_version"] = SCHEMA_VERSION
+    return results
+

@@ -1,0 +1,1 @@
+"""The training loop (budgets, schedule, validation, early stopping) and its resumable checkpoints."""
