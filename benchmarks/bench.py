@@ -354,7 +354,7 @@ def run_generation(args) -> dict:
     from peftsum.core.prompts import prompt_format
     from peftsum.evaluation.evaluate import generate
     from peftsum.evaluation.metrics import rouge_summary
-    from peftsum.methods import untouched
+    from peftsum.methods.base import untouched
 
     device, dtype = pick(args)
     overrides = {"data.source": str(DATA), "data.format": "plain", "data.train_eval_size": "0",

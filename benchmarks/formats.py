@@ -23,7 +23,7 @@ from peftsum.config import load_config  # noqa: E402
 from peftsum.core.data import load_data  # noqa: E402
 from peftsum.core.session import open_session  # noqa: E402
 from peftsum.evaluation.evaluate import evaluate, score_predictions  # noqa: E402
-from peftsum.methods import untouched  # noqa: E402
+from peftsum.methods.base import untouched  # noqa: E402
 from peftsum.study.baselines import lead  # noqa: E402
 
 # data set -> (settings of its shipped config or the demo, instruction wordings, lead settings to try)

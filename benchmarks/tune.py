@@ -27,12 +27,9 @@ from peftsum.core.data import load_data  # noqa: E402
 from peftsum.core.session import open_session  # noqa: E402
 from peftsum.evaluation.evaluate import evaluate  # noqa: E402
 from peftsum.infra.runs import RUN_CONFIG  # noqa: E402
-from peftsum.methods import (  # noqa: E402
-    adapt,
-    adapters,  # noqa: E402
-    method_named,
-    untouched,
-)
+from peftsum.methods import adapters  # noqa: E402
+from peftsum.methods.base import adapt, untouched  # noqa: E402
+from peftsum.methods.registry import method_named  # noqa: E402
 from peftsum.study.compare import compare  # noqa: E402
 
 INSTRUCTION = "Summarize the following text in one sentence.\n\n{document}\n\nSummary:"

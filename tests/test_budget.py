@@ -12,7 +12,7 @@ from peftsum.cli import main
 from peftsum.config import load_config
 from peftsum.core.data import load_data
 from peftsum.core.prompts import encode_example
-from peftsum.methods import adapt
+from peftsum.methods.base import adapt
 from peftsum.training import train as train_module
 
 # 24 training examples in batches of 4: 6 steps per epoch.

@@ -11,7 +11,8 @@ from conftest import tiny_model
 from peftsum.config import FinetuneConfig, LoraConfig
 from peftsum.core.models import transformer_blocks
 from peftsum.fast import fused
-from peftsum.methods import finetune, lora
+from peftsum.methods.finetune import method as finetune
+from peftsum.methods.lora import method as lora
 
 
 def loss_and_grads(model, params, batch, joined: bool):

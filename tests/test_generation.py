@@ -226,7 +226,7 @@ def test_the_lean_step_computes_the_models_logits(dtype, stored, padded, tokeniz
 
     from peftsum.core.forward import ReservedLayer, autocast, filled_cache
     from peftsum.fast.decode import LeanDecoder
-    from peftsum.methods import untouched
+    from peftsum.methods.base import untouched
 
     model = tiny_model("llama", tokenizer)
     untouched(model, stored)
@@ -253,8 +253,8 @@ def test_the_lean_prefill_computes_the_models_logits(dtype, stored, padded, pref
     key/value prefix (prefix tuning's): the same last-position logits (bf16: to the bit) and the same cache."""
     from peftsum.core.forward import ReservedLayer, autocast, filled_cache
     from peftsum.fast.decode import LeanDecoder
-    from peftsum.methods import untouched
-    from peftsum.methods.prefix import kv_layout
+    from peftsum.methods.base import untouched
+    from peftsum.methods.prefix.method import kv_layout
 
     model = tiny_model("llama", tokenizer)
     untouched(model, stored)
@@ -289,7 +289,7 @@ def test_the_lean_step_is_used_only_where_it_is_exact(tokenizer):
     from peftsum.config import RunConfig
     from peftsum.fast.decode import LeanDecoder
     from peftsum.fast.quantized import int8_linears
-    from peftsum.methods import adapt, untouched
+    from peftsum.methods.base import adapt, untouched
 
     build = LeanDecoder.build
     assert build(tiny_model("gpt2", tokenizer), torch.float32, 4) is None
@@ -324,7 +324,7 @@ def test_evaluation_generates_the_same_summaries_with_the_lean_step(method, toke
     import peftsum.fast.decode
     from peftsum.config import RunConfig
     from peftsum.evaluation.evaluate import generate_from
-    from peftsum.methods import adapt
+    from peftsum.methods.base import adapt
 
     cfg = RunConfig()
     cfg.model.precision = "fp32"
@@ -353,7 +353,7 @@ def test_evaluation_generates_with_int8_products_where_asked(kind, lean, tokeniz
     import peftsum.fast.decode
     from peftsum.config import RunConfig
     from peftsum.evaluation.evaluate import generate_from
-    from peftsum.methods import untouched
+    from peftsum.methods.base import untouched
 
     cfg = RunConfig()
     cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.quantize = 4, 4, "int8"

@@ -23,7 +23,9 @@ from peftsum.config import METHODS, RunConfig, load_config
 from peftsum.core.prompts import encode_prompt, prompt_budget
 from peftsum.core.session import load_run
 from peftsum.errors import UserError
-from peftsum.methods import adapt, adapters, ia3
+from peftsum.methods import adapters
+from peftsum.methods.base import adapt
+from peftsum.methods.ia3 import method as ia3
 
 KINDS = ["gpt2", "llama"]
 # peft's defaults: (targets, feed-forward targets), and the trainable numbers on the tiny models (2 blocks).

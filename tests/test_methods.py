@@ -11,7 +11,8 @@ from conftest import KINDS, tiny_model
 from peftsum.config import RunConfig
 from peftsum.core.forward import collate, generate_batch, summary_loss
 from peftsum.core.prompts import IGNORE, Encoded
-from peftsum.methods import adapt, lora, untouched
+from peftsum.methods.base import adapt, untouched
+from peftsum.methods.lora import method as lora
 
 
 def batch_for(tokenizer, texts, summary_from=3):
@@ -118,7 +119,7 @@ def test_soft_prompt_changes_loss_and_generation(kind, tokenizer):
 
 
 def test_soft_prompt_sits_right_before_the_real_tokens():
-    from peftsum.methods.prompt import SoftPrompt
+    from peftsum.methods.prompt.method import SoftPrompt
 
     prompt = SoftPrompt(torch.full((2, 1), 9.0))
     embeds = torch.tensor([[[0.0], [0.0], [1.0], [2.0]], [[3.0], [4.0], [5.0], [6.0]]])
@@ -231,7 +232,7 @@ def test_bf16_generation_with_a_trainable_tied_embedding(tokenizer):
 def test_soft_prompt_starts_at_the_scale_of_the_embedding_output(kind, init, tokenizer):
     """Gemma multiplies its table by sqrt(hidden size); the prompt must start beside real token embeddings, not raw
     rows. For GPT-2 and Llama (plain nn.Embedding) the output is the row itself, so nothing changes there."""
-    from peftsum.methods.prompt import initial_embeddings
+    from peftsum.methods.prompt.method import initial_embeddings
 
     model = tiny_model(kind, tokenizer)
     module, table = model.get_input_embeddings(), model.get_input_embeddings().weight.detach()

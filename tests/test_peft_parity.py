@@ -27,8 +27,10 @@ from conftest import tiny_model
 
 from peftsum.config import LoraConfig, PromptConfig, RunConfig
 from peftsum.core.forward import model_inputs
-from peftsum.methods import adapt, adapters, lora
-from peftsum.methods.lora import LoRA
+from peftsum.methods import adapters
+from peftsum.methods.base import adapt
+from peftsum.methods.lora import method as lora
+from peftsum.methods.lora.method import LoRA
 
 KINDS = ["gpt2", "llama", "gemma3"]
 RANK, ALPHA = 4, 8.0

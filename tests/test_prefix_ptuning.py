@@ -24,7 +24,8 @@ from peftsum.config import RunConfig, load_config
 from peftsum.core.forward import collate, generate_batch, greedy, model_inputs, prefix_cache, summary_loss
 from peftsum.core.prompts import IGNORE, Encoded, encode_prompt, prompt_budget
 from peftsum.core.session import load_adapter
-from peftsum.methods import adapt, adapters
+from peftsum.methods import adapters
+from peftsum.methods.base import adapt
 from peftsum.training import checkpoint
 
 KINDS = ["gpt2", "llama"]

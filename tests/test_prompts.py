@@ -24,7 +24,7 @@ from peftsum.core.prompts import (
 )
 from peftsum.errors import UserError
 from peftsum.evaluation.evaluate import generate
-from peftsum.methods import untouched
+from peftsum.methods.base import untouched
 
 DOCUMENTS = ["the council said on monday that new rules for city buses will start next year.",
              "  drivers and riders asked for more routes\n\nand cheaper fares!  ", "a"]

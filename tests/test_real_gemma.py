@@ -9,7 +9,7 @@ from peftsum.core.models import count_parameters, embedded_available
 from peftsum.core.prompts import encode_example, prompt_format
 from peftsum.core.session import fresh_adapted, open_session
 from peftsum.evaluation.evaluate import mean_loss
-from peftsum.methods import untouched
+from peftsum.methods.base import untouched
 from peftsum.training.train import train
 
 pytestmark = [pytest.mark.slow,

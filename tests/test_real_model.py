@@ -11,7 +11,7 @@ from peftsum.core.data import load_data
 from peftsum.core.prompts import encode_example
 from peftsum.core.session import fresh_adapted, open_session
 from peftsum.evaluation.evaluate import evaluate, mean_loss
-from peftsum.methods import untouched
+from peftsum.methods.base import untouched
 from peftsum.training.train import train
 
 pytestmark = [pytest.mark.slow, requires_real]

@@ -14,7 +14,7 @@ from peftsum.config import load_config
 from peftsum.core.data import Example, load_data, validation_note, validation_subset
 from peftsum.core.prompts import encode_example
 from peftsum.evaluation.evaluate import evaluate, generate, mean_loss, validation
-from peftsum.methods import adapt
+from peftsum.methods.base import adapt
 from peftsum.outputs.report import loss_figure, render_markdown
 from peftsum.training import train as train_module
 

@@ -36,7 +36,8 @@ def export(args) -> int:
 
     from ..core.prompts import prompt_format
     from ..infra.files import check_writable
-    from ..methods import BY_PEFT_TYPE, REGISTRY, adapters, method_named
+    from ..methods import adapters
+    from ..methods.registry import all_methods, by_peft_type, method_named
     from ..outputs import gguf_export
     from ..outputs.export import check_target, merged_model, prompted_like_the_run, write_model
     from ..outputs.model_card import export_card, write_card
@@ -52,7 +53,7 @@ def export(args) -> int:
     if args.gguf:
         gguf_export.check_target(Path(args.gguf), args.overwrite)
     if not args.run and not args.adapter:
-        mergeable = ", ".join(m.name for m in REGISTRY.values() if m.can_merge)
+        mergeable = ", ".join(m.name for m in all_methods().values() if m.can_merge)
         raise UserError(f"export needs --run DIR (a trained run of {mergeable}) or --adapter DIR (a peft adapter of "
                         f"one of those)")
     source, flag = (Path(args.run), "--run") if args.run else (Path(args.adapter), "--adapter")
@@ -62,7 +63,7 @@ def export(args) -> int:
     if args.run:
         method = method_named(source_config(args).methods[0])
     else:
-        method = BY_PEFT_TYPE.get(str(adapters.read_adapter_config(source).get("peft_type") or "").upper())
+        method = by_peft_type().get(str(adapters.read_adapter_config(source).get("peft_type") or "").upper())
     if method is not None and not method.can_merge:
         raise _cannot_merge(source, flag, method)
     setattr(args, "model.precision", "fp32")  # merge into, and write, full-precision weights

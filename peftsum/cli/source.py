@@ -30,7 +30,7 @@ def open_source(args, progress: bool = True):
         loaded, adapted = session.load_adapter(cfg, Path(args.adapter), model_given="model.name" in vars(args),
                                                progress=progress)
     else:
-        from ..methods import untouched
+        from ..methods.base import untouched
 
         loaded = session.open_session(cfg, progress)
         adapted = untouched(loaded.loaded.model, loaded.dtype)

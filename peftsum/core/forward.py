@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..fast.decode import LeanDecoder
-from ..methods import Adapted
+from ..methods.base import Adapted
 from .prompts import IGNORE, Encoded
 
 

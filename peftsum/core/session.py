@@ -22,7 +22,9 @@ from ..config import RunConfig, validate
 from ..errors import UserError
 from ..infra import distributed
 from ..infra.runs import RUN_CONFIG
-from ..methods import BY_PEFT_TYPE, Adapted, adapt, adapters, method_named
+from ..methods import adapters
+from ..methods.base import Adapted, adapt
+from ..methods.registry import by_peft_type, method_named
 from .models import LoadedModel, compute_dtype, count_parameters, load_model, pick_device, ties_embeddings
 
 
@@ -152,9 +154,9 @@ def configure_from_adapter(cfg: RunConfig, config: dict, folder: Path, model_giv
     if not isinstance(config, dict):
         raise UserError(f"{where} must hold a JSON object")
     peft_type = str(config.get("peft_type") or "").upper()
-    if peft_type not in BY_PEFT_TYPE:
+    if peft_type not in by_peft_type():
         raise UserError(f"{where}: peft_type {config.get('peft_type')!r} is not supported; supported: "
-                        f"{', '.join(BY_PEFT_TYPE)}")
+                        f"{', '.join(by_peft_type())}")
     task = config.get("task_type")
     if task not in (None, "CAUSAL_LM"):
         raise UserError(f"{where}: task_type {task!r} is not supported; peftsum adapts causal LMs (CAUSAL_LM)")
@@ -163,7 +165,7 @@ def configure_from_adapter(cfg: RunConfig, config: dict, folder: Path, model_giv
         if not base:
             raise UserError(f"{where} names no base model (base_model_name_or_path); pass --model")
         cfg.model.name = str(base)
-    method = BY_PEFT_TYPE[peft_type]
+    method = by_peft_type()[peft_type]
     cfg.methods = [method.name]
     method.configure(cfg, config, where)
     validate(cfg)

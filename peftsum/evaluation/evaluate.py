@@ -25,7 +25,7 @@ from ..fast.decode import LeanDecoder
 from ..fast.quantized import check_int8, int8_linears
 from ..infra import distributed
 from ..infra.files import write_jsonl
-from ..methods import Adapted
+from ..methods.base import Adapted
 from .metrics import ROUGE_KEYS, bootstrap_interval, rouge_intervals, rouge_per_document
 
 

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama import modeling_llama as llama
 
-from ..methods import unhooked
-from ..methods.prefix import kv_layout
+from ..methods.base import unhooked
+from ..methods.prefix.method import kv_layout
 from .fused import GATE_UP, QKV
 from .quantized import int8_product, int8_weight
 

@@ -23,7 +23,7 @@ from torch import nn
 from transformers.models.llama import modeling_llama as llama
 
 from ..core.models import transformer_blocks
-from ..methods.lora import LoRA
+from ..methods.lora.method import LoRA
 
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 

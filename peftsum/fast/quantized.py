@@ -23,8 +23,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import UserError
-from ..methods import unhooked
-from ..methods.lora import linear_weight
+from ..methods.base import unhooked
+from ..methods.targets import linear_weight
 
 
 class Int8Weight(NamedTuple):

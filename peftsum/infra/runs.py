@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..config import METHODS, RunConfig, complete_saved
 from ..errors import UserError
-from ..methods import REGISTRY
 from ..methods.adapters import ADAPTER_CONFIG
+from ..methods.registry import all_methods
 from ..training import checkpoint
 from .files import read_json
 
@@ -34,7 +34,7 @@ ROUGE_PLOT = "rouge.png"
 BASELINE = "baseline"  # the untouched model's folder in a comparison (zero-shot, in the run's prompt format)
 BASELINES = "baselines"  # the other baselines' folders: baselines/<name>/ (baselines.py)
 SPLITS = ("train", "eval")
-WEIGHT_FILES = tuple(dict.fromkeys(m.weights_file for m in REGISTRY.values()))
+WEIGHT_FILES = tuple(dict.fromkeys(m.weights_file for m in all_methods().values()))
 
 # Settings that may differ when a comparison resumes: where it goes, which methods and baselines run, how often it
 # checkpoints, which trackers it reports to.

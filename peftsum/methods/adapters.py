@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from ..errors import UserError
 from ..infra.files import atomic_write, damaged, read_json, read_tensors, require_file, write_json
-from . import Adapted, Method
+from .base import Adapted, Method
 
 ADAPTER_CONFIG = "adapter_config.json"
 # Weight files in pickle-based formats (torch.save and friends): unpickling can run arbitrary code, so never read.

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..config import EvalConfig
 from ..core.prompts import MARK, ChatFormat, PlainFormat, bos_prefix
 from ..errors import UserError
-from ..methods import Adapted
+from ..methods.base import Adapted
 
 EXPORT_NOTE = "peftsum_config.yaml"  # the settings the export came from, beside the weights
 # Files transformers would load as model weights: removed from an export folder on --overwrite, so that nothing stale

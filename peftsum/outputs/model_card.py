@@ -20,7 +20,7 @@ import yaml
 from ..evaluation.metrics import ROUGE_KEYS, paired_bootstrap
 from ..infra.files import looks_like_path, read_json, write_text
 from ..infra.runs import MODEL_CARD, RESULTS
-from ..methods import method_named
+from ..methods.registry import method_named
 from ..study.analysis import ALPHA, DEFAULT_SAMPLES
 from .formatting import ci, duration, epochs_done, p_value, signed
 

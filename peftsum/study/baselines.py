@@ -31,7 +31,7 @@ from ..evaluation.evaluate import evaluate, generate_from, score_predictions
 from ..evaluation.metrics import split_sentences
 from ..infra import distributed, runs
 from ..infra.files import read_json, write_json
-from ..methods import Adapted
+from ..methods.base import Adapted
 from .results import ZERO_SHOT
 
 

@@ -37,7 +37,8 @@ from ..core.session import Session, base_copy, check_fsdp, environment, fresh_ad
 from ..evaluation.evaluate import evaluate, validation
 from ..infra import distributed, runs
 from ..infra.files import make_folder, read_json, write_json, write_text
-from ..methods import Adapted, adapters, untouched
+from ..methods import adapters
+from ..methods.base import Adapted, untouched
 from ..outputs.model_card import write_cards
 from ..outputs.report import write_report
 from ..outputs.trackers import Tracking, group_name, open_tracking, require, result_metrics

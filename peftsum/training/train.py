@@ -53,7 +53,7 @@ from ..fast.compiled import paused, should_compile, training_blocks
 from ..infra import distributed, signals
 from ..infra.files import write_jsonl
 from ..infra.runs import VALIDATION_LOG
-from ..methods import Adapted
+from ..methods.base import Adapted
 from . import checkpoint
 
 # What asks the loop to stop at the next step boundary: anything with is_set(), a StopSignal or a threading.Event.

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import FinetuneConfig, RunConfig
-from ..core.models import final_norms, ties_embeddings, transformer_blocks
-from ..errors import UserError
-from . import Adapted, Method, check_shape
+from ...config import FinetuneConfig, RunConfig
+from ...core.models import final_norms, ties_embeddings, transformer_blocks
+from ...errors import UserError
+from ..base import Adapted, Method, check_shape
 
 
 def apply(model: nn.Module, cfg: FinetuneConfig) -> list[nn.Parameter]:

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import PtuningConfig, RunConfig
-from ..errors import UserError
-from . import Adapted, Method, check_decoder_only, check_shape, number
-from .prompt import insert
+from ...config import PtuningConfig, RunConfig
+from ...errors import UserError
+from ..base import Adapted, Method, check_decoder_only, check_shape, number
+from ..prompt.method import insert
 
 PEFT_KEY = "prompt_embeddings"
 PEFT_TYPES = {"mlp": "MLP", "lstm": "LSTM"}  # peft's encoder_reparameterization_type values

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import LoraConfig, RunConfig
-from ..errors import UserError
-from . import Adapted, Method, check_shape, number
+from ...config import LoraConfig, RunConfig
+from ...errors import UserError
+from ..base import Adapted, Method, check_shape, number
+from ..targets import PEFT_PREFIX, in_out_features, linear_weight, target_names
 
 # PEFT's matching rule: a target names a module exactly or as a dotted suffix of its full name.
 DEFAULT_TARGETS = {
@@ -39,7 +40,6 @@ DEFAULT_TARGETS = {
     "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],  # Gemma 3's text-only model (Gemma3ForCausalLM)
 }
 FALLBACK_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value", "out_proj"]
-PEFT_PREFIX = "base_model.model."  # peft's key prefix: base_model.model.<module>.lora_A.weight
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude in a peft file: base_model.model.<module>.lora_magnitude_vector
 # peft LoRA options that change what the adapter computes and that peftsum's LoRA does not implement.
 UNSUPPORTED_PEFT_OPTIONS = ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform",
@@ -121,11 +121,6 @@ class LoRA(nn.Module):
         return torch.cat([self.lora_A, self.initial_A], dim=0), torch.cat([self.lora_B, -self.initial_B], dim=1)
 
 
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The module's weight in nn.Linear layout (out x in): Conv1D's (in x out) transposed (a view)."""
-    return module.weight if isinstance(module, nn.Linear) else module.weight.T
-
-
 def _add_update(module: nn.Module, args, output):
     lora = module.lora
     if lora.merged:
@@ -133,13 +128,6 @@ def _add_update(module: nn.Module, args, output):
     if lora.magnitude is None:
         return output + lora(args[0])
     return output + lora.dora_update(module, args[0], output)
-
-
-def in_out_features(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    in_features, out_features = module.weight.shape  # Conv1D: (in, out)
-    return in_features, out_features
 
 
 @torch.no_grad()
@@ -176,26 +164,6 @@ def init_from_weight(module: nn.Module, lora: LoRA, how: str) -> None:
 def chosen_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
     """The user's target patterns, or the architecture's default."""
     return targets or DEFAULT_TARGETS.get(getattr(model.config, "model_type", ""), FALLBACK_TARGETS)
-
-
-def matches(name: str, patterns: list[str]) -> bool:
-    """peft's rule for a list of targets: the module's full name is a pattern or ends with '.' + a pattern."""
-    return any(name == t or name.endswith("." + t) for t in patterns)
-
-
-def target_names(model: nn.Module, patterns: list[str], section: str = "lora") -> list[str]:
-    """Full names of the linear/Conv1D modules that match `patterns` (`section` names the setting in errors)."""
-    model_type = getattr(model.config, "model_type", "")
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, (nn.Linear, Conv1D)) and matches(name, patterns)]
-    if not names:
-        raise UserError(f"{section}.targets {patterns} match no linear layer of this {model_type or 'model'}; "
-                        f"examples of layer names: {', '.join(_linear_names(model)[:6])}")
-    return names
-
-
-def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
 
 
 def apply(model: nn.Module, cfg: LoraConfig) -> dict[str, LoRA]:

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import Ia3Config, RunConfig
-from ..errors import UserError
-from . import Adapted, Method, check_shape
-from .lora import PEFT_PREFIX, in_out_features, linear_weight, matches, target_names
+from ...config import Ia3Config, RunConfig
+from ...errors import UserError
+from ..base import Adapted, Method, check_shape
+from ..targets import PEFT_PREFIX, in_out_features, linear_weight, matches, target_names
 
 # model_type: (targets, the feed-forward ones among them, scaled on their input), as peft's mappings.
 DEFAULT_TARGETS = {

@@ -1,0 +1,1 @@
+"""Soft prompt tuning: its settings in config.py, its model code in method.py."""
