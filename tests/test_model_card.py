@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from peftsum.evaluation.metrics import ROUGE_KEYS, bootstrap_interval, paired_bo
 from peftsum.outputs.formatting import ci, p_value, signed
 from peftsum.outputs.model_card import CardInfo, render_card
 from peftsum.outputs.push import upload_files
+from peftsum.study.analysis import against_untouched
 
 EMBEDDED_CONFIG = {"model": {"name": "smollm2-135m", "random_init": False, "precision": "bf16"},
                    "data": {"source": "xsum", "template": "{document}\nTL;DR:", "max_length": 256,
@@ -37,13 +39,14 @@ BASE = [20.0, 22.0, 30.0, 19.0, 21.5, 25.0]
 
 
 def info(method: str = "lora", kind: str = "adapter", config: dict | None = None, **extra) -> CardInfo:
+    after, baseline = {"eval": split(MINE, 2.66)}, {"eval": split(BASE, 3.11)}
     return CardInfo(method=method, kind=kind, config=config or EMBEDDED_CONFIG, where="runs/x/" + method,
                     params={"total": 135_436_608, "trainable": 921_600, "trainable_percent": 0.68,
                             "description": "LoRA r=8 alpha=16 on q_proj, v_proj"},
                     training={"steps": 347, "tokens": 650_000, "tokens_per_s": 823.0,
                               "epochs": [{"seconds": 400.0, "batches": 100, "of_batches": 100},
                                          {"seconds": 400.0, "batches": 47, "of_batches": 100}]},
-                    after={"eval": split(MINE, 2.66)}, baseline={"eval": split(BASE, 3.11)},
+                    after=after, baseline=baseline, paired=against_untouched(after, baseline, samples=200),
                     data={"source": "xsum", "document_column": "document", "summary_column": "summary",
                           "train_examples": 800, "eval_examples": 6}, **extra)
 
@@ -100,6 +103,30 @@ def test_usage_matches_the_kind():
     assert "prompt = '{document}\\nTL;DR:'.format(" in adapter  # a plain-format run, on its base model
     prompt = render_card(info("prompt", "adapter"))
     assert "one document at a time" in prompt and "one document at a time" not in adapter
+
+
+def test_what_a_card_says_of_a_method_follows_the_method_protocol():
+    """A merged export of an adapter is titled by the adapter's name, whatever the adapter (IA3's once read
+    "fine-tuned model"); the note on peft's batching goes with every method that puts virtual tokens in the inputs."""
+    titles = {m: render_card(info(m, "merged")).split("\n# ")[1].split("\n")[0] for m in ("lora", "ia3", "finetune")}
+    assert titles == {"lora": "SmolLM2-135M-Instruct: LoRA-merged model for summarization (xsum)",
+                      "ia3": "SmolLM2-135M-Instruct: (IA)³-merged model for summarization (xsum)",
+                      "finetune": "SmolLM2-135M-Instruct: fine-tuned model for summarization (xsum)"}
+    exported = {m: render_card(info(m, "merged", source_run="runs/x")) for m in ("ia3", "finetune")}
+    assert "Exported from the run `runs/x` with the (IA)³ weights merged into the base weights." in exported["ia3"]
+    assert "Exported from the run `runs/x`." in exported["finetune"]
+    noted = {m for m in ("lora", "prompt", "ptuning", "prefix", "ia3") if "one document at a time" in
+             render_card(info(m, "adapter"))}
+    assert noted == {"prompt", "ptuning"}
+
+
+def test_the_card_reads_its_paired_test_from_the_analysis():
+    """No statistics are computed while rendering: a card without the analysis' comparison shows no paired row."""
+    card = render_card(dataclasses.replace(info(), paired=None))
+    assert "| difference (paired) |" not in card and "No paired test" in card
+    untested = info()
+    untested.paired = {**untested.paired, "tests": {k: {**t, "p_value": None} for k, t in untested.paired["tests"].items()}}
+    assert "(not tested)" in render_card(untested)
 
 
 def test_a_chat_format_run_is_described_and_prompted_as_trained():
@@ -160,6 +187,16 @@ def test_compare_writes_a_card_into_every_method_folder(tiny_comparison):
         rouge1 = results["methods"][method]["after"]["eval"]["rouge"]["rouge1"]
         assert f"| this model | {results['methods'][method]['after']['eval']['loss']:.3f} | {ci(rouge1)} |" in card
         assert "| difference (paired) |" in card
+
+
+def test_cards_of_an_older_comparison_gain_their_paired_tests(tiny_comparison):
+    """results.json written before the analysis held the cards' tests: `upgrade` computes them, the same as compare's."""
+    from peftsum.study.analysis import upgrade
+
+    results = json.loads((tiny_comparison / "results.json").read_text())
+    stored = results["analysis"].pop("against_untouched")
+    assert set(stored) == {"lora", "prompt", "finetune"}
+    assert upgrade(results)["analysis"]["against_untouched"] == stored
 
 
 def test_train_and_export_write_cards(tiny_model_dirs, tiny_comparison, tmp_path):

@@ -4,24 +4,26 @@ A card is YAML front matter (base_model, library_name, tags, datasets, metrics a
 hub, a model-index with this run's eval scores) and a body: method and settings, data, budget, scores with 95%
 intervals against the untouched base model, how to load the result with peft / transformers / peftsum.
 
-`render_card` is pure: it turns a `CardInfo` into text. The builders gather a CardInfo from what a command has at
-hand (a comparison's results dict, a `train` run, an export and the run it came from); `write_card` writes it.
+`render_card` is pure: it turns a `CardInfo` into text, reading every number it shows (the paired tests against the
+untouched model are the comparison's analysis, analysis.py's `against_untouched`). The builders gather a CardInfo from
+what a command has at hand (a comparison's results dict, a `train` run, an export and the run it came from);
+`write_card` writes it. What a card says of a method comes from the method protocol (its title, tags, peft form,
+whether it merges), never from its name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from ..evaluation.metrics import ROUGE_KEYS, paired_bootstrap
+from ..evaluation.metrics import ROUGE_KEYS
 from ..infra.files import looks_like_path, read_json, write_text
 from ..infra.runs import MODEL_CARD, RESULTS
 from ..methods.registry import method_named
-from ..study.analysis import ALPHA, DEFAULT_SAMPLES
+from ..study.analysis import ALPHA, DEFAULT_SAMPLES, trained_runs, upgrade
 from .formatting import ci, duration, epochs_done, p_value, signed
 
 __all__ = ["CardInfo", "card_from_results", "export_card", "render_card", "train_card", "write_card",
@@ -46,7 +48,7 @@ KINDS = ("adapter", "tensors", "merged")  # peft adapter folder, finetuned.safet
 class CardInfo:
     """What a card states. Only method, kind, config and where are required; every other fact is optional."""
 
-    method: str  # lora | prompt | finetune
+    method: str  # a registered method's name
     kind: str  # one of KINDS
     config: dict  # the run's RunConfig.to_dict()
     where: str  # the folder the card sits in (its load snippets use it)
@@ -54,6 +56,7 @@ class CardInfo:
     training: dict | None = None  # train.train's facts: steps, epochs, tokens, tokens_per_s, budget...
     after: dict | None = None  # {"train": split, "eval": split} after training
     baseline: dict | None = None  # the same for the untouched model
+    paired: dict | None = None  # this run minus the untouched model, from the analysis (analysis.against_untouched)
     data: dict | None = None  # data facts of the comparison (source, columns, sizes)
     environment: dict | None = None  # hardware and software of the run
     seeds: dict | None = None  # {"seed", "n", "across": seed_summary} for one of several seeds
@@ -98,12 +101,18 @@ def library_name(kind: str) -> str:
     return "peft" if kind == "adapter" else "transformers"
 
 
-def paired_tests(after: dict | None, baseline: dict | None, samples: int) -> dict[str, dict]:
-    """Paired bootstrap of this model minus the untouched one per ROUGE key, where both have per-document scores."""
-    mine = ((after or {}).get("eval") or {}).get("per_document") or {}
-    theirs = ((baseline or {}).get("eval") or {}).get("per_document") or {}
-    return {key: paired_bootstrap(mine[key], theirs[key], samples=samples, seed=0)
-            for key in ROUGE_KEYS if mine.get(key) and theirs.get(key) and len(mine[key]) == len(theirs[key])}
+def merges_an_adapter(method: str) -> bool:
+    """Whether a merged export of `method` is an adapter (a method with a peft form: LoRA, (IA)³...) merged into the
+    base weights, rather than weights fine-tuned in place."""
+    return method_named(method).peft_type is not None
+
+
+def inserts_virtual_tokens(method: str) -> bool:
+    """Whether `method` adds trained virtual tokens to the inputs (soft prompt, P-tuning): what peft places before a
+    left-padded row's padding. Such a method leaves the weights alone (it cannot merge) and has no key/value prefix
+    (prefix tuning's, which peft and peftsum both keep in front of the cache)."""
+    method = method_named(method)
+    return not method.can_merge and not method.cached_prefix
 
 
 # ---------------------------------------------------------------- the card
@@ -151,7 +160,8 @@ def _short(name) -> str:
 def _title(info: CardInfo) -> str:
     model = base_model_id(info.config) or (info.config.get("model") or {}).get("name", "?")
     what = {"adapter": f"{method_named(info.method).title} adapter", "tensors": "fine-tuned weights",
-            "merged": "LoRA-merged model" if info.method == "lora" else "fine-tuned model"}[info.kind]
+            "merged": f"{method_named(info.method).title}-merged model" if merges_an_adapter(info.method)
+            else "fine-tuned model"}[info.kind]
     source = (info.config.get("data") or {}).get("source", "?")
     return f"{_short(model)}: {what} for summarization ({_short(source)})"
 
@@ -242,13 +252,14 @@ def _scores(info: CardInfo) -> list[str]:
                 f"{info.where}`, or compare methods with `peftsum compare` (which writes the scores into this card)."]
     base = (info.baseline or {}).get("eval")
     samples = (info.config.get("eval") or {}).get("bootstrap_samples", DEFAULT_SAMPLES)
-    tests = paired_tests(info.after, info.baseline, samples)
+    tests = (info.paired or {}).get("tests") or {}
     header = ["", "eval loss", *(LABELS[k] for k in ROUGE_KEYS)]
     rows = [["this model", f"{evaluation['loss']:.3f}", *(ci(evaluation["rouge"][k]) for k in ROUGE_KEYS)]]
     if base:
         rows.insert(0, ["untouched base model", f"{base['loss']:.3f}", *(ci(base["rouge"][k]) for k in ROUGE_KEYS)])
     if tests:
-        loss_change = f"{evaluation['loss'] - base['loss']:+.3f}".replace("-", "−")
+        change = info.paired["loss_change"]
+        loss_change = "–" if change is None else f"{change:+.3f}".replace("-", "−")
         rows.append(["difference (paired)", loss_change, *(_test_cell(tests.get(k), samples) for k in ROUGE_KEYS)])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", f"ROUGE: F1 × 100 on {evaluation['n']} eval documents, mean [95% bootstrap interval]; loss: mean "
@@ -274,7 +285,7 @@ def _std(x: float | None) -> str:
 
 
 def _test_cell(test: dict | None, samples: int) -> str:
-    if test is None or math.isnan(test["p_value"]):  # this card's own test: NaN without resamples
+    if test is None or test["p_value"] is None:  # None: no resamples were drawn
         return "–" if test is None else f"{signed(test['diff'])} (not tested)"
     return (f"{signed(test['diff'])} [{signed(test['low'])}, {signed(test['high'])}], "
             f"p {p_value(test['p_value'], samples)}")
@@ -321,7 +332,7 @@ def _usage(info: CardInfo) -> list[str]:
                   f"tokenizer = AutoTokenizer.from_pretrained({base!r})",
                   f"model = PeftModel.from_pretrained(base, {where!r})  # this folder, or its hub repo",
                   *_generate_lines(info.config), "```"]
-        if info.method == "prompt":
+        if inserts_virtual_tokens(info.method):
             lines += ["", "Generate one document at a time with peft: in a left-padded batch it puts the virtual "
                           "tokens before the padding, which degrades the summaries; peftsum places them right."]
     elif info.kind == "tensors":
@@ -360,7 +371,8 @@ def render_card(info: CardInfo) -> str:
     intro = f"{made[0].upper()}{made[1:]} for abstractive summarization with peftsum ({method_named(info.method).title})."
     if info.source_run:
         intro += (f" Exported from the run `{info.source_run}`"
-                  + (" with the LoRA weights merged into the base weights." if info.method == "lora" else "."))
+                  + (f" with the {method_named(info.method).title} weights merged into the base weights."
+                     if merges_an_adapter(info.method) else "."))
     lines = ["---", front, "---", "", f"# {_title(info)}", "", intro, "",
              "## Method and settings", "", *_settings(info), "",
              "## Data", "", *_data(info), "",
@@ -385,7 +397,8 @@ def kind_of(method: str, merged: bool = False) -> str:
 
 
 def card_from_results(results: dict, name: str, run: dict, where: str) -> CardInfo:
-    """The card of one trained run (`run`: a method's result, or one of its seed runs) of a comparison."""
+    """The card of one trained run (`run`: a method's result, or one of its seed runs) of a comparison, whose
+    `results` hold their analysis."""
     config = dict(results["config"])
     config["train"] = {**(config.get("train") or {}), **({"seed": run["seed"]} if "seed" in run else {})}
     method = results["methods"][name]
@@ -394,15 +407,8 @@ def card_from_results(results: dict, name: str, run: dict, where: str) -> CardIn
         seeds = {"seed": run["seed"], "n": len(method["seed_runs"]), "across": method.get("across_seeds")}
     return CardInfo(method=name, kind=kind_of(name), config=config, where=where, params=run.get("params"),
                     training=run.get("training"), after=run.get("after"), baseline=results.get("baseline"),
-                    data=results.get("data"), environment=results.get("environment"), seeds=seeds)
-
-
-def _runs(results: dict):
-    """(method name, run result) for every trained run folder of a comparison (each seed's, for several seeds)."""
-    for name, method in results["methods"].items():
-        runs = method.get("seed_runs") or []
-        for run in runs if len(runs) > 1 else [method]:
-            yield name, run
+                    paired=results["analysis"]["against_untouched"].get(run["dir"]), data=results.get("data"),
+                    environment=results.get("environment"), seeds=seeds)
 
 
 def write_card(folder: Path, info: CardInfo) -> Path:
@@ -412,9 +418,10 @@ def write_card(folder: Path, info: CardInfo) -> Path:
 
 
 def write_cards(results: dict, out: Path) -> list[Path]:
-    """A card in every trained run folder of the comparison in `out` (skipping folders that are gone)."""
+    """A card in every trained run folder of the comparison in `out` (skipping folders that are gone); `results`
+    hold their analysis."""
     written = []
-    for name, run in _runs(results):
+    for name, run in trained_runs(results):
         folder = Path(out) / run["dir"]
         if folder.is_dir():
             written.append(write_card(folder, card_from_results(results, name, run, str(folder))))
@@ -428,13 +435,14 @@ def train_card(cfg, method: str, params: dict, training: dict, environment: dict
 
 
 def _comparison_of(folder: Path) -> tuple[dict, str, dict] | None:
-    """(results, method name, run) when `folder` is a trained run folder of a comparison (one or two levels down)."""
+    """(results, method name, run) when `folder` is a trained run folder of a comparison (one or two levels down);
+    results of an older peftsum gain their analysis (analysis.upgrade)."""
     folder = Path(folder).resolve()
     for root in (folder.parent, folder.parent.parent):
         if (root / RESULTS).is_file():
-            results = read_json(root / RESULTS)
+            results = upgrade(read_json(root / RESULTS))
             rel = folder.relative_to(root).as_posix()
-            for name, run in _runs(results):
+            for name, run in trained_runs(results):
                 if run.get("dir") == rel:
                     return results, name, run
     return None

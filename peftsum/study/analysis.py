@@ -1,13 +1,14 @@
 """The statistics of a comparison, computed once and stored in results.json: seed summaries, the ranking of the
-methods, and paired tests over the same eval documents.
+methods, paired tests over the same eval documents, and each trained run against the untouched model.
 
-`compare` calls `analyze` whenever it publishes results; report.py renders what it finds here and computes nothing.
-The tests are seeded (seed 0), so the same results give the same statistics every time.
+`compare` calls `analyze` whenever it publishes results; report.py and the model cards render what they find here
+and compute nothing. The tests are seeded (seed 0), so the same results give the same statistics every time.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import numpy as np
 
@@ -19,10 +20,12 @@ from .results import (
     BaselineAnalysis,
     BaselineResult,
     MethodResult,
+    PairedDifference,
     PairedTest,
     Results,
     SeedSummary,
     Split,
+    UntouchedComparison,
 )
 
 BEFORE = "untouched model"  # the name the untouched model in the run's format goes by in tests
@@ -128,9 +131,37 @@ def _pairs(ranking: dict[str, list[str]], baselines: dict[str, BaselineResult]) 
     return list(dict.fromkeys(pairs))
 
 
+def trained_runs(results: dict) -> Iterator[tuple[str, dict]]:
+    """(method name, run result) for every trained run folder of a comparison (each seed's, for several seeds)."""
+    for name, method in results["methods"].items():
+        runs = method.get("seed_runs") or []
+        for run in runs if len(runs) > 1 else [method]:
+            yield name, run
+
+
+def _bootstrap(xs: list[float], ys: list[float], samples: int) -> PairedDifference:
+    """The seeded paired bootstrap of mean(xs) - mean(ys), its p-value None where no resamples were drawn."""
+    test = paired_bootstrap(xs, ys, samples=samples, seed=0)
+    return {**test, "p_value": None if math.isnan(test["p_value"]) else test["p_value"]}
+
+
+def against_untouched(after: dict | None, baseline: dict | None, samples: int) -> UntouchedComparison | None:
+    """One trained run (its `after` scores) minus the untouched model in the run's format (`baseline`, results'
+    "baseline") on the eval documents: the change of eval loss, and a paired bootstrap per ROUGE key where both have
+    per-document scores; None where either was not scored. What a model card's "difference" row shows."""
+    mine, theirs = (after or {}).get("eval"), (baseline or {}).get("eval")
+    if mine is None or theirs is None:
+        return None
+    xs, ys = mine.get("per_document") or {}, theirs.get("per_document") or {}
+    tests = {key: _bootstrap(xs[key], ys[key], samples)
+             for key in ROUGE_KEYS if xs.get(key) and ys.get(key) and len(xs[key]) == len(ys[key])}
+    losses = (mine.get("loss"), theirs.get("loss"))
+    return {"loss_change": None if None in losses else losses[0] - losses[1], "tests": tests}
+
+
 def analyze(results: dict) -> Analysis:
     """The ranking, the baselines' ranking and every paired test, where both sides have per-document scores on the
-    same documents."""
+    same documents; and every trained run (by its folder) against the untouched model."""
     methods, samples = results["methods"], samples_of(results)
     baselines = _scored_baselines(results)
     ranking = {key: _ranking(methods, key) for key in ("loss", *TESTED_KEYS)}
@@ -139,12 +170,13 @@ def analyze(results: dict) -> Analysis:
         xs, ys = (_per_document(baselines[n]["eval"], key) if n in baselines else
                   method_scores(methods[n], key) if n in methods else None for n in (a, b))
         if xs is not None and ys is not None and len(xs) == len(ys):
-            test = paired_bootstrap(xs, ys, samples=samples, seed=0)
-            p_value = None if math.isnan(test["p_value"]) else test["p_value"]
-            tests.append({"a": a, "b": b, "metric": key, **test, "p_value": p_value})
+            tests.append({"a": a, "b": b, "metric": key, **_bootstrap(xs, ys, samples)})
     means = {n: {key: _eval_mean(methods[n], key) for key in ranking} for n in ranking["loss"]}
+    runs = {run["dir"]: against_untouched(run.get("after"), results.get("baseline"), samples)
+            for _, run in trained_runs(results)}
     return {"alpha": ALPHA, "samples": samples, "ranking": ranking, "eval_means": means, "tests": tests,
-            "baselines": _baseline_analysis(baselines)}
+            "baselines": _baseline_analysis(baselines),
+            "against_untouched": {folder: compared for folder, compared in runs.items() if compared is not None}}
 
 
 def significant(test: PairedTest, alpha: float = ALPHA) -> bool:
@@ -172,7 +204,8 @@ def upgrade(results: dict) -> Results:
                 epoch.setdefault("of_batches", 1)
         if len(method.get("seed_runs") or []) > 1 and "across_seeds" not in method:
             method["across_seeds"] = seed_summary(method["seed_runs"])
-    if results.get("schema_version") != SCHEMA_VERSION or "analysis" not in results:
+    # An analysis from before "against_untouched" (the model cards' paired tests) existed is computed again.
+    if results.get("schema_version") != SCHEMA_VERSION or "against_untouched" not in results.get("analysis", {}):
         results["analysis"] = analyze(results)
         results["schema_version"] = SCHEMA_VERSION
     return results

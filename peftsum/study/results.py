@@ -138,6 +138,21 @@ class PairedTest(TypedDict):
     p_value: float | None  # two-sided; None where no resamples were drawn
 
 
+class PairedDifference(TypedDict):
+    diff: float  # mean(a) - mean(b), F1 x 100, on the same eval documents
+    low: float  # 95% paired bootstrap interval
+    high: float
+    p_value: float | None  # two-sided; None where no resamples were drawn
+
+
+class UntouchedComparison(TypedDict):
+    """One trained run against the untouched model in the run's format (results["baseline"]), on the same eval
+    documents: its model card's "difference (paired)" row."""
+
+    loss_change: float | None  # eval loss of the run minus the untouched model's
+    tests: dict[str, PairedDifference]  # ROUGE key -> paired bootstrap, where both have per-document scores
+
+
 class Analysis(TypedDict):
     alpha: float  # significance threshold
     samples: int  # bootstrap resamples of the paired tests
@@ -145,6 +160,7 @@ class Analysis(TypedDict):
     eval_means: dict[str, dict[str, float]]  # method -> key -> the eval mean that ranks it (over seeds)
     tests: list[PairedTest]
     baselines: BaselineAnalysis
+    against_untouched: dict[str, UntouchedComparison]  # trained run folder (MethodResult's "dir") -> comparison
 
 
 class BaselineAnalysis(TypedDict):
