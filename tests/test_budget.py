@@ -86,9 +86,10 @@ def tiny_training(tokenizer, data, **train):
     return adapted, examples, cfg
 
 
-def run_training(tokenizer, adapted, examples, cfg, **kwargs):
-    return train_module.train(adapted, examples, cfg.train, cfg.lora.lr, pad_id=tokenizer.pad_token_id,
-                              device=torch.device("cpu"), dtype=torch.float32, progress=False, **kwargs)
+def run_training(tokenizer, adapted, examples, cfg, run_dir=None, **kwargs):
+    env = train_module.TrainEnv(torch.device("cpu"), torch.float32, tokenizer.pad_token_id, folder=run_dir,
+                                progress=False)
+    return train_module.train(adapted, examples, cfg.train, cfg.lora.lr, env, **kwargs)
 
 
 class StopBefore(threading.Event):

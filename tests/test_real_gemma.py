@@ -10,7 +10,7 @@ from peftsum.core.prompts import encode_example, prompt_format
 from peftsum.core.session import fresh_adapted, open_session
 from peftsum.evaluation.evaluate import mean_loss
 from peftsum.methods.base import untouched
-from peftsum.training.train import train
+from peftsum.training.train import TrainEnv, train
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (embedded_available("gemma3-270m") and SHARED_DATA.is_dir()),
@@ -69,8 +69,8 @@ def test_lora_lowers_validation_loss(gemma):
                           session.dtype)
     adapted = fresh_adapted(session, "lora")
     encoded = [encode_example(tok, e, cfg.data) for e in splits.train]
-    stats = train(adapted, encoded, cfg.train, cfg.lora.lr, pad_id=tok.pad_token_id, device=session.device,
-                  dtype=session.dtype, progress=False)
+    stats = train(adapted, encoded, cfg.train, cfg.lora.lr, TrainEnv(session.device, session.dtype, tok.pad_token_id,
+                                                                      progress=False))
     after, _ = mean_loss(adapted, tok, splits.eval, cfg.data, 8, session.device, session.dtype)
     assert stats["steps"] == 4
     print(f"\n[gemma] eval loss {before:.4f} -> {after:.4f}, {stats['seconds']:.0f} s")

@@ -12,7 +12,7 @@ from peftsum.core.prompts import encode_example
 from peftsum.core.session import fresh_adapted, open_session
 from peftsum.evaluation.evaluate import evaluate, mean_loss
 from peftsum.methods.base import untouched
-from peftsum.training.train import train
+from peftsum.training.train import TrainEnv, train
 
 pytestmark = [pytest.mark.slow, requires_real]
 
@@ -34,8 +34,8 @@ def train_briefly(session, method, splits):
     adapted = fresh_adapted(session, method)
     cfg = session.cfg
     encoded = [encode_example(session.loaded.tokenizer, e, cfg.data, adapted.virtual_tokens) for e in splits.train]
-    stats = train(adapted, encoded, cfg.train, cfg.method_lr(method), pad_id=session.loaded.tokenizer.pad_token_id,
-                  device=session.device, dtype=session.dtype, progress=False)
+    env = TrainEnv(session.device, session.dtype, session.loaded.tokenizer.pad_token_id, progress=False)
+    stats = train(adapted, encoded, cfg.train, cfg.method_lr(method), env)
     return adapted, stats
 
 

@@ -158,7 +158,7 @@ def test_training_twice_gives_identical_losses_and_weights(tiny_model_dirs, tiny
 
 def test_compare_resumes_without_redoing_finished_work_and_is_deterministic(tiny_model_dirs, tmp_path, monkeypatch,
                                                                            capsys):
-    from peftsum.study import compare as compare_module
+    from peftsum.training import recipe
 
     data = write_tiny_data(tmp_path / "data")
     with (data / "train.jsonl").open("a") as f:  # rows to skip: an empty document, a whitespace-only summary
@@ -180,7 +180,7 @@ def test_compare_resumes_without_redoing_finished_work_and_is_deterministic(tiny
 
     monkeypatch.undo()
     scored, forwards = [], []
-    real_evaluate, real_loss = compare_module.evaluate, train_module.summary_loss
+    real_evaluate, real_loss = recipe.evaluate, train_module.summary_loss
 
     def evaluate(*args, **kwargs):
         scored.append(kwargs["desc"])
@@ -190,7 +190,7 @@ def test_compare_resumes_without_redoing_finished_work_and_is_deterministic(tiny
         forwards.append(1)
         return real_loss(*args)
 
-    monkeypatch.setattr(compare_module, "evaluate", evaluate)
+    monkeypatch.setattr(recipe, "evaluate", evaluate)
     monkeypatch.setattr(train_module, "summary_loss", summary_loss)
     assert main([*args, "--out", str(cut)]) == 0  # the same command again: resumes by itself
     assert scored == ["prompt train", "prompt eval"]  # the baseline and lora were read back, not recomputed

@@ -49,9 +49,10 @@ def setup(tokenizer, data, method="lora", **train):
     return adapted, examples, cfg, splits, validate
 
 
-def run(tokenizer, adapted, examples, cfg, validate, **kwargs):
-    return train_module.train(adapted, examples, cfg.train, cfg.method_lr(adapted.name), pad_id=tokenizer.pad_token_id,
-                              device=CPU, dtype=FP32, progress=False, validate=validate, **kwargs)
+def run(tokenizer, adapted, examples, cfg, validate, run_dir=None, **kwargs):
+    env = train_module.TrainEnv(CPU, FP32, tokenizer.pad_token_id, folder=run_dir, progress=False)
+    return train_module.train(adapted, examples, cfg.train, cfg.method_lr(adapted.name), env, validate=validate,
+                              **kwargs)
 
 
 def checkpoint_weights(run_dir, step: int) -> dict[str, torch.Tensor]:

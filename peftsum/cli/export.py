@@ -25,23 +25,40 @@ def add_export(parser) -> None:
                         help="write into DIR even if it is not empty, and replace an existing FILE")
 
 
-def _cannot_merge(source: Path, flag: str, method) -> UserError:
-    return UserError(f"{source} is a {method.title} result, which cannot be exported as a plain model: "
-                     f"{method.merge_refusal}; use 'peftsum summarize {flag} {source}' (or load the adapter with "
-                     f"peft) instead")
-
-
 def export(args) -> int:
-    import yaml
-
-    from ..core.prompts import prompt_format
     from ..infra.files import check_writable
-    from ..methods import adapters
-    from ..methods.registry import all_methods, by_peft_type, method_named
+    from ..outputs.export_run import merge_for_export, write_folder, write_gguf_file
+    from .source import open_source
+
+    source, out = _request(args)
+    setattr(args, "model.precision", "fp32")  # merge into, and write, full-precision weights
+    if out is not None:
+        check_writable(out, "--merged")  # before the model loads and merges
+    merged = merge_for_export(*open_source(args))
+    prompting = (f"its chat template builds the run's {merged.fmt.name}-format prompt around a user message holding "
+                 f"the document")
+    if args.gguf:
+        written = write_gguf_file(merged, Path(args.gguf), args.gguf_type)
+        print(f"exported {source} ({merged.what}) to {written.path} ({written.gguf_type}, "
+              f"{written.bytes / 2 ** 20:.1f} MiB); run it with llama.cpp (llama-cli -m {written.path}); {prompting}")
+    if out is not None:
+        write_folder(merged, out, source)
+        print(f"exported {source} ({merged.what}) to {out}; load it with "
+              f"AutoModelForCausalLM.from_pretrained({str(out)!r}); {prompting} (apply_chat_template([{{'role': "
+              f"'user', 'content': document}}], add_generation_prompt=True)), and generate() decodes as the run did "
+              f"(transformers' n-gram ban and repetition penalty also see the prompt)")
+    return 0
+
+
+def _request(args) -> tuple[Path, Path | None]:
+    """(the source folder, the --merged folder or None), with every refusal that needs no model: no or an empty
+    target, targets that exist (without --overwrite), no source, a target that is the source, a method that cannot
+    merge."""
+    from ..methods.registry import all_methods
     from ..outputs import gguf_export
-    from ..outputs.export import check_target, merged_model, prompted_like_the_run, write_model
-    from ..outputs.model_card import export_card, write_card
-    from .source import open_source, source_config
+    from ..outputs.export import check_target
+    from ..outputs.export_run import check_mergeable
+    from .source import source_config
 
     if args.merged is not None and not args.merged.strip():
         raise UserError("--merged is empty; give the folder to write")
@@ -59,36 +76,5 @@ def export(args) -> int:
     source, flag = (Path(args.run), "--run") if args.run else (Path(args.adapter), "--adapter")
     if out is not None and out.resolve() == source.resolve():
         raise UserError(f"--merged {out} is the {flag} folder itself; choose a new folder")
-    # Refused before anything loads: a method that cannot merge.
-    if args.run:
-        method = method_named(source_config(args).methods[0])
-    else:
-        method = by_peft_type().get(str(adapters.read_adapter_config(source).get("peft_type") or "").upper())
-    if method is not None and not method.can_merge:
-        raise _cannot_merge(source, flag, method)
-    setattr(args, "model.precision", "fp32")  # merge into, and write, full-precision weights
-    if out is not None:
-        check_writable(out, "--merged")  # before the model loads and merges
-    cfg, session, adapted = open_source(args)
-    model = merged_model(adapted)
-    what = f"{adapted.method.title} merged into the base weights"
-    fmt = prompt_format(session.tokenizer, cfg.data)
-    # Both files are prompted as the run was: the chat template builds the run's prompt around the document.
-    tokenizer = prompted_like_the_run(model, fmt, cfg.eval)
-    prompting = (f"its chat template builds the run's {fmt.name}-format prompt around a user message holding the "
-                 f"document")
-    if args.gguf:
-        written = gguf_export.write_gguf(model, tokenizer, Path(args.gguf), args.gguf_type,
-                                         name=f"{cfg.model.name} {adapted.name} (peftsum)", progress=True)
-        print(f"exported {source} ({what}) to {written.path} ({written.gguf_type}, {written.bytes / 2 ** 20:.1f} MiB); "
-              f"run it with llama.cpp (llama-cli -m {written.path}); {prompting}")
-    if out is not None:
-        note = yaml.safe_dump({"exported_from": str(source), "method": adapted.name, "prompt": fmt.describe(),
-                               **cfg.to_dict()}, sort_keys=False)
-        write_model(model, tokenizer, out, note)
-        write_card(out, export_card(out, source, cfg, adapted.name))
-        print(f"exported {source} ({what}) to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r}); "
-              f"{prompting} (apply_chat_template([{{'role': 'user', 'content': document}}], "
-              f"add_generation_prompt=True)), and generate() decodes as the run did (transformers' n-gram ban and "
-              f"repetition penalty also see the prompt)")
-    return 0
+    check_mergeable(source, flag, source_config(args).methods[0] if args.run else None)
+    return source, out

@@ -50,7 +50,7 @@ def add_train(parser) -> None:
 
 
 def train(args) -> int:
-    from ..core.data import load_data, skipped_note, validation_note
+    from ..core.data import load_data
 
     cfg = config_from_args(args)
     cfg.methods = [args.method]
@@ -59,47 +59,22 @@ def train(args) -> int:
     # Before the model loads: bad data is refused at once.
     splits = load_data(cfg.data, seed=cfg.train.seed, validation_size=cfg.train.validation_size)
 
-    from ..core.session import check_fsdp, environment, open_session
-    from ..evaluation.evaluate import mean_loss
-    from ..infra import distributed, lock, runs
-    from ..infra.files import make_folder
-    from ..outputs.model_card import train_card, write_card
-    from ..outputs.trackers import open_tracking, require, training_metrics
-    from ..study.compare import train_method
-    from ..training import checkpoint
+    from ..infra import lock
+    from ..training.recipe import train_folder
 
     fsdp = launch(cfg, args.fsdp)
-    if fsdp:
-        distributed.on_main(check_fsdp, cfg)
     with lock.holding(folder):
-        if distributed.on_main(runs.prepare_train_folder, folder, args.resume, args.overwrite):
-            print(f"{folder} already holds a finished run; nothing to resume")
-            return 0
-        distributed.on_main(require, cfg.train.report_to, folder)
-        distributed.on_main(make_folder, folder)
-        for note in (skipped_note(splits.info), validation_note(splits.info)):
-            if note:
-                print(note)
-        session = open_session(cfg, fsdp=fsdp)
-        # One tracker run, grouped by the folder's name; it gets the model card (train writes no report).
-        with open_tracking(cfg.train.report_to, folder, [folder / runs.MODEL_CARD]) as tracking:
-            tracking.start(args.method, folder.resolve().name, cfg.to_dict())
-            adapted, training = train_method(session, args.method, splits, folder, on_step=tracking.log_step)
-            if distributed.is_main():
-                checkpoint.remove(folder)  # the final weights are saved: nothing left to resume
-                card = train_card(cfg, args.method, adapted.parameter_counts(), training, environment(session),
-                                  folder)
-                write_card(folder, card)
-            print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; "
-                  f"saved to {folder}{_validation_outcome(training)}")
-            summary = training_metrics(adapted.parameter_counts(), training)
-            if splits.eval:
-                loss, _ = mean_loss(adapted, session.tokenizer, splits.eval, cfg.data, cfg.eval.batch_size,
-                                    session.device, session.dtype)
-                print(f"eval loss {loss:.4f} on {len(splits.eval)} examples")
-                summary["after/eval/loss"] = loss
-            tracking.log_summary(summary)
+        trained = train_folder(cfg, args.method, splits, folder, resume=args.resume, overwrite=args.overwrite,
+                               fsdp=fsdp)
+    if trained is None:
+        print(f"{folder} already holds a finished run; nothing to resume")
         return 0
+    training, after = trained.result["training"], trained.result["after"]
+    print(f"trained {args.method}: {training['steps']} steps, {training['tokens_per_s']:.0f} tokens/s; "
+          f"saved to {folder}{_validation_outcome(training)}")
+    if "eval" in after:
+        print(f"eval loss {after['eval']['loss']:.4f} on {after['eval']['n']} examples")
+    return 0
 
 
 def _validation_outcome(training: dict) -> str:
