@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Collection
+from typing import Collection, Protocol
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from ..fast.decode import LeanDecoder
 from ..methods.base import Adapted
 from .prompts import IGNORE, Encoded
 
@@ -146,13 +145,25 @@ def _contiguous_input(module, args):
     return (args[0].contiguous(), *args[1:])
 
 
+class Decoder(Protocol):
+    """What greedy decoding can run instead of the model's forward (`fast.generation` gives one where it is exact):
+    the next-token logits (fp32) after the prompts and after each step, writing keys and values into a cache of
+    `ReservedLayer`s."""
+
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: DynamicCache) -> torch.Tensor: ...
+
+    def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor: ...
+
+
 @torch.no_grad()
 def generate_batch(adapted: Adapted, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, num_beams: int,
                    no_repeat_ngram_size: int, repetition_penalty: float, stop_ids: tuple[int, ...],
-                   decoder: LeanDecoder | None = None) -> list[str]:
+                   decoder: Decoder | None = None) -> list[str]:
     """Greedy (or beam) summaries for a batch of tokenized prompts, decoded and stripped; each ends at the first of
-    `stop_ids` it makes (the format's: EOS, and the chat template's end of turn). Greedy decoding steps go through
-    `decoder` where given (decode.py)."""
+    `stop_ids` it makes (the format's: EOS, and the chat template's end of turn). Greedy decoding goes through
+    `decoder` where given."""
     device = adapted.model.get_input_embeddings().weight.device
     batch = collate([Encoded(p, [IGNORE] * len(p)) for p in prompts], tokenizer.pad_token_id)
     embeds, mask, _, _ = model_inputs(adapted, batch["input_ids"].to(device), batch["attention_mask"].to(device))
@@ -247,13 +258,13 @@ class ReservedLayer(DynamicLayer):
 def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, stop_ids: Collection[int],
            no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
            prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-           decoder: LeanDecoder | None = None) -> list[list[int]]:
+           decoder: Decoder | None = None) -> list[list[int]]:
     """Greedy decoding from left-padded prompt embeddings: the new tokens of each row, up to and including the first
     of `stop_ids` it makes (EOS, and the chat template's end of turn).
 
     With a key/value `prefix` (per layer, one row per prompt), each prompt is prefilled into a cache that holds it
-    already, and `mask` covers it in front. With a `decoder` (decode.py: the same forward in fewer operations), the
-    prompts and the decoding steps go through it instead of the model's forward.
+    already, and `mask` covers it in front. With a `decoder` (fast.generation's: the same forward in fewer
+    operations), the prompts and the decoding steps go through it instead of the model's forward.
 
     What `generate(num_beams=1)` computes, token for token (tests/test_generation.py checks it), with one difference
     in the work: a row that has ended leaves the batch and its key/value cache, where `generate` keeps computing it
@@ -261,48 +272,16 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
     (transformers' own repetition penalty, given embeddings, skips as many generated tokens as the row has left
     padding: it takes the padding for a prompt inside input_ids.)
     """
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        NoRepeatNGramLogitsProcessor,
-        RepetitionPenaltyLogitsProcessor,
-    )
-
-    processors = LogitsProcessorList()
-    if repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-    if no_repeat_ngram_size > 0:
-        processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
-    rows = embeds.shape[0]
+    processors = _logits_processors(repetition_penalty, no_repeat_ngram_size)
     stops = torch.tensor(sorted(set(stop_ids)), device=embeds.device)
     position_ids = positions(mask)[:, -embeds.shape[1]:]
-    # The prompts go through the model in parts (of about PREFILL_TOKENS positions on a CPU); decoding then runs on
-    # all rows at once.
+    # Other cache layouts (sliding windows...) keep transformers' own cache, which the decoder does not write into.
     reservable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers or [None])
-    if not reservable:  # other cache layouts (sliding windows...): transformers' own cache, one part
-        chunk = rows
-    elif embeds.device.type == "cpu":
-        chunk = max(1, PREFILL_TOKENS // embeds.shape[1])
-    else:
-        chunk = PREFILL_ROWS
-    lean = decoder if reservable else None  # decode.py writes into ReservedLayer caches only
-    caches, logits = [], []
+    decoder = decoder if reservable else None
     # A layer's first update reserves room for what follows it: the new tokens, and the prompt after a prefix.
-    reserve = max_new_tokens + (embeds.shape[1] if prefix is not None else 0)
-    for start in range(0, rows, chunk):
-        part = slice(start, start + chunk)
-        cache = filled_cache(model.config, [(k[part], v[part]) for k, v in prefix or []],
-                             (lambda: ReservedLayer(reserve)) if reservable else None)
-        if lean is not None:
-            logits.append(lean.prefill(embeds[part], mask[part], position_ids[part], cache))
-        else:
-            logits.append(model(inputs_embeds=embeds[part], attention_mask=mask[part],
-                                position_ids=position_ids[part], past_key_values=cache, use_cache=True,
-                                logits_to_keep=1).logits[:, -1].float())
-        caches.append(cache)
-    cache, logits = caches[0], torch.cat(logits)
-    if len(caches) > 1:  # prompts prefilled in parts: one cache holds them all
-        for layer, *others in zip(cache.layers, *(c.layers for c in caches[1:])):
-            layer.append_rows(others)
+    reserve = (max_new_tokens + (embeds.shape[1] if prefix is not None else 0)) if reservable else None
+    cache, logits = _prefill(model, embeds, mask, position_ids, prefix, reserve, decoder)
+    rows = embeds.shape[0]
     alive = torch.arange(rows)  # the rows still decoding, in batch order
     position = position_ids[:, -1]
     history = torch.empty((rows, 0), dtype=torch.long, device=embeds.device)  # alive rows' new tokens
@@ -322,9 +301,63 @@ def greedy(model, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: i
                                                       position[keep])
         mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         position = position + 1
-        if lean is not None:
-            logits = lean(tokens, mask, position, cache)
-        else:
-            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None],
-                           past_key_values=cache, use_cache=True).logits[:, -1].float()
+        logits = _step(model, tokens, mask, position, cache, decoder)
     return made
+
+
+def _logits_processors(repetition_penalty: float, no_repeat_ngram_size: int):
+    """transformers' processors for the repetition penalty and the n-gram ban, where asked."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    return processors
+
+
+def _prefill(model, embeds: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+             prefix: list[tuple[torch.Tensor, torch.Tensor]] | None, reserve: int | None,
+             decoder: Decoder | None) -> tuple[DynamicCache, torch.Tensor]:
+    """(cache, next-token logits in fp32) after the prompts. The prompts go through the model (or `decoder`) in parts
+    of about PREFILL_TOKENS positions on a CPU, PREFILL_ROWS rows elsewhere, each into a cache of `ReservedLayer`s
+    making room for `reserve` more positions; the parts' caches are then joined into one. `reserve` None: in one
+    part, into transformers' own cache."""
+    rows = embeds.shape[0]
+    if reserve is None:
+        chunk = rows
+    elif embeds.device.type == "cpu":
+        chunk = max(1, PREFILL_TOKENS // embeds.shape[1])
+    else:
+        chunk = PREFILL_ROWS
+    caches, logits = [], []
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        cache = filled_cache(model.config, [(k[part], v[part]) for k, v in prefix or []],
+                             (lambda: ReservedLayer(reserve)) if reserve is not None else None)
+        if decoder is not None:
+            logits.append(decoder.prefill(embeds[part], mask[part], position_ids[part], cache))
+        else:
+            logits.append(model(inputs_embeds=embeds[part], attention_mask=mask[part],
+                                position_ids=position_ids[part], past_key_values=cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1].float())
+        caches.append(cache)
+    cache = caches[0]
+    if len(caches) > 1:  # prompts prefilled in parts: one cache holds them all
+        for layer, *others in zip(cache.layers, *(c.layers for c in caches[1:])):
+            layer.append_rows(others)
+    return cache, torch.cat(logits)
+
+
+def _step(model, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: DynamicCache,
+          decoder: Decoder | None) -> torch.Tensor:
+    """The next-token logits (fp32) after one new token per row, through `decoder` where given."""
+    if decoder is not None:
+        return decoder(tokens, mask, position, cache)
+    return model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None],
+                 past_key_values=cache, use_cache=True).logits[:, -1].float()

@@ -10,19 +10,17 @@ example exactly once, in input order. Only rank 0 scores ROUGE and writes the pr
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import fast
 from ..config import DataConfig, EvalConfig
 from ..core.data import Example
 from ..core.forward import autocast, collate, generate_batch, summary_loss
 from ..core.prompts import prompt_format
-from ..fast.decode import LeanDecoder
-from ..fast.quantized import check_int8, int8_linears
 from ..infra import distributed
 from ..infra.files import write_jsonl
 from ..methods.base import Adapted
@@ -77,14 +75,11 @@ def generate_from(adapted: Adapted, tokenizer, prompts: list[list[int]], eval_cf
     adapted.model.eval()
     int8 = eval_cfg.quantize == "int8"
     if int8:
-        check_int8(device)
+        fast.check_int8(device)
     with adapted.for_generation(), autocast(device, dtype):
-        # Built for the model as it generates (LoRA merged); None where decode.py does not cover it, and then int8
-        # goes in as modules in place of the model's linear layers.
-        rows = batch_size or eval_cfg.batch_size
-        decoder = LeanDecoder.build(adapted.model, dtype, rows, int8) if eval_cfg.num_beams == 1 else None
-        swapped = int8_linears(adapted.model, device) if int8 and decoder is None else contextlib.nullcontext()
-        with swapped:
+        # For the model as it generates (LoRA merged): the lean decoder where it is exact, int8 where asked.
+        with fast.generation(adapted.model, device, dtype, batch_size or eval_cfg.batch_size,
+                             lean=eval_cfg.num_beams == 1, int8=int8) as decoder:
             for batch_indices in tqdm([batches[i] for i in distributed.shard(batches)], desc=desc,
                                       disable=not progress or not distributed.is_main(), dynamic_ncols=True):
                 texts = generate_batch(adapted, tokenizer, [prompts[i] for i in batch_indices],

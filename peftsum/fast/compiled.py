@@ -13,8 +13,12 @@ flash-attention backward ran at ~16 ms a layer for 8 x 256 tokens (a quarter of 
 fused by inductor, costs far less. Eager attention stores the T x T probabilities for the backward, so beyond
 `EAGER_ATTENTION_MAX_LENGTH` tokens SDPA stays.
 
-Each block's call goes through `nn.Module._compiled_call_impl` (what `nn.Module.compile` sets): the model's classes
-and forward code stay as they are, and clearing it on exit makes the model plain again.
+Each block's call goes through `nn.Module._compiled_call_impl`, a private attribute: it is what the public
+`nn.Module.compile` sets (torch 2.13: `self._compiled_call_impl = torch.compile(self._call_impl, ...)`) and what
+`nn.Module.__call__` runs in place of `_call_impl` when set. The public method can only compile the block's own call;
+torch has no public way to give the block another call (the joined forward, a checkpointed one) or to undo
+`compile()`. Setting the attribute keeps the model's classes and forward code as they are, and clearing it on exit
+makes the model plain again.
 """
 
 from __future__ import annotations
@@ -80,9 +84,12 @@ def _call_joined(block: nn.Module, *args, **kwargs):
     return fused.joined_forward(block, *args, **kwargs)
 
 
-# One compiled function for every block of every model: dynamo guards on the blocks' structure, not their identity,
-# so the 30 blocks (and the next method's copy of the model) reuse its graph.
-_compiled_joined = torch.compile(_call_joined, dynamic=True)
+@functools.cache
+def _compiled_joined():
+    """One compiled function for every block of every model: dynamo guards on the blocks' structure, not their
+    identity, so the 30 blocks (and the next method's copy of the model) reuse its graph. Made at first use: importing
+    torch's compiler takes ~2 s, which commands that only generate need not spend."""
+    return torch.compile(_call_joined, dynamic=True)
 
 
 def _checkpointed(call):
@@ -116,7 +123,7 @@ def training_blocks(model: nn.Module, device: torch.device, max_length: int, *, 
             model.set_attn_implementation("eager")
         for block in blocks:
             if joined:
-                call = functools.partial(_compiled_joined, block)
+                call = functools.partial(_compiled_joined(), block)
             elif compile:
                 call = torch.compile(block._call_impl, dynamic=True)
             else:

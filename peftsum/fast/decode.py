@@ -35,7 +35,7 @@ from transformers.models.llama import modeling_llama as llama
 
 from ..methods.base import unhooked
 from ..methods.prefix.method import kv_layout
-from .fused import GATE_UP, QKV
+from .fused import joined_groups
 from .quantized import int8_product, int8_weight
 
 
@@ -53,8 +53,8 @@ def _covered(model: nn.Module) -> bool:
         parts = [block, block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm]
         if type(block) is not llama.LlamaDecoderLayer or not all(unhooked(p) for p in parts):
             return False
-        linears = ([getattr(block.self_attn, n) for n in (*QKV, "o_proj")]
-                   + [getattr(block.mlp, n) for n in (*GATE_UP, "down_proj")])
+        qkv, gate_up = joined_groups(block)
+        linears = [*qkv, block.self_attn.o_proj, *gate_up, block.mlp.down_proj]
         if any(type(m) is not nn.Linear or m.bias is not None or not unhooked(m) for m in linears):
             return False
     return True
@@ -95,15 +95,15 @@ class LeanDecoder:
         self.blocks = []
         with torch.no_grad():
             for block in model.model.layers:
-                attn, mlp = block.self_attn, block.mlp
+                qkv, gate_up = joined_groups(block)
                 self.blocks.append((
                     block.input_layernorm,
-                    pack(cast(torch.cat([getattr(attn, n).weight for n in QKV]))),
-                    pack(cast(attn.o_proj.weight)),
+                    pack(cast(torch.cat([m.weight for m in qkv]))),
+                    pack(cast(block.self_attn.o_proj.weight)),
                     block.post_attention_layernorm,
-                    pack(cast(torch.cat([getattr(mlp, n).weight for n in GATE_UP]))),
-                    pack(cast(mlp.down_proj.weight)),
-                    attn.scaling,
+                    pack(cast(torch.cat([m.weight for m in gate_up]))),
+                    pack(cast(block.mlp.down_proj.weight)),
+                    block.self_attn.scaling,
                 ))
             self.head = pack(cast(model.get_output_embeddings().weight))
 

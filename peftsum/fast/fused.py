@@ -23,9 +23,20 @@ from torch import nn
 from transformers.models.llama import modeling_llama as llama
 
 from ..core.models import transformer_blocks
-from ..methods.lora.method import LoRA
 
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+
+
+def joined_groups(block: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """A Llama block's projections that read one input, in their joined order: q/k/v (of the normed input) and
+    gate/up (of the normed attention output). decode.py joins the same."""
+    return [getattr(block.self_attn, n) for n in QKV], [getattr(block.mlp, n) for n in GATE_UP]
+
+
+def _low_rank(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """What `m`'s LoRA, if any, adds to its output (LoRA's `plain_low_rank`): (A, scale * B, dropout), or None."""
+    lora = getattr(m, "lora", None)
+    return None if lora is None else lora.plain_low_rank()
 
 
 def _plain_or_lora(m: nn.Module) -> bool:
@@ -33,17 +44,15 @@ def _plain_or_lora(m: nn.Module) -> bool:
     the group, so any other hook (IA3's scaling, DoRA's magnitude) would be skipped."""
     if type(m) is not nn.Linear or m.bias is not None or m.weight.requires_grad or m._forward_pre_hooks:
         return False
-    lora = getattr(m, "lora", None)
-    if lora is None:
+    if getattr(m, "lora", None) is None:
         return not m._forward_hooks
-    return isinstance(lora, LoRA) and lora.magnitude is None and len(m._forward_hooks) == 1
+    return _low_rank(m) is not None and len(m._forward_hooks) == 1
 
 
 def _joinable(block: nn.Module) -> bool:
     if type(block) is not llama.LlamaDecoderLayer or block._forward_hooks or block._forward_pre_hooks:
         return False
-    groups = [[getattr(block.self_attn, n) for n in QKV], [getattr(block.mlp, n) for n in GATE_UP]]
-    return all(_plain_or_lora(m) for g in groups for m in g)
+    return all(_plain_or_lora(m) for group in joined_groups(block) for m in group)
 
 
 def joinable(model: nn.Module) -> bool:
@@ -71,31 +80,31 @@ def joined_projections(model: nn.Module):
     """Within the block, every block of `model` holds `_joined_qkv` and `_joined_gate_up` (see the module docstring)."""
     blocks = transformer_blocks(model)
     for block in blocks:
-        block._joined_qkv = _join([getattr(block.self_attn, n) for n in QKV])
-        block._joined_gate_up = _join([getattr(block.mlp, n) for n in GATE_UP])
+        qkv, gate_up = joined_groups(block)
+        block._joined_qkv, block._joined_gate_up = _join(qkv), _join(gate_up)
     try:
         yield
     finally:
         for block in blocks:
-            _split([getattr(block.self_attn, n) for n in QKV])
-            _split([getattr(block.mlp, n) for n in GATE_UP])
+            for group in joined_groups(block):
+                _split(group)
             del block._joined_qkv, block._joined_gate_up
 
 
 def _update(x: torch.Tensor, out: torch.Tensor, modules: list[nn.Linear]) -> torch.Tensor:
     """`out` (the joined product) plus each module's LoRA update, in the activations' dtype."""
-    loras = [m.lora if isinstance(getattr(m, "lora", None), LoRA) and not m.lora.merged else None for m in modules]
-    if not any(loras):
+    low_ranks = [_low_rank(m) for m in modules]
+    if not any(low_ranks):
         return out
-    if all(loras) and all(isinstance(lora.dropout, nn.Identity) for lora in loras) \
-            and len({lora.lora_A.shape[0] for lora in loras}) == 1:
-        a = torch.cat([lora.lora_A for lora in loras]).to(x.dtype)
-        b = torch.block_diag(*[lora.lora_B * lora.scale for lora in loras]).to(x.dtype)
+    if all(low_ranks) and not any(dropout for _, _, dropout in low_ranks) \
+            and len({a.shape[0] for a, _, _ in low_ranks}) == 1:
+        a = torch.cat([a for a, _, _ in low_ranks]).to(x.dtype)
+        b = torch.block_diag(*[scaled_b for _, scaled_b, _ in low_ranks]).to(x.dtype)
         return out + F.linear(F.linear(x, a), b)
     parts = list(out.split([m.out_features for m in modules], dim=-1))
-    for i, lora in enumerate(loras):
-        if lora is not None:
-            parts[i] = parts[i] + lora(x)
+    for i, (m, low_rank) in enumerate(zip(modules, low_ranks)):
+        if low_rank is not None:
+            parts[i] = parts[i] + m.lora(x)  # the adapter's own forward: its dropout draws this layer's mask
     return torch.cat(parts, dim=-1)
 
 
@@ -105,10 +114,10 @@ def joined_forward(block: nn.Module, hidden_states: torch.Tensor, attention_mask
     if past_key_values is not None:
         raise RuntimeError("the joined block forward is for training, without a key/value cache")
     attn, mlp = block.self_attn, block.mlp
+    qkv_modules, gate_up_modules = joined_groups(block)
     residual = hidden_states
     x = block.input_layernorm(hidden_states)
     shape = x.shape[:-1]
-    qkv_modules = [getattr(attn, n) for n in QKV]
     qkv = _update(x, F.linear(x, block._joined_qkv), qkv_modules)
     q, k, v = (t.view(*shape, -1, attn.head_dim).transpose(1, 2)
                for t in qkv.split([m.out_features for m in qkv_modules], dim=-1))
@@ -121,6 +130,5 @@ def joined_forward(block: nn.Module, hidden_states: torch.Tensor, attention_mask
     hidden_states = residual + attn.o_proj(out.reshape(*shape, -1).contiguous())  # o_proj's LoRA hook runs here
     residual = hidden_states
     x = block.post_attention_layernorm(hidden_states)
-    gate_up_modules = [getattr(mlp, n) for n in GATE_UP]
     gate, up = _update(x, F.linear(x, block._joined_gate_up), gate_up_modules).chunk(2, dim=-1)
     return residual + mlp.down_proj(mlp.act_fn(gate) * up)

@@ -74,6 +74,14 @@ class LoRA(nn.Module):
         # In the activations' dtype: bf16 activations meet fp32 trainable weights when the frozen model is bf16.
         return F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
 
+    def plain_low_rank(self) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+        """(A, scale * B, dropout) where this adapter adds only x A^T (scale B)^T to its layer's output, x through its
+        dropout first if `dropout` (one mask per layer): what a caller computing the layer's product itself must add
+        (fast/fused.py). None where it adds something else (DoRA rescales the output too) or nothing (merged)."""
+        if self.merged or self.magnitude is not None:
+            return None
+        return self.lora_A, self.lora_B * self.scale, not isinstance(self.dropout, nn.Identity)
+
     def delta(self) -> torch.Tensor:
         """The weight update in nn.Linear layout (out x in)."""
         return (self.lora_B @ self.lora_A) * self.scale
