@@ -52,7 +52,7 @@ from ..config import TrainConfig
 from ..core.forward import autocast, collate, summary_loss, whole_model_loss
 from ..core.prompts import IGNORE, Encoded
 from ..errors import UserError
-from ..fast.compiled import paused, should_compile, training_blocks
+from ..fast import paused, should_compile, training_blocks
 from ..infra import distributed, signals
 from ..infra.files import write_jsonl
 from ..infra.runs import TRAIN_LOG, VALIDATION_LOG
