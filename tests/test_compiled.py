@@ -1,5 +1,9 @@
 """`--compile`: the transformer blocks compiled for training give the same training as the plain model (fp32, tiny
-Llama, so only float reassociation differs), and the model is plain again afterwards."""
+Llama, so only float reassociation differs), and the model is plain again afterwards; the rest of peftsum reaches the
+speed paths through their one door (peftsum.fast)."""
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +12,7 @@ from conftest import max_diff, step_losses, tiny_model, trained_weights
 from peftsum.cli import main
 from peftsum.core.models import transformer_blocks
 from peftsum.errors import UserError
-from peftsum.fast.compiled import training_blocks
+from peftsum.fast import training_blocks
 
 TINY = ["--random-init", "--precision", "fp32", "--data.max_length", "64", "--data.max_summary_tokens", "12",
         "--train.batch_size", "4", "--data.train_eval_size", "0", "--eval-size", "0", "--train.checkpoint_every", "0",
@@ -82,7 +86,7 @@ def test_checkpointed_blocks_keep_fewer_activations(tokenizer):
             nonlocal total
             total += t.numel() * t.element_size()
             return t
-        from peftsum.fast.compiled import training_blocks
+        from peftsum.fast import training_blocks
         with training_blocks(model, torch.device("cpu"), 48, compile=False, gradient_checkpointing=checkpointing):
             embeds = model.get_input_embeddings()(x).requires_grad_(True)
             with saved_tensors_hooks(pack, lambda t: t):
@@ -110,3 +114,16 @@ def test_auto_compiles_only_past_the_measured_break_even(monkeypatch):
     assert compiled.should_compile("true", cpu, planned_tokens=10) and not compiled.should_compile("false", cpu, None)
     monkeypatch.setattr(compiled, "has_compiler", lambda: False)
     assert not compiled.should_compile("auto", cpu, planned_tokens=10**9)  # no C++ compiler: nothing to compile with
+
+
+def test_the_plain_path_reaches_the_speed_paths_through_their_door():
+    """Outside peftsum/fast, modules import the package (its __init__: training_blocks, paused, generation...), never
+    one of its modules, so that the plain path can be read without them."""
+    import peftsum
+
+    root = Path(peftsum.__file__).parent
+    inside = re.compile(r"^\s*(from|import)\s+[\w.]*\bfast\.\w", re.MULTILINE)
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if root / "fast" not in p.parents and inside.search(p.read_text())]
+    assert offenders == []
+    assert inside.search("from ..fast.decode import LeanDecoder") and not inside.search("from .. import fast")
