@@ -86,7 +86,6 @@ def test_checkpointed_blocks_keep_fewer_activations(tokenizer):
             nonlocal total
             total += t.numel() * t.element_size()
             return t
-        from peftsum.fast import training_blocks
         with training_blocks(model, torch.device("cpu"), 48, compile=False, gradient_checkpointing=checkpointing):
             embeds = model.get_input_embeddings()(x).requires_grad_(True)
             with saved_tensors_hooks(pack, lambda t: t):
