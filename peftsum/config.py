@@ -17,11 +17,11 @@ import yaml
 
 from .errors import UserError
 from .infra.files import read_text
+from .methods import registry
+from .methods.rules import require
 
-METHODS = ("lora", "prompt", "finetune", "ia3", "prefix", "ptuning")  # every method (methods.REGISTRY, in this order)
+METHODS = registry.NAMES  # every method, in the registry's order (each one's settings section comes from it)
 DEFAULT_METHODS = ("lora", "prompt", "finetune")  # what a comparison runs unless told: `--methods all` runs every one
-LORA_VARIANTS = ("lora", "dora", "rslora")
-LORA_INITS = ("default", "pissa", "olora")  # and pissa_niter_N: PiSSA from a randomized SVD with N iterations
 BASELINES = ("zero-shot", "lead", "few-shot")  # what eval.baselines may list (baselines.py)
 FORMATS = ("plain", "chat", "auto")  # data.format (prompts.py)
 TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")  # train.report_to (trackers.py)
@@ -55,68 +55,6 @@ class DataConfig:
     max_length: int = 256  # tokens per example, virtual tokens included; the document is truncated to fit
     max_summary_tokens: int = 64  # the summary's own cap (the only way a summary is ever cut)
     hub_stream_limit: int = 2000  # rows streamed from a hub split before subsetting
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0  # peft's default; with dropout each target layer draws its own mask every step
-    targets: list[str] | None = None  # module names (suffixes); default chosen per architecture
-    lr: float = 5e-4
-    # lora: scale alpha / r | dora: weight-decomposed (a trained magnitude per output row times the normalised
-    # direction W + BA) | rslora: scale alpha / sqrt(r), which keeps large ranks learning
-    variant: str = "lora"
-    # default: A random, B zero | pissa: A, B from the weights' top-r singular vectors (pissa_niter_N: randomized SVD,
-    # N iterations) | olora: from their QR decomposition; both take B @ A out of the frozen weights, and the saved
-    # adapter is the plain LoRA (rank 2r) that applies to the original weights, as peft converts them
-    init: str = "default"
-    lr_ratio: float = 1.0  # LoRA+: the B matrices (and DoRA magnitudes) learn at lr_ratio x lr; 1 = plain LoRA
-
-
-@dataclass
-class PromptConfig:
-    num_virtual_tokens: int = 10
-    init: str = "text"  # text | vocab | random
-    init_text: str = "Summarize the following article in one or two sentences:"
-    lr: float = 1e-1  # measured: 3e-2 to 3e-1 score alike, far above what LoRA needs (docs/defaults.md)
-
-
-@dataclass
-class FinetuneConfig:
-    head: bool = True  # train the LM head (tied to the input embeddings where the model ties them)
-    last_blocks: int = 0  # also train the last K transformer blocks and the final norm
-    all: bool = False  # train every parameter
-    lr: float = 5e-4  # measured for the head (docs/defaults.md); lower it when training many blocks or all
-
-
-@dataclass
-class Ia3Config:
-    # Modules whose output (attention keys/values) or, for `feedforward`, input is scaled by a learned vector;
-    # default per architecture, as peft's (llama: k_proj, v_proj and down_proj's input; gpt2: c_attn, mlp.c_proj).
-    targets: list[str] | None = None
-    feedforward: list[str] | None = None  # the targets scaled on their input; default: the architecture's among targets
-    lr: float = 1e-2  # IA3 learns only scales starting at 1: far larger steps than LoRA's
-
-
-@dataclass
-class PrefixConfig:
-    num_virtual_tokens: int = 10  # prefix length: keys and values this many positions long, in every layer
-    init: str = "text"  # text (the keys/values the model computes for init_text) | random (peft's: unit normal)
-    init_text: str = "Summarize the following article in one or two sentences:"
-    projection: bool = False  # train the prefix through peft's reparameterisation MLP (prefix_projection)
-    encoder_hidden_size: int = 0  # that MLP's hidden width; 0 = the key/value width (peft's default)
-    lr: float = 1e-2  # measured: 1e-2 to 3e-2 alike in the chat format; 3e-3 learns slower (docs/defaults.md)
-
-
-@dataclass
-class PtuningConfig:
-    num_virtual_tokens: int = 10
-    encoder_reparameterization_type: str = "mlp"  # mlp | lstm: the prompt encoder (peft's PromptEncoderConfig)
-    encoder_hidden_size: int = 0  # 0 = the model's hidden size (peft's default)
-    encoder_num_layers: int = 2  # LSTM layers (peft's MLP always has three linear layers)
-    encoder_dropout: float = 0.0  # between LSTM layers
-    lr: float = 1e-2  # measured: 3e-3 to 3e-2 alike; the encoder, not the rate, is slow to start (docs/defaults.md)
 
 
 @dataclass
@@ -182,27 +120,36 @@ class EvalConfig:
     shots: int = 3  # most training examples in a few-shot prompt (fewer where they do not fit the context)
 
 
-@dataclass
-class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # "all": every method
-    seeds: int = 1  # train each method this many times (seeds train.seed, train.seed + 1, ...); report mean ± std
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    ia3: Ia3Config = field(default_factory=Ia3Config)
-    prefix: PrefixConfig = field(default_factory=PrefixConfig)
-    ptuning: PtuningConfig = field(default_factory=PtuningConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    out: str = "runs/latest"
+class _RunConfigMethods:
+    """What RunConfig (made below from its sections) does besides holding them."""
 
     def method_lr(self, method: str) -> float:
         return getattr(self, method).lr
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _section(name: str, cls: type) -> tuple:
+    return name, cls, field(default_factory=cls)
+
+
+# Built with make_dataclass so that the method sections need no line here; the fields' order is the order a saved
+# config.yaml lists them in.
+RunConfig = dataclasses.make_dataclass("RunConfig", [
+    _section("model", ModelConfig),
+    _section("data", DataConfig),
+    ("methods", list[str], field(default_factory=lambda: list(DEFAULT_METHODS))),  # "all": every method
+    ("seeds", int, 1),  # train each method this many times (seeds train.seed, train.seed + 1, ...); report mean ± std
+    *[_section(name, registry.settings_class(name)) for name in METHODS],
+    _section("train", TrainConfig),
+    _section("eval", EvalConfig),
+    ("out", str, "runs/latest"),
+], bases=(_RunConfigMethods,), namespace={
+    "__module__": __name__,
+    "__doc__": "The whole run: model and data, which methods run, one settings section per method (from the registry: "
+               "a new method brings its own), training and evaluation.",
+})
 
 
 # ---------------------------------------------------------------- building from dicts, YAML and flags
@@ -272,6 +219,10 @@ def _typed(value, tp, where: str):
     return tp(value)
 
 
+# Settings given in any case and stored in lower case: train.compile TRUE and True are true.
+LOWERCASE = ("train.compile",)
+
+
 def _apply(obj, updates: dict, prefix: str = "") -> None:
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in updates.items():
@@ -284,7 +235,8 @@ def _apply(obj, updates: dict, prefix: str = "") -> None:
                 raise UserError(f"{where}: expected a mapping of settings, got {value!r}")
             _apply(getattr(obj, key), value, prefix=f"{where}.")
         else:
-            setattr(obj, key, _convert(value, tp, where))
+            value = _convert(value, tp, where)
+            setattr(obj, key, value.lower() if where in LOWERCASE and isinstance(value, str) else value)
 
 
 # Settings an older peftsum did not write, and the value they had then where it differs from today's default: a saved
@@ -404,115 +356,69 @@ def flag_names() -> list[tuple[str, object]]:
     return out
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
-
-
 def validate(cfg: RunConfig) -> None:
     """Refuse impossible settings with one line naming the value and what would be accepted."""
     for m in cfg.methods:
-        _check(m in METHODS, f"unknown method {m!r}; choose from {', '.join(METHODS)}, or all")
-    _check(len(cfg.methods) > 0, "no methods given; choose from " + ", ".join(METHODS))
-    _check(bool(cfg.out.strip()), f"out must name a folder, got {cfg.out!r}")
-    _check(cfg.model.precision in ("auto", "bf16", "fp32"), f"model.precision must be auto, bf16 or fp32, got {cfg.model.precision!r}")
-    _check(cfg.model.device in ("auto", "cpu", "cuda", "mps") or bool(re.fullmatch(r"cuda:\d+", cfg.model.device)),
-           f"model.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.model.device!r}")
+        require(m in METHODS, f"unknown method {m!r}; choose from {', '.join(METHODS)}, or all")
+    require(len(cfg.methods) > 0, "no methods given; choose from " + ", ".join(METHODS))
+    require(bool(cfg.out.strip()), f"out must name a folder, got {cfg.out!r}")
+    require(cfg.model.precision in ("auto", "bf16", "fp32"),
+            f"model.precision must be auto, bf16 or fp32, got {cfg.model.precision!r}")
+    require(cfg.model.device in ("auto", "cpu", "cuda", "mps") or bool(re.fullmatch(r"cuda:\d+", cfg.model.device)),
+            f"model.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.model.device!r}")
     d = cfg.data
-    _check(d.format in FORMATS, f"data.format must be {', '.join(FORMATS)}, got {d.format!r}")
-    _check("{document}" in d.template, f"data.template must contain '{{document}}', got {d.template!r}")
+    require(d.format in FORMATS, f"data.format must be {', '.join(FORMATS)}, got {d.format!r}")
+    require("{document}" in d.template, f"data.template must contain '{{document}}', got {d.template!r}")
     for name in ("train_size", "train_eval_size", "eval_size", "hub_stream_limit"):
-        _check(getattr(d, name) >= 0, f"data.{name} must be >= 0, got {getattr(d, name)}")
-    _check(d.max_summary_tokens >= 1, f"data.max_summary_tokens must be >= 1, got {d.max_summary_tokens}")
-    _check(d.max_length > d.max_summary_tokens + 1,
-           f"data.max_length ({d.max_length}) must exceed data.max_summary_tokens + 1 ({d.max_summary_tokens + 1})")
-    _check(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
-    _check(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
-    _check(0 <= cfg.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
-    _check(cfg.lora.variant in LORA_VARIANTS,
-           f"lora.variant must be {', '.join(LORA_VARIANTS)}, got {cfg.lora.variant!r}")
-    _check(cfg.lora.init in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", cfg.lora.init) is not None,
-           f"lora.init must be {', '.join(LORA_INITS)} or pissa_niter_N (N >= 1), got {cfg.lora.init!r}")
-    _check(not (cfg.lora.variant == "dora" and cfg.lora.init != "default"),
-           f"lora.init {cfg.lora.init} does not combine with lora.variant dora: the saved adapter must apply to the "
-           f"original weights as a plain LoRA, which a DoRA magnitude is not (peft drops it in that conversion)")
-    _check(cfg.lora.lr_ratio > 0, f"lora.lr_ratio must be > 0 (1 = plain LoRA), got {cfg.lora.lr_ratio}")
-    _check(cfg.prompt.num_virtual_tokens >= 1, f"prompt.num_virtual_tokens must be >= 1, got {cfg.prompt.num_virtual_tokens}")
-    _check(cfg.prompt.init in ("text", "vocab", "random"), f"prompt.init must be text, vocab or random, got {cfg.prompt.init!r}")
-    _check(cfg.prompt.num_virtual_tokens + d.max_summary_tokens + 2 <= d.max_length,
-           f"prompt.num_virtual_tokens ({cfg.prompt.num_virtual_tokens}) leaves no room for the document "
-           f"within data.max_length ({d.max_length})")
-    _check(cfg.finetune.last_blocks >= 0, f"finetune.last_blocks must be >= 0, got {cfg.finetune.last_blocks}")
-    _check(cfg.finetune.head or cfg.finetune.last_blocks > 0 or cfg.finetune.all,
-           "finetune trains nothing: set finetune.head, finetune.last_blocks > 0 or finetune.all")
-    ia3 = cfg.ia3
-    _check(ia3.targets is None or len(ia3.targets) > 0, "ia3.targets is empty; name modules, or leave it unset")
-    if ia3.targets is not None and ia3.feedforward is not None:
-        extra = [m for m in ia3.feedforward if m not in ia3.targets]
-        _check(not extra, f"ia3.feedforward {extra} must be among ia3.targets {ia3.targets}")
-    for m in METHODS:
-        _check(getattr(cfg, m).lr > 0, f"{m}.lr must be > 0, got {getattr(cfg, m).lr}")
-    _check(cfg.prefix.init in ("text", "random"), f"prefix.init must be text or random, got {cfg.prefix.init!r}")
-    _check(cfg.prefix.encoder_hidden_size >= 0,
-           f"prefix.encoder_hidden_size must be >= 0 (0 = the key/value width), got {cfg.prefix.encoder_hidden_size}")
-    p = cfg.ptuning
-    _check(p.encoder_reparameterization_type in ("mlp", "lstm"),
-           f"ptuning.encoder_reparameterization_type must be mlp or lstm, got {p.encoder_reparameterization_type!r}")
-    _check(p.encoder_hidden_size >= 0,
-           f"ptuning.encoder_hidden_size must be >= 0 (0 = the model's hidden size), got {p.encoder_hidden_size}")
-    _check(p.encoder_num_layers >= 1, f"ptuning.encoder_num_layers must be >= 1, got {p.encoder_num_layers}")
-    _check(0 <= p.encoder_dropout < 1, f"ptuning.encoder_dropout must be in [0, 1), got {p.encoder_dropout}")
-    _check(p.encoder_reparameterization_type == "lstm" or (p.encoder_num_layers == 2 and p.encoder_dropout == 0),
-           "ptuning.encoder_num_layers and ptuning.encoder_dropout apply to the lstm encoder only (peft's mlp encoder "
-           "has three linear layers and no dropout); set ptuning.encoder_reparameterization_type lstm or leave them")
-    _check(p.encoder_dropout == 0 or p.encoder_num_layers >= 2,
-           "ptuning.encoder_dropout acts between LSTM layers: it needs ptuning.encoder_num_layers >= 2")
-    for m in ("prefix", "ptuning"):
-        n = getattr(cfg, m).num_virtual_tokens
-        _check(n >= 1, f"{m}.num_virtual_tokens must be >= 1, got {n}")
-        _check(n + d.max_summary_tokens + 2 <= d.max_length,
-               f"{m}.num_virtual_tokens ({n}) leaves no room for the document within data.max_length ({d.max_length})")
+        require(getattr(d, name) >= 0, f"data.{name} must be >= 0, got {getattr(d, name)}")
+    require(d.max_summary_tokens >= 1, f"data.max_summary_tokens must be >= 1, got {d.max_summary_tokens}")
+    require(d.max_length > d.max_summary_tokens + 1,
+            f"data.max_length ({d.max_length}) must exceed data.max_summary_tokens + 1 ({d.max_summary_tokens + 1})")
+    for name in METHODS:
+        section = getattr(cfg, name)
+        require(section.lr > 0, f"{name}.lr must be > 0, got {section.lr}")
+        section.check(cfg)
     t = cfg.train
-    _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
-    _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
-    _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
-    _check(t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}")
-    _check(t.budget_seconds >= 0, f"train.budget_seconds must be >= 0 (0 = no time budget), got {t.budget_seconds}")
-    _check(t.budget_tokens >= 0, f"train.budget_tokens must be >= 0 (0 = no token budget), got {t.budget_tokens}")
-    _check(not (t.budget_seconds and t.budget_tokens),
-           "give one budget: train.budget_seconds or train.budget_tokens, not both")
-    _check(cfg.seeds >= 1, f"seeds must be >= 1, got {cfg.seeds}")
-    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-    _check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-    _check(t.schedule in ("linear", "cosine", "constant"), f"train.schedule must be linear, cosine or constant, got {t.schedule!r}")
-    _check(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 = off), got {t.max_grad_norm}")
-    _check(t.checkpoint_every >= 0,
-           f"train.checkpoint_every must be >= 0 (0 = at epoch ends only), got {t.checkpoint_every}")
-    _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
-    t.compile = str(t.compile).lower()  # YAML's true/false arrive as booleans
-    _check(t.compile in ("auto", "true", "false"), f"train.compile must be auto, true or false, got {t.compile!r}")
-    _check(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = no validation during training), got {t.eval_every}")
-    _check(t.eval_size >= 1, f"train.eval_size must be >= 1, got {t.eval_size}")
-    _check(t.early_stopping_patience >= 0,
-           f"train.early_stopping_patience must be >= 0 (0 = off), got {t.early_stopping_patience}")
+    require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    require(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    require(t.max_steps >= 0, f"train.max_steps must be >= 0, got {t.max_steps}")
+    require(t.budget_seconds >= 0, f"train.budget_seconds must be >= 0 (0 = no time budget), got {t.budget_seconds}")
+    require(t.budget_tokens >= 0, f"train.budget_tokens must be >= 0 (0 = no token budget), got {t.budget_tokens}")
+    require(not (t.budget_seconds and t.budget_tokens),
+            "give one budget: train.budget_seconds or train.budget_tokens, not both")
+    require(cfg.seeds >= 1, f"seeds must be >= 1, got {cfg.seeds}")
+    require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    require(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    require(t.schedule in ("linear", "cosine", "constant"),
+            f"train.schedule must be linear, cosine or constant, got {t.schedule!r}")
+    require(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 = off), got {t.max_grad_norm}")
+    require(t.checkpoint_every >= 0,
+            f"train.checkpoint_every must be >= 0 (0 = at epoch ends only), got {t.checkpoint_every}")
+    require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    require(t.compile in ("auto", "true", "false"), f"train.compile must be auto, true or false, got {t.compile!r}")
+    require(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = no validation during training), got {t.eval_every}")
+    require(t.eval_size >= 1, f"train.eval_size must be >= 1, got {t.eval_size}")
+    require(t.early_stopping_patience >= 0,
+            f"train.early_stopping_patience must be >= 0 (0 = off), got {t.early_stopping_patience}")
     for name, on in (("early_stopping_patience", t.early_stopping_patience), ("keep_best", t.keep_best),
                      ("eval_rouge", t.eval_rouge)):
-        _check(not on or t.eval_every > 0, f"train.{name} needs validation points: set train.eval_every N (steps)")
+        require(not on or t.eval_every > 0, f"train.{name} needs validation points: set train.eval_every N (steps)")
     for name in t.report_to:
-        _check(name in (*TRACKERS, "none"), f"unknown tracker {name!r} in train.report_to; choose from "
-                                            f"{', '.join(TRACKERS)} (or none)")
+        require(name in (*TRACKERS, "none"), f"unknown tracker {name!r} in train.report_to; choose from "
+                                             f"{', '.join(TRACKERS)} (or none)")
     e = cfg.eval
-    _check(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
-    _check(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")
-    _check(e.num_beams >= 1, f"eval.num_beams must be >= 1, got {e.num_beams}")
-    _check(e.no_repeat_ngram_size >= 0, f"eval.no_repeat_ngram_size must be >= 0, got {e.no_repeat_ngram_size}")
-    _check(e.repetition_penalty > 0, f"eval.repetition_penalty must be > 0, got {e.repetition_penalty}")
-    _check(e.bootstrap_samples >= 0, f"eval.bootstrap_samples must be >= 0, got {e.bootstrap_samples}")
-    _check(e.quantize in ("none", "int8"), f"eval.quantize must be none or int8, got {e.quantize!r}")
+    require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    require(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")
+    require(e.num_beams >= 1, f"eval.num_beams must be >= 1, got {e.num_beams}")
+    require(e.no_repeat_ngram_size >= 0, f"eval.no_repeat_ngram_size must be >= 0, got {e.no_repeat_ngram_size}")
+    require(e.repetition_penalty > 0, f"eval.repetition_penalty must be > 0, got {e.repetition_penalty}")
+    require(e.bootstrap_samples >= 0, f"eval.bootstrap_samples must be >= 0, got {e.bootstrap_samples}")
+    require(e.quantize in ("none", "int8"), f"eval.quantize must be none or int8, got {e.quantize!r}")
     for b in e.baselines:
-        _check(b in BASELINES, f"unknown baseline {b!r} in eval.baselines; choose from {', '.join(BASELINES)}")
-    _check(len(set(e.baselines)) == len(e.baselines), f"eval.baselines lists a baseline twice: {e.baselines}")
-    _check(e.lead_k >= 0, f"eval.lead_k must be >= 0 (0 = the data set's default), got {e.lead_k}")
-    _check(e.lead_unit in ("auto", "sentence", "line"),
-           f"eval.lead_unit must be auto, sentence or line, got {e.lead_unit!r}")
-    _check(e.shots >= 1, f"eval.shots must be >= 1, got {e.shots}")
+        require(b in BASELINES, f"unknown baseline {b!r} in eval.baselines; choose from {', '.join(BASELINES)}")
+    require(len(set(e.baselines)) == len(e.baselines), f"eval.baselines lists a baseline twice: {e.baselines}")
+    require(e.lead_k >= 0, f"eval.lead_k must be >= 0 (0 = the data set's default), got {e.lead_k}")
+    require(e.lead_unit in ("auto", "sentence", "line"),
+            f"eval.lead_unit must be auto, sentence or line, got {e.lead_unit!r}")
+    require(e.shots >= 1, f"eval.shots must be >= 1, got {e.shots}")

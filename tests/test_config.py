@@ -1,7 +1,13 @@
+import copy
+import dataclasses
+import subprocess
+import sys
+
 import pytest
 
-from peftsum.config import RunConfig, load_config
+from peftsum.config import RunConfig, load_config, validate
 from peftsum.errors import UserError
+from peftsum.methods.registry import NAMES, settings_class
 
 
 def test_yaml_then_flags_override(tmp_path):
@@ -69,3 +75,28 @@ def test_generation_quantizes_to_int8_or_not_at_all():
     assert load_config(overrides={"eval.quantize": "int8"}).eval.quantize == "int8"
     with pytest.raises(UserError, match="eval.quantize must be none or int8, got 'int4'"):
         load_config(overrides={"eval.quantize": "int4"})
+
+
+def test_each_method_brings_its_settings_section_from_the_registry():
+    # The sections' order is what a saved config.yaml lists: the methods' sections sit between data and train.
+    fields = [f.name for f in dataclasses.fields(RunConfig)]
+    assert fields == ["model", "data", "methods", "seeds", *NAMES, "train", "eval", "out"]
+    cfg = RunConfig()
+    assert all(type(getattr(cfg, name)) is settings_class(name) for name in NAMES)
+
+
+def test_validation_checks_the_config_without_changing_it():
+    cfg = load_config(None, {"train.compile": "TRUE", "methods": "all"})
+    assert cfg.train.compile == "true"  # normalised where the value is read, not by validate
+    before = copy.deepcopy(cfg)
+    validate(cfg)
+    assert cfg == before
+    cfg.train.compile = "TRUE"  # set by code, past the reading: validate refuses it rather than mending it
+    with pytest.raises(UserError, match="train.compile must be auto, true or false, got 'TRUE'"):
+        validate(cfg)
+
+
+def test_reading_and_checking_a_config_does_not_import_torch():
+    code = ("import sys; from peftsum.config import load_config; load_config(None, {'methods': 'all'}); "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from peftsum.config import FinetuneConfig, LoraConfig
 from peftsum.core.models import transformer_blocks
 from peftsum.fast import fused
 from peftsum.methods.finetune import method as finetune
+from peftsum.methods.finetune.config import FinetuneConfig
 from peftsum.methods.lora import method as lora
+from peftsum.methods.lora.config import LoraConfig
 
 
 def loss_and_grads(model, params, batch, joined: bool):

@@ -28,13 +28,14 @@ from peft.optimizers import create_loraplus_optimizer
 from transformers import AutoModelForCausalLM
 
 from peftsum.cli import main
-from peftsum.config import METHODS, LoraConfig, RunConfig, load_config
+from peftsum.config import METHODS, RunConfig, load_config
 from peftsum.core.prompts import encode_prompt, prompt_budget
 from peftsum.core.session import fresh_adapted, load_run, open_session
 from peftsum.errors import UserError
 from peftsum.methods import adapters
 from peftsum.methods.base import adapt
 from peftsum.methods.lora import method as lora
+from peftsum.methods.lora.config import LoraConfig
 from peftsum.methods.registry import all_methods
 from peftsum.training import train as train_module
 

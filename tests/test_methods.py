@@ -11,8 +11,10 @@ from conftest import KINDS, tiny_model
 from peftsum.config import RunConfig
 from peftsum.core.forward import collate, generate_batch, summary_loss
 from peftsum.core.prompts import IGNORE, Encoded
-from peftsum.methods.base import adapt, untouched
+from peftsum.errors import UserError
+from peftsum.methods.base import adapt, unhooked, untouched
 from peftsum.methods.lora import method as lora
+from peftsum.methods.registry import NAMES, method_named, settings_class
 
 
 def batch_for(tokenizer, texts, summary_from=3):
@@ -69,6 +71,23 @@ def test_lora_starts_as_the_base_model_and_merge_round_trips(kind, tokenizer):
     assert torch.allclose(logits(adapted.model, batch), hooked, atol=1e-5)
     lora.unmerge(adapted.model)
     assert all(torch.allclose(p, weights[n], atol=1e-6) for n, p in adapted.model.named_parameters() if "lora" not in n)
+
+
+def test_the_registry_finds_each_method_and_its_settings_by_name():
+    for name in NAMES:
+        assert method_named(name).name == name
+        assert type(getattr(RunConfig(), name)) is settings_class(name)
+    with pytest.raises(UserError, match="unknown method 'adapterx'; choose from lora, prompt, finetune"):
+        method_named("adapterx")
+
+
+def test_a_layer_is_unhooked_once_what_the_method_attached_is_merged(tokenizer):
+    adapted = adapt(tiny_model("llama", tokenizer), tokenizer, "lora", fp32_config())
+    layers = [adapted.model.get_submodule(name) for name in lora.modules(adapted.model)]
+    assert layers and not any(unhooked(layer) for layer in layers)
+    lora.merge(adapted.model)
+    assert all(unhooked(layer) for layer in layers)
+    assert any(part in key for key in adapted.model.state_dict() for part in adapted.method.attached_keys)
 
 
 @pytest.mark.parametrize("kind", KINDS)

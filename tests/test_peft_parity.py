@@ -25,12 +25,14 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from peftsum.config import LoraConfig, PromptConfig, RunConfig
+from peftsum.config import RunConfig
 from peftsum.core.forward import model_inputs
 from peftsum.methods import adapters
 from peftsum.methods.base import adapt
 from peftsum.methods.lora import method as lora
+from peftsum.methods.lora.config import LoraConfig
 from peftsum.methods.lora.method import LoRA
+from peftsum.methods.prompt.config import PromptConfig
 
 KINDS = ["gpt2", "llama", "gemma3"]
 RANK, ALPHA = 4, 8.0

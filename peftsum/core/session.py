@@ -58,7 +58,7 @@ def open_session(cfg: RunConfig, progress: bool = True, fsdp: bool = False) -> S
 
 def check_fsdp(cfg: RunConfig) -> None:
     """FSDP is for full fine-tuning, across several processes; refuse anything else in one line."""
-    if cfg.methods != ["finetune"] or not cfg.finetune.all:
+    if len(cfg.methods) != 1 or not method_named(cfg.methods[0]).shards_with_fsdp(getattr(cfg, cfg.methods[0])):
         raise UserError("FSDP shards full fine-tuning only: run the finetune method alone with --finetune.all true "
                         "(LoRA, prompt tuning and partial fine-tuning train few weights: run them without FSDP)")
     if cfg.train.eval_every:  # a sharded model's forwards must run in lockstep on every rank, which scoring does not

@@ -38,6 +38,14 @@ class Method:
     merge_refusal: str = ""  # why not, where it cannot
     encoder_prefix: str = "prompt_encoder."  # checkpoint names of `Adapted.prompt_encoder`'s parameters
     cached_prefix: bool = False  # whether `key_value_prefix` gives keys and values (every forward then has a cache)
+    # Parts of the state-dict keys of the modules the method attaches to the model (LoRA's ".lora."): none may be left
+    # in the model `merge_for_export` gives. Such a module hooks its layer and says whether it is folded into the
+    # layer's weight (`merged`), its hook then passing the output through.
+    attached_keys: tuple[str, ...] = ()
+
+    def shards_with_fsdp(self, settings) -> bool:
+        """Whether training with these settings (the method's config section) is what FSDP shards: all weights."""
+        return False
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
         """Prepare `model` (in place) for training: freeze what stays, attach what trains."""
@@ -157,11 +165,12 @@ def check_decoder_only(adapter_config: dict, where: Path) -> None:
 
 
 def unhooked(module: nn.Module) -> bool:
-    """Whether the module computes what its own forward does, no hook changing it: it has none, or only those of a
-    merged LoRA or IA3, which then pass the output through (their update is in the weight)."""
+    """Whether the module computes what its own forward does, no hook changing it: it has none, or only those of
+    merged method modules attached to it (a merged LoRA or IA3 passes the output through: its update is in the
+    weight)."""
     hooks = len(module._forward_hooks) + len(module._forward_pre_hooks)
-    adapters = [a for a in (getattr(module, "lora", None), getattr(module, "ia3", None)) if a is not None]
-    return hooks == 0 or (hooks == len(adapters) and all(getattr(a, "merged", False) for a in adapters))
+    attached = [child for child in module.children() if hasattr(child, "merged")]
+    return hooks == 0 or (hooks == len(attached) and all(child.merged for child in attached))
 
 
 class Untouched(Method):

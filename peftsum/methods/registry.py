@@ -15,6 +15,11 @@ from ..errors import UserError
 NAMES = ("lora", "prompt", "finetune", "ia3", "prefix", "ptuning")
 
 
+def settings_class(name: str) -> type:
+    """The dataclass of the method's settings section (e.g. `lora.*`), from its torch-free config module."""
+    return importlib.import_module(f"{__package__}.{name}.config").SETTINGS
+
+
 def method_named(name: str):
     """The method called `name` (a base.Method), its module imported on first use."""
     if name not in NAMES:

@@ -30,7 +30,7 @@ def matches(name: str, patterns: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in patterns)
 
 
-def target_names(model: nn.Module, patterns: list[str], section: str = "lora") -> list[str]:
+def target_names(model: nn.Module, patterns: list[str], section: str) -> list[str]:
     """Full names of the linear/Conv1D modules that match `patterns` (`section` names the setting in errors)."""
     model_type = getattr(model.config, "model_type", "")
     names = [name for name, module in model.named_modules()

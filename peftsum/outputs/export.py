@@ -38,7 +38,7 @@ def check_target(out: Path, overwrite: bool) -> None:
 def merged_model(adapted: Adapted):
     """The adapted model as a plain transformers model on the CPU, for export (the method merged for good)."""
     model = adapted.method.merge_for_export(adapted)
-    leftovers = [k for k in model.state_dict() if ".lora." in k or "lora_A" in k or "lora_B" in k or ".ia3." in k]
+    leftovers = [k for k in model.state_dict() if any(part in k for part in adapted.method.attached_keys)]
     if leftovers:
         raise RuntimeError(f"adapter tensors left in the merged state dict: {leftovers[:3]}")
     model.to("cpu")

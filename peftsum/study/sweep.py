@@ -20,10 +20,11 @@ from pathlib import Path
 # A Figure without pyplot renders headless and leaves the user's global matplotlib backend alone.
 from matplotlib.figure import Figure
 
-from ..config import METHODS, RunConfig, _apply, _convert, _field_type, validate
+from ..config import RunConfig, _apply, _convert, _field_type, validate
 from ..errors import UserError
 from ..infra.files import atomic_write, write_json, write_text
 from ..infra.runs import BASELINE
+from ..methods.registry import NAMES
 from .compare import compare
 
 METRICS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
@@ -77,9 +78,9 @@ def parse_vary(text: str) -> Vary:
     if not sep:
         raise UserError(f"--vary {text!r}: expected KEY=V1,V2,... such as lora.rank=4,8,16")
     section, _, leaf = key.partition(".")
-    if section not in METHODS or not leaf:
+    if section not in NAMES or not leaf:
         raise UserError(f"--vary {key!r}: choose a key of a method's section "
-                        f"({', '.join(m + '.*' for m in METHODS)}), such as lora.rank or prompt.num_virtual_tokens")
+                        f"({', '.join(m + '.*' for m in NAMES)}), such as lora.rank or prompt.num_virtual_tokens")
     names = {f.name for f in dataclasses.fields(_field_type(RunConfig, section))}
     if leaf not in names:
         raise UserError(f"--vary: unknown config key {key!r}; known in {section}: {', '.join(sorted(names))}")
@@ -182,7 +183,7 @@ def pareto_front(points: list[dict], metric: str) -> list[bool]:
 
 def _order(point: dict) -> tuple:
     # The configured point of a method is its only point, so its value (None) is never compared with another.
-    return METHODS.index(point["method"]), point["key"] or "", point["value"] if point["key"] else 0
+    return NAMES.index(point["method"]), point["key"] or "", point["value"] if point["key"] else 0
 
 
 def sweep_table(points: list[dict], metric: str) -> list[str]:
@@ -220,7 +221,7 @@ def _plot_pareto(points: list[dict], metric: str, baseline: dict | None, path: P
     label = METRICS[metric]
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
-    for i, method in enumerate(METHODS):  # a method keeps its colour from sweep to sweep
+    for i, method in enumerate(NAMES):  # a method keeps its colour from sweep to sweep
         mine = [p for p in points if p["method"] == method]
         if not mine:
             continue

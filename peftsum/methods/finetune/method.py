@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...config import FinetuneConfig, RunConfig
+from ...config import RunConfig
 from ...core.models import final_norms, ties_embeddings, transformer_blocks
 from ...errors import UserError
 from ..base import Adapted, Method, check_shape
+from .config import FinetuneConfig
 
 
 def apply(model: nn.Module, cfg: FinetuneConfig) -> list[nn.Parameter]:
@@ -68,6 +69,9 @@ class FinetuneMethod(Method):
     title = "fine-tuning of selected weights"
     tags = ("fine-tuned",)
     weights_file = "finetuned.safetensors"
+
+    def shards_with_fsdp(self, settings) -> bool:
+        return settings.all
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
         params = apply(model, cfg.finetune)

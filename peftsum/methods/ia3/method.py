@@ -21,10 +21,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...config import Ia3Config, RunConfig
+from ...config import RunConfig
 from ...errors import UserError
 from ..base import Adapted, Method, check_shape
 from ..targets import PEFT_PREFIX, in_out_features, linear_weight, matches, target_names
+from .config import Ia3Config
 
 # model_type: (targets, the feed-forward ones among them, scaled on their input), as peft's mappings.
 DEFAULT_TARGETS = {
@@ -170,6 +171,7 @@ class Ia3Method(Method):
     title = "(IA)³"
     tags = ("ia3",)
     peft_type = "IA3"
+    attached_keys = (".ia3.",)
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
         vectors = apply(model, cfg.ia3)

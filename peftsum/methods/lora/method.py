@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...config import LoraConfig, RunConfig
+from ...config import RunConfig
 from ...errors import UserError
 from ..base import Adapted, Method, check_shape, number
 from ..targets import PEFT_PREFIX, in_out_features, linear_weight, target_names
+from .config import LoraConfig
 
 # PEFT's matching rule: a target names a module exactly or as a dotted suffix of its full name.
 DEFAULT_TARGETS = {
@@ -178,7 +179,7 @@ def apply(model: nn.Module, cfg: LoraConfig) -> dict[str, LoRA]:
     """Freeze the model and attach LoRA to the target modules; returns {module name: LoRA}."""
     model.requires_grad_(False)
     adapters = {}
-    for name in target_names(model, chosen_targets(model, cfg.targets)):
+    for name in target_names(model, chosen_targets(model, cfg.targets), section="lora"):
         module = model.get_submodule(name)
         in_features, out_features = in_out_features(module)
         lora = LoRA(in_features, out_features, cfg.rank, cfg.alpha, cfg.dropout,
@@ -256,6 +257,7 @@ class LoraMethod(Method):
     title = "LoRA"
     tags = ("lora",)
     peft_type = "LORA"
+    attached_keys = (".lora.",)
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
         adapters = apply(model, cfg.lora)

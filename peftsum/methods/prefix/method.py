@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from ...config import PrefixConfig, RunConfig
+from ...config import RunConfig
 from ...errors import UserError
 from ..base import Adapted, Method, check_decoder_only, check_shape, number
+from .config import PrefixConfig
 
 PEFT_KEY = "prompt_embeddings"  # the flat prefix's name in a peft prefix-tuning adapter
 

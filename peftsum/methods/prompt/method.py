@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...config import PromptConfig, RunConfig
+from ...config import RunConfig
 from ...errors import UserError
 from ..base import Adapted, Method, check_decoder_only, check_shape, number
+from .config import PromptConfig
 
 PEFT_KEY = "prompt_embeddings"  # the tensor's name in a peft prompt-tuning adapter
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...config import PtuningConfig, RunConfig
+from ...config import RunConfig
 from ...errors import UserError
 from ..base import Adapted, Method, check_decoder_only, check_shape, number
 from ..prompt.method import insert
+from .config import PtuningConfig
 
 PEFT_KEY = "prompt_embeddings"
 PEFT_TYPES = {"mlp": "MLP", "lstm": "LSTM"}  # peft's encoder_reparameterization_type values
