@@ -12,7 +12,7 @@ import importlib
 from ..errors import UserError
 
 # Every method, in the order configs, reports and sweeps list them.
-NAMES = ("lora", "prompt", "finetune", "ia3", "prefix", "ptuning")
+NAMES = ("lora", "prompt", "finetune", "ia3", "prefix", "ptuning", "lntuning")
 
 
 def settings_class(name: str) -> type:
