@@ -38,6 +38,9 @@ class Method:
     merge_refusal: str = ""  # why not, where it cannot
     encoder_prefix: str = "prompt_encoder."  # checkpoint names of `Adapted.prompt_encoder`'s parameters
     cached_prefix: bool = False  # whether `key_value_prefix` gives keys and values (every forward then has a cache)
+    # Whether it places trained virtual tokens among the input embeddings (`prepare_inputs`): what peft puts before a
+    # left-padded row's padding, which a model card warns of.
+    embeds_virtual_tokens: bool = False
     # Parts of the state-dict keys of the modules the method attaches to the model (LoRA's ".lora."): none may be left
     # in the model `merge_for_export` gives. Such a module hooks its layer and says whether it is folded into the
     # layer's weight (`merged`), its hook then passing the output through.

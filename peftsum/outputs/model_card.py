@@ -107,14 +107,6 @@ def merges_an_adapter(method: str) -> bool:
     return method_named(method).peft_type is not None
 
 
-def inserts_virtual_tokens(method: str) -> bool:
-    """Whether `method` adds trained virtual tokens to the inputs (soft prompt, P-tuning): what peft places before a
-    left-padded row's padding. Such a method leaves the weights alone (it cannot merge) and has no key/value prefix
-    (prefix tuning's, which peft and peftsum both keep in front of the cache)."""
-    method = method_named(method)
-    return not method.can_merge and not method.cached_prefix
-
-
 # ---------------------------------------------------------------- the card
 
 
@@ -332,7 +324,7 @@ def _usage(info: CardInfo) -> list[str]:
                   f"tokenizer = AutoTokenizer.from_pretrained({base!r})",
                   f"model = PeftModel.from_pretrained(base, {where!r})  # this folder, or its hub repo",
                   *_generate_lines(info.config), "```"]
-        if inserts_virtual_tokens(info.method):
+        if method_named(info.method).embeds_virtual_tokens:
             lines += ["", "Generate one document at a time with peft: in a left-padded batch it puts the virtual "
                           "tokens before the padding, which degrades the summaries; peftsum places them right."]
     elif info.kind == "tensors":

@@ -129,6 +129,7 @@ class PromptMethod(Method):
     tags = ("prompt-tuning",)
     peft_type = "PROMPT_TUNING"
     can_merge = False
+    embeds_virtual_tokens = True
     merge_refusal = ("its soft prompt is input embeddings placed before every document, not a change of the "
                      "model's weights")
     encoder_prefix = "soft_prompt."

@@ -77,6 +77,7 @@ class PtuningMethod(Method):
     tags = ("p-tuning",)
     peft_type = "P_TUNING"
     can_merge = False
+    embeds_virtual_tokens = True
     merge_refusal = ("its virtual tokens are input embeddings placed before every document, not a change of the "
                      "model's weights")
 
