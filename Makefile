@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up .venv (once) and run the comparison on the embedded model (DATA=folder for offline data)
+#   make demo   set up .venv (once) and run the comparison on the embedded model and the shipped demo data, offline
+#               (demo/cnn_dailymail; DATA=cnn_dailymail streams from the hub instead, DATA=folder reads a folder)
 #   make test   set up .venv (once) and run the tests
 PYTHON ?= python3
 VENV ?= .venv
