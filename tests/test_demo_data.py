@@ -69,3 +69,15 @@ def test_the_shipped_folder_is_small_and_says_where_it_comes_from():
     readme = (folder / "README.md").read_text()
     assert "Apache-2.0" in readme and "abisee/cnn_dailymail" in readme
     assert "demo/cnn_dailymail" in (ROOT / "NOTICE").read_text()
+
+
+def test_the_demo_run_from_another_folder_is_refused_naming_the_missing_folder(tmp_path, monkeypatch, capsys):
+    """Run outside the checkout, the relative data path finds no folder and falls through to the hub; with the network
+    off the refusal says both, not only that the hub failed."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--config", str(DEMO_CONFIG), "--out", str(tmp_path / "run")]) == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1, message
+    assert f"no folder 'demo/cnn_dailymail' under {tmp_path}" in message, message

@@ -131,7 +131,10 @@ def _hub_rows(cfg: DataConfig, split: str) -> list[dict]:
         return [dict(row) for row, _ in zip(stream, range(cfg.hub_stream_limit))]
     except Exception as exc:  # the hub raises many types (connection, missing config, missing split)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot stream data set {path!r} split {split!r} from the hub: {first} "
+        # A relative folder name (configs/demo.yaml's demo/cnn_dailymail) read from another working directory lands
+        # here too: say that no such folder was found, not only that the hub failed.
+        nowhere = "" if preset else f"; there is no folder {path!r} under {Path.cwd()} either"
+        raise UserError(f"cannot stream data set {path!r} split {split!r} from the hub: {first}{nowhere} "
                         f"(for offline use pass a local folder with train/validation JSONL)") from None
 
 
