@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from peftsum.evaluation.metrics import ROUGE_KEYS, bootstrap_interval, paired_bootstrap
+from peftsum.evaluation.metrics import ROUGE_KEYS, bootstrap_interval, paired_bootstrap, resolvable_difference
 from peftsum.outputs.report import render_markdown, write_report
 from peftsum.study.analysis import seed_summary, upgrade
 
@@ -198,8 +198,11 @@ def test_paired_test_finds_no_difference_between_noisy_twins():
                             [round(v, 3) for v in (prompt if leader == "lora" else lora)])
     assert test["p_value"] > 0.05  # the fixture itself must be a "no difference" case
     line = next(x for x in md.splitlines() if x.startswith(f"- {leader} leads {other} on ROUGE-1"))
-    assert line.endswith("): **no significant difference**.") and f"p = {test['p_value']:.2f}" in line
-    assert "a difference is significant when p < 0.05" in md and md.count("p < 0.05") == 1
+    resolvable = resolvable_difference(*([round(v, 3) for v in scores] for scores in
+                                         ((lora, prompt) if leader == "lora" else (prompt, lora))))
+    assert line.endswith(f"): **no significant difference** (n = 80 documents could resolve about "
+                         f"±{resolvable:.1f} ROUGE-1).") and f"p = {test['p_value']:.2f}" in line
+    assert "a difference is significant when its Holm-adjusted p < 0.05" in md and md.count("p < 0.05") == 1
     assert f"| {leader} − {other} | ROUGE-1 |" in md and "| not significant |" in md
     assert "lora improved eval ROUGE-1 over the untouched model (difference +" in md  # both clearly beat the baseline
 
@@ -219,7 +222,12 @@ def test_paired_test_finds_clear_difference():
     section = md.split("## Significance")[1].split("## Resources")[0]
     rows = [r for r in section.splitlines() if r.startswith("| lora − prompt |")]
     assert [r.split(" | ")[1] for r in rows] == ["ROUGE-1", "ROUGE-2", "ROUGE-L"]
-    assert all(r.endswith("| < 0.001 | significant |") for r in rows)
+    assert all(r.endswith(" | < 0.001 | < 0.001 | ±0.4 | significant |") for r in rows)  # raw p, Holm p, resolvable
+    answer = md.split("\n")[2]  # the opening sentences, before everything else
+    assert answer.startswith("Use lora: it scores +5.9 ROUGE-1 above untouched model (plain) on 80 eval documents "
+                             "(95% CI +5.7 to +6.1, p < 0.001, Holm-adjusted p < 0.001); the test resolves about ±0.3")
+    assert answer.endswith("It trains 460,800 parameters (0.3426 % of the model) in 1 min 03 s.")
+    assert "p-values Holm-adjusted over the 5 tests of the verdict: significant still means 5%" in verdict
     assert "| prompt − untouched model (plain) | ROUGE-1 |" in section and "| not significant |" in section
     assert ["## Verdict", "## Results", "## Significance", "## Resources"] == \
         sorted(["## Verdict", "## Results", "## Significance", "## Resources"], key=md.index)
@@ -305,7 +313,7 @@ def test_budget_line_and_training_amount():
     results["methods"]["lora"]["training"]["epochs"][1].update(batches=21, of_batches=50)
     md = report_of(results)
     budget = "Equal budget: 800 s of training wall-clock per method."
-    assert md.split("\n")[2].endswith(budget) and md.split("## Resources")[1].lstrip().startswith(budget)
+    assert md.split("\n")[4].endswith(budget) and md.split("## Resources")[1].lstrip().startswith(budget)
     assert "| Method | Total params | Trainable params | % trainable | Steps | Epochs | Time per epoch (s) |" in md
     assert "| lora | 134,975,808 | 460,800 | 0.3426 | 120 | 1.42 | 44.4 |" in md  # (31 + 32) s over 1.42 epochs
     results["config"]["train"] = {"seed": 7, "budget_seconds": 0.0, "budget_tokens": 250_000}
@@ -372,6 +380,35 @@ def test_verdict_when_prompting_the_untouched_model_is_as_good():
             "(ROUGE-1 ") in verdict
     results["methods"]["lora"]["after"]["eval"] = _split_from_documents(base - 5)
     assert "- **lora scores significantly below prompting the untouched model" in report_of(results)
+
+
+def test_the_report_opens_with_do_not_train_when_no_method_beats_the_strongest_baseline():
+    base, rng = _documents(9), np.random.default_rng(10)
+    noise = rng.normal(0, 3, base.size)
+    results = with_baselines(make_results(1), {"lora": base + noise - noise.mean() + 0.2}, base,
+                             {"lead": ("lead", "lead-3", base - 8)})
+    md = report_of(results)
+    test = upgrade(copy.deepcopy(results))["analysis"]["answer"]["test"]
+    assert (test["a"], test["b"], test["metric"]) == ("lora", "untouched model", "rouge1") and test["p_holm"] > 0.05
+    first, second = md.split("\n")[2].split(". ", 1)
+    assert first.startswith("Do not train: use untouched model (chat); the best method, lora, scores +0.2 ROUGE-1 "
+                            "against it on 80 eval documents (95% CI ")
+    assert first.endswith(f"no significant difference, and n = 80 documents could resolve about "
+                          f"±{test['resolvable']:.1f} ROUGE-1")
+    assert second == ("Training lora took 1 min 03 s for 460,800 trainable parameters (0.3426 % of the model); "
+                      "the baseline needs no training.")
+
+
+def test_an_analysis_from_before_the_answer_is_computed_again():
+    base = _documents(4)
+    results = upgrade(with_documents(make_results(2), {"lora": base + 3, "prompt": base}, base))
+    stored = results["analysis"]
+    del stored["answer"]
+    for test in stored["tests"]:
+        del test["p_holm"], test["resolvable"]
+    analysis = upgrade(results)["analysis"]
+    assert analysis["answer"]["use"] == "lora" and analysis["answer"]["train"]
+    assert all("p_holm" in t and "resolvable" in t for t in analysis["tests"])
 
 
 def test_old_results_get_their_single_baseline():

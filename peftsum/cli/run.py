@@ -38,7 +38,10 @@ def compare(args) -> int:
         return 0
     with lock.holding(Path(cfg.out)):
         results = compare(cfg, resume=args.resume, overwrite=args.overwrite, fsdp=fsdp)
+    from ..outputs.report import answer_sentences
+
     out = Path(cfg.out)
+    print("\n".join(answer_sentences(results)))
     print(f"report: {out / runs.REPORT}, {out / runs.REPORT_HTML}  (wall time {results['wall_seconds']:.0f} s)")
     return 0
 

@@ -23,7 +23,7 @@ from ..study.results import ZERO_SHOT, PairedTest, Results
 from .formatting import DASH, ci, duration, epochs_done, fmt, number, overlap, p_value, pm, rouge, sig4, signed, table
 from .report_html import write_html
 
-__all__ = ["loss_figure", "render_markdown", "write_report"]
+__all__ = ["answer_sentences", "loss_figure", "render_markdown", "write_report"]
 
 ROUGE = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))
 
@@ -65,13 +65,65 @@ def _name(results: Results, name: str) -> str:
     return results["analysis"]["baselines"]["labels"].get(name, name)
 
 
+def _resolvable(test: dict) -> str:
+    """"n = 30 documents could resolve about ±4.1 ROUGE-1": what a test that found nothing could have found."""
+    if test.get("resolvable") is None:
+        return f"n = {test['n']} documents cannot estimate what they resolve"
+    return f"n = {test['n']} documents could resolve about ±{test['resolvable']:.1f} {dict(ROUGE)[test['metric']]}"
+
+
+def _p_values(test: dict, samples: int) -> str:
+    """"p = 0.010, Holm-adjusted p = 0.040": the raw p-value and the one "significant" is judged by."""
+    return f"p {p_value(test['p_value'], samples)}, Holm-adjusted p {p_value(test['p_holm'], samples)}"
+
+
 def _test_text(test: dict, samples: int, prefix: str = "") -> str:
-    """"(95% CI −0.4 to +4.6, p = 0.10): **no significant difference**", or "(not tested)" without resamples."""
+    """"(95% CI −0.4 to +4.6, p = 0.10, Holm-adjusted p = 0.40): **no significant difference** (n = 30 documents
+    could resolve about ±4.1 ROUGE-1)", or "(not tested)" without resamples."""
     if test["p_value"] is None:
         return f"({prefix}not tested)"
-    interval = f"95% CI {signed(test['low'])} to {signed(test['high'])}, p {p_value(test['p_value'], samples)}"
+    interval = f"95% CI {signed(test['low'])} to {signed(test['high'])}, {_p_values(test, samples)}"
     return f"({prefix}{interval}): " + ("significant at the 5% level" if significant(test)
-                                        else "**no significant difference**")
+                                        else f"**no significant difference** ({_resolvable(test)})")
+
+
+# ---------------------------------------------------------------- the answer
+
+
+def answer_sentences(results: Results) -> list[str]:
+    """At most three sentences, plain text: what to use, by how much and how sure, and what it costs; from the
+    stored answer (analysis.py). `peftsum compare` prints them last, report.md opens with them."""
+    answer, samples = results["analysis"]["answer"], samples_of(results)
+    method, baseline, test, cost = answer["method"], answer["baseline"], answer["test"], answer["cost"]
+    if method is None:
+        return [f"No method was run; the strongest baseline on eval ROUGE-1 is {_name(results, baseline)}."
+                if baseline else "No method was run and no baseline was scored."]
+    if baseline is None:
+        first = (f"Use {method}: it has the best eval ROUGE-1 ({_eval_mean(results, method, 'rouge1'):.1f}); "
+                 "no baseline was scored to test it against.")
+    elif test is None or test["p_value"] is None:
+        difference = _eval_mean(results, method, "rouge1") - results["analysis"]["baselines"]["eval_means"][
+            baseline]["rouge1"]
+        first = (f"Use {method}: it scores {signed(difference)} ROUGE-1 above {_name(results, baseline)}, not "
+                 "tested, but clear of the baseline's 95% interval." if answer["train"] else
+                 f"Do not train: use {_name(results, baseline)}; the best method, {method}, scores "
+                 f"{signed(difference)} ROUGE-1 against it, not tested, within the baseline's 95% interval.")
+    else:
+        how_sure = (f"on {test['n']} eval documents (95% CI {signed(test['low'])} to {signed(test['high'])}, "
+                    f"{_p_values(test, samples)})")
+        if answer["train"]:
+            first = (f"Use {method}: it scores {signed(test['diff'])} ROUGE-1 above {_name(results, baseline)} "
+                     f"{how_sure}; the test resolves about ±{fmt(test['resolvable'], '.1f')} ROUGE-1.")
+        else:
+            outcome = ("significantly below it" if significant(test)
+                       else f"no significant difference, and {_resolvable(test)}")
+            first = (f"Do not train: use {_name(results, baseline)}; the best method, {method}, scores "
+                     f"{signed(test['diff'])} ROUGE-1 against it {how_sure}: {outcome}.")
+    share = f"{sig4(cost['trainable_percent'])} % of the model"
+    if answer["train"]:
+        return [first, f"It trains {cost['trainable']:,} parameters ({share}) in {duration(cost['seconds'])}."]
+    return [first, f"Training {method} took {duration(cost['seconds'])} for {cost['trainable']:,} trainable "
+                   f"parameters ({share}); the baseline needs no training."]
 
 
 # ---------------------------------------------------------------- markdown sections
@@ -165,8 +217,9 @@ def _strongest_lines(results: dict, tests: dict) -> list[str]:
         else:
             beaten, below = (significant(test) and test["diff"] > 0), (significant(test) and test["diff"] < 0)
             interval = "not tested" if test["p_value"] is None else (
-                f"95% CI {signed(test['low'])} to {signed(test['high'])}, p {p_value(test['p_value'], samples)}")
-            detail = f"ROUGE-1 {signed(test['diff'])}, {interval}"
+                f"95% CI {signed(test['low'])} to {signed(test['high'])}, {_p_values(test, samples)}")
+            resolvable = "" if beaten or below or test["p_value"] is None else f"; {_resolvable(test)}"
+            detail = f"ROUGE-1 {signed(test['diff'])}, {interval}{resolvable}"
         if beaten:
             lines.append(f"- {name} beats the strongest baseline, {_name(results, strongest)} ({detail}).")
         elif below:
@@ -182,8 +235,18 @@ def _method_note(results: dict, tests: dict) -> list[str]:
     if samples_of(results) == 0:
         return ["- No significance tests: eval.bootstrap_samples is 0, so differences are stated untested."]
     n = results["data"]["eval_examples"]
-    return [f"- Differences are mean F1 × 100 over the same {n} eval documents, tested with a paired bootstrap "
-            f"({samples_of(results):,} resamples, seed 0); a difference is significant when p < {ALPHA}."]
+    family = sum(1 for t in tests.values() if t["in_verdict"] and t["p_value"] is not None)
+    lines = [f"- Differences are mean F1 × 100 over the same {n} eval documents, tested with a paired bootstrap "
+             f"({samples_of(results):,} resamples, seed 0); a difference is significant when its Holm-adjusted "
+             f"p < {ALPHA}.",
+             f"- p-values Holm-adjusted over the {family} tests of the verdict: significant still means 5% for the "
+             "whole family (the Significance tables' other tests form a family of their own)."]
+    main = results["analysis"]["answer"]["test"]
+    if main is not None and main.get("resolvable") is not None:
+        lines.append(f"- Resolvable difference of the main comparison ({main['a']} against "
+                     f"{_name(results, main['b'])}): about ±{main['resolvable']:.1f} ROUGE-1 at 5% with 80% power "
+                     f"over {main['n']} documents (normal approximation from the spread of the paired differences).")
+    return lines
 
 
 def _verdict(results: dict, tests: dict) -> list[str]:
@@ -314,6 +377,8 @@ def _test_rows(results: dict, tests: dict) -> list[list[str]]:
     return [[f"{_name(results, a)} − {_name(results, b)}", labels[key], signed(t["diff"]),
              f"{signed(t['low'])} to {signed(t['high'])}",
              DASH if t["p_value"] is None else p_value(t["p_value"], samples).removeprefix("= "),
+             DASH if t["p_value"] is None else p_value(t["p_holm"], samples).removeprefix("= "),
+             DASH if t["resolvable"] is None else f"±{t['resolvable']:.1f}",
              "not tested" if t["p_value"] is None else "significant" if significant(t) else "not significant"]
             for (a, b, key), t in tests.items()]
 
@@ -323,7 +388,7 @@ def _significance(results: dict, tests: dict) -> list[str]:
         return ["No paired tests: they need per-document eval scores for two models (the untouched one counts), "
                 "which these results do not have (results from older peftsum versions never do). The Verdict "
                 "compares 95% intervals instead."]
-    header = ["Pair", "Metric", "Difference", "95% interval", "p-value", "Verdict"]
+    header = ["Pair", "Metric", "Difference", "95% interval", "p-value", "Holm p", "Resolvable", "Verdict"]
     methods = set(results["methods"])
     between = {k: t for k, t in tests.items() if k[0] in methods and (k[1] in methods or k[1] == BEFORE)}
     others = {k: t for k, t in tests.items() if k not in between}
@@ -331,7 +396,9 @@ def _significance(results: dict, tests: dict) -> list[str]:
     if others:
         lines += ["", "Against the other baselines:", "", *table(header, _test_rows(results, others))]
     lines += ["", "Difference: first minus second, in mean F1 × 100 on the eval split; interval and p-value "
-              "(two-sided) from the paired bootstrap described in the Verdict."]
+              "(two-sided) from the paired bootstrap described in the Verdict; Holm p adjusted over the test's family "
+              "(the verdict's tests, or the tables' other tests); resolvable: the smallest difference these "
+              "documents find at 5% with 80% power."]
     multi = [n for n, m in results["methods"].items() if seed_runs(m)]
     if multi:
         lines.append(f"For {', '.join(multi)} (several seeds), each document's score is the mean of its seeds' scores "
@@ -448,7 +515,7 @@ def render_markdown(results: Results) -> str:
     budget = _budget(results)
     tests = _tests(results)
     validation = _validation(results)
-    lines = ["# peftsum comparison", "", head + (f" {budget}" if budget else ""), "",
+    lines = ["# peftsum comparison", "", " ".join(answer_sentences(results)), "", head + (f" {budget}" if budget else ""), "",
              "## Verdict", "", *_verdict(results, tests), "", "## Results", "", *_results(results), "",
              "## Significance", "", *_significance(results, tests), "", "## Resources", "", *_resources(results), "",
              *(["## Validation during training", "", *validation, ""] if validation else []),

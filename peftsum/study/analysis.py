@@ -1,5 +1,6 @@
 """The statistics of a comparison, computed once and stored in results.json: seed summaries, the ranking of the
-methods, paired tests over the same eval documents, and each trained run against the untouched model.
+methods, paired tests over the same eval documents (each with the difference it could resolve and its Holm-adjusted
+p-value), the answer the report opens with, and each trained run against the untouched model.
 
 `compare` calls `analyze` whenever it publishes results; report.py and the model cards render what they find here
 and compute nothing. The tests are seeded (seed 0), so the same results give the same statistics every time.
@@ -12,11 +13,12 @@ from typing import Iterator
 
 import numpy as np
 
-from ..evaluation.metrics import ROUGE_KEYS, paired_bootstrap
+from ..evaluation.metrics import ROUGE_KEYS, holm, paired_bootstrap, resolvable_difference
 from .results import (
     SCHEMA_VERSION,
     ZERO_SHOT,
     Analysis,
+    Answer,
     BaselineAnalysis,
     BaselineResult,
     MethodResult,
@@ -131,6 +133,51 @@ def _pairs(ranking: dict[str, list[str]], baselines: dict[str, BaselineResult]) 
     return list(dict.fromkeys(pairs))
 
 
+def _verdict_family(ranking: dict[str, list[str]], baselines: BaselineAnalysis) -> set[tuple[str, str, str]]:
+    """(a, b, key) of the tests the verdict draws its conclusions from: the leader against each other method per
+    tested key, and on ROUGE-1 each method against the untouched model and against the strongest baseline, and the
+    untouched model in the run's format against the other zero-shot format. Holm's correction runs over these."""
+    family = {(ranked[0], other, key) for key in TESTED_KEYS for ranked in [ranking[key]] for other in ranked[1:]}
+    strongest = baselines["strongest"].get("rouge1")
+    for name in ranking["rouge1"]:
+        family |= {(name, BEFORE, "rouge1")} | ({(name, strongest, "rouge1")} if strongest else set())
+    zero_shots = [n for n in baselines["labels"] if n != BEFORE]
+    return family | {(BEFORE, b, "rouge1") for b in zero_shots}
+
+
+def _adjust(tests: list[PairedTest], family: set[tuple[str, str, str]]) -> None:
+    """Holm-adjust the verdict's family of tests together, and the remaining tests (only in the Significance
+    tables) as a family of their own; in place, as "p_holm" and "in_verdict"."""
+    for in_verdict in (True, False):
+        members = [t for t in tests if ((t["a"], t["b"], t["metric"]) in family) == in_verdict]
+        for test, adjusted in zip(members, holm([t["p_value"] for t in members])):
+            test["p_holm"], test["in_verdict"] = adjusted, in_verdict
+
+
+def _answer(results: dict, ranking: dict[str, list[str]], baselines: BaselineAnalysis,
+            tests: list[PairedTest]) -> Answer:
+    """What to use, from the best method on ROUGE-1 against the strongest baseline: train it where it scores
+    significantly (Holm) above, else do not train and use the baseline; with the test and what training it costs.
+    Untested (no per-document scores, or no resamples), the method must clear the baseline's 95% interval."""
+    best = ranking["rouge1"][0] if ranking["rouge1"] else None
+    strongest = baselines["strongest"].get("rouge1")
+    test = next((t for t in tests if (t["a"], t["b"], t["metric"]) == (best, strongest, "rouge1")), None)
+    if test is not None and test["p_value"] is not None:
+        beats = significant(test) and test["diff"] > 0
+    else:
+        beats = best is not None and strongest is not None and (
+            eval_after(results["methods"][best])["rouge"]["rouge1"]["low"]
+            > _scored_baselines(results)[strongest]["eval"]["rouge"]["rouge1"]["high"])
+    cost = None
+    if best is not None:
+        method = results["methods"][best]
+        cost = {"trainable": method["params"]["trainable"], "trainable_percent": method["params"]["trainable_percent"],
+                "seconds": sum(e["seconds"] for e in method["training"]["epochs"])}
+    return {"use": best if best is not None and (beats or strongest is None) else strongest,
+            "train": best is not None and (beats or strongest is None), "method": best, "baseline": strongest,
+            "test": test, "cost": cost}
+
+
 def trained_runs(results: dict) -> Iterator[tuple[str, dict]]:
     """(method name, run result) for every trained run folder of a comparison (each seed's, for several seeds)."""
     for name, method in results["methods"].items():
@@ -140,9 +187,11 @@ def trained_runs(results: dict) -> Iterator[tuple[str, dict]]:
 
 
 def _bootstrap(xs: list[float], ys: list[float], samples: int) -> PairedDifference:
-    """The seeded paired bootstrap of mean(xs) - mean(ys), its p-value None where no resamples were drawn."""
+    """The seeded paired bootstrap of mean(xs) - mean(ys), its p-value None where no resamples were drawn, and the
+    smallest difference these documents resolve (metrics.resolvable_difference)."""
     test = paired_bootstrap(xs, ys, samples=samples, seed=0)
-    return {**test, "p_value": None if math.isnan(test["p_value"]) else test["p_value"]}
+    return {**test, "p_value": None if math.isnan(test["p_value"]) else test["p_value"],
+            "n": len(xs), "resolvable": resolvable_difference(xs, ys)}
 
 
 def against_untouched(after: dict | None, baseline: dict | None, samples: int) -> UntouchedComparison | None:
@@ -161,7 +210,8 @@ def against_untouched(after: dict | None, baseline: dict | None, samples: int) -
 
 def analyze(results: dict) -> Analysis:
     """The ranking, the baselines' ranking and every paired test, where both sides have per-document scores on the
-    same documents; and every trained run (by its folder) against the untouched model."""
+    same documents (Holm-adjusted over the verdict's family); the answer; and every trained run (by its folder)
+    against the untouched model."""
     methods, samples = results["methods"], samples_of(results)
     baselines = _scored_baselines(results)
     ranking = {key: _ranking(methods, key) for key in ("loss", *TESTED_KEYS)}
@@ -171,16 +221,19 @@ def analyze(results: dict) -> Analysis:
                   method_scores(methods[n], key) if n in methods else None for n in (a, b))
         if xs is not None and ys is not None and len(xs) == len(ys):
             tests.append({"a": a, "b": b, "metric": key, **_bootstrap(xs, ys, samples)})
+    baseline_analysis = _baseline_analysis(baselines)
+    _adjust(tests, _verdict_family(ranking, baseline_analysis))
     means = {n: {key: _eval_mean(methods[n], key) for key in ranking} for n in ranking["loss"]}
     runs = {run["dir"]: against_untouched(run.get("after"), results.get("baseline"), samples)
             for _, run in trained_runs(results)}
     return {"alpha": ALPHA, "samples": samples, "ranking": ranking, "eval_means": means, "tests": tests,
-            "baselines": _baseline_analysis(baselines),
+            "baselines": baseline_analysis, "answer": _answer(results, ranking, baseline_analysis, tests),
             "against_untouched": {folder: compared for folder, compared in runs.items() if compared is not None}}
 
 
 def significant(test: PairedTest, alpha: float = ALPHA) -> bool:
-    return test["p_value"] is not None and test["p_value"] < alpha
+    """Whether the test's Holm-adjusted p-value is below alpha."""
+    return test["p_holm"] is not None and test["p_holm"] < alpha
 
 
 def upgrade(results: dict) -> Results:
@@ -208,5 +261,8 @@ def upgrade(results: dict) -> Results:
     if results.get("schema_version") != SCHEMA_VERSION or "against_untouched" not in results.get("analysis", {}):
         results["analysis"] = analyze(results)
         results["schema_version"] = SCHEMA_VERSION
+    # An analysis from before the answer, the resolvable differences and Holm's adjustment is computed again.
+    if "answer" not in results["analysis"]:
+        results["analysis"] = analyze(results)
     return results
 

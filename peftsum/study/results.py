@@ -135,7 +135,11 @@ class PairedTest(TypedDict):
     diff: float  # mean(a) - mean(b), F1 x 100, on the same eval documents
     low: float
     high: float
-    p_value: float | None  # two-sided; None where no resamples were drawn
+    p_value: float | None  # two-sided, raw; None where no resamples were drawn
+    n: int  # documents
+    resolvable: float | None  # smallest true difference found at 5% with 80% power (metrics.resolvable_difference)
+    p_holm: float | None  # Holm-adjusted over its family; what "significant" means (analysis.significant)
+    in_verdict: bool  # its family: the verdict's tests, or the other tests of the Significance tables
 
 
 class PairedDifference(TypedDict):
@@ -143,6 +147,25 @@ class PairedDifference(TypedDict):
     low: float  # 95% paired bootstrap interval
     high: float
     p_value: float | None  # two-sided; None where no resamples were drawn
+    n: int  # documents
+    resolvable: float | None  # smallest true difference found at 5% with 80% power (metrics.resolvable_difference)
+
+
+class Cost(TypedDict):
+    trainable: int  # trainable parameters of the recommended (or best) method
+    trainable_percent: float
+    seconds: float  # its training time
+
+
+class Answer(TypedDict):
+    """The report's opening: what to use, by how much and how sure, and what it costs."""
+
+    use: str | None  # the method to train, or (train False) the baseline to use instead; None with neither scored
+    train: bool
+    method: str | None  # the best method on eval ROUGE-1
+    baseline: str | None  # the strongest baseline on eval ROUGE-1 (a test name: analysis.BEFORE or a baseline key)
+    test: PairedTest | None  # method minus baseline on ROUGE-1; None where not tested
+    cost: Cost | None  # the method's; None without a method
 
 
 class UntouchedComparison(TypedDict):
@@ -160,6 +183,7 @@ class Analysis(TypedDict):
     eval_means: dict[str, dict[str, float]]  # method -> key -> the eval mean that ranks it (over seeds)
     tests: list[PairedTest]
     baselines: BaselineAnalysis
+    answer: Answer
     against_untouched: dict[str, UntouchedComparison]  # trained run folder (MethodResult's "dir") -> comparison
 
 
