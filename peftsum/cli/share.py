@@ -14,7 +14,6 @@ def add_report(parser) -> None:
 
 def report(args) -> int:
     from ..infra import runs
-    from ..infra.files import read_json
     from ..outputs.model_card import write_cards
     from ..outputs.report import write_report
     from ..study.analysis import upgrade
@@ -22,7 +21,7 @@ def report(args) -> int:
     run = Path(args.run)
     if not (run / runs.RESULTS).is_file():
         raise UserError(f"{run} holds no comparison (no {runs.RESULTS})")
-    results = upgrade(read_json(run / runs.RESULTS))
+    results = upgrade(runs.read_results(run / runs.RESULTS))
     path = write_report(results, run)
     cards = write_cards(results, run)
     print(f"report: {path}, {run / runs.REPORT_HTML}; {len(cards)} model cards ({runs.MODEL_CARD})")

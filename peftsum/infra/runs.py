@@ -18,6 +18,7 @@ from ..config import METHODS, RunConfig, complete_saved
 from ..errors import UserError
 from ..methods.adapters import ADAPTER_CONFIG
 from ..methods.registry import all_methods
+from ..study.results import SCHEMA_VERSION
 from ..training import checkpoint
 from .files import read_json
 
@@ -121,7 +122,7 @@ def prepare_compare_folder(out: Path, cfg: RunConfig, resume: bool, overwrite: b
             clear_method(folder)
     if overwrite or not (out / RESULTS).is_file():
         return
-    previous = read_json(out / RESULTS)
+    previous = read_results(out / RESULTS)
     changes = _changes(previous, cfg)
     if changes:
         raise UserError(f"{out} holds a comparison with other settings ({'; '.join(changes[:3])}); pass --overwrite "
@@ -135,8 +136,28 @@ def finished_comparison(out: Path, cfg: RunConfig) -> dict | None:
     `cfg` scored), or None: what may be read back instead of loading the model at all."""
     if not (out / RESULTS).is_file():
         return None
-    previous = read_json(out / RESULTS)
+    previous = read_results(out / RESULTS)
     return previous if not _changes(previous, cfg) and _complete(previous, cfg) else None
+
+
+def read_results(path: Path) -> dict:
+    """A comparison's results.json, as written (`analysis.upgrade` brings an older one to today's schema); one
+    written by a newer peftsum is refused (`refuse_newer_results`)."""
+    results = read_json(path)
+    if not isinstance(results, dict):
+        raise UserError(f"{path} must hold a JSON object (a comparison's results); delete it or pass --overwrite")
+    refuse_newer_results(results, path)
+    return results
+
+
+def refuse_newer_results(results: dict, where: Path | str) -> None:
+    """Refuse results written by a newer peftsum (a schema this one cannot know), naming the version that wrote them:
+    read with today's reader, they would be re-rendered silently wrong."""
+    version = results.get("schema_version")
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise UserError(f"{where} was written by peftsum schema {version} (peftsum "
+                        f"{results.get('peftsum_version', 'unknown')}); this peftsum reads schema {SCHEMA_VERSION} "
+                        f"and older: upgrade peftsum")
 
 
 def _changes(previous: dict, cfg: RunConfig) -> list[str]:

@@ -240,7 +240,9 @@ def upgrade(results: dict) -> Results:
     """`results` at the current schema: an older file gains its statistics (computed now), and the settings that
     did not exist when it was written read as their defaults (which keep the old behaviour); in place."""
     from ..config import complete_saved
+    from ..infra.runs import RESULTS, refuse_newer_results
 
+    refuse_newer_results(results, RESULTS)  # a newer schema cannot be upgraded to ours: refused, not misread
     complete_saved(results["config"])
     if "baselines" not in results:  # before there were several: the untouched model alone, in the plain format
         base = results.get("baseline")
