@@ -40,7 +40,7 @@ def save(adapted: Adapted, folder: Path, base_model: str, cfg) -> list[Path]:
 def load_into(adapted: Adapted, folder: Path) -> None:
     """Load trained weights saved by `save` (or by peft) into a freshly adapted model of the same configuration."""
     path = weights_path(folder, adapted.method)
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, finite=True)  # a damaged or diverged adapter: refused, naming its tensors
     with torch.no_grad(), damaged(path):  # e.g. a tensor missing from a foreign file
         adapted.method.load_tensors(adapted, tensors, path)
 

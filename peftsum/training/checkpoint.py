@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from .. import __version__
 from ..errors import UserError
 from ..infra import distributed
 from ..infra.files import NO_SPACE, damaged, fsync, os_error, read_json, read_tensors, write_problem
@@ -33,6 +34,9 @@ from ..infra.files import NO_SPACE, damaged, fsync, os_error, read_json, read_te
 FOLDER = "checkpoints"
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
+# The layout of a checkpoint, in state.json: a newer one is refused rather than misread. Checkpoints written before
+# the version was recorded have none and read as version 1, which is what they are.
+SCHEMA_VERSION = 1
 
 
 def _step_of(path: Path) -> int | None:
@@ -71,7 +75,8 @@ def save(run: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, ke
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
-        (tmp / STATE).write_text(json.dumps(state), encoding="utf-8")
+        versioned = {"schema_version": SCHEMA_VERSION, "peftsum_version": __version__, **state}
+        (tmp / STATE).write_text(json.dumps(versioned), encoding="utf-8")
         for path in (tmp / TENSORS, tmp / STATE, tmp):
             fsync(path)
         os.replace(tmp, target)
@@ -102,10 +107,16 @@ def reading(path: Path):
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, state = read_tensors(path / TENSORS, ADVICE), read_json(path / STATE, ADVICE)
+    """A checkpoint's tensors and state; refuses one written by a newer peftsum, or holding NaN or inf."""
+    state = read_json(path / STATE, ADVICE)
     if not isinstance(state, dict):
         raise UserError(f"{path / STATE} must hold a JSON object; {ADVICE}")
-    return tensors, state
+    version = state.get("schema_version", 1)
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise UserError(f"{path / STATE} was written by peftsum checkpoint schema {version} (peftsum "
+                        f"{state.get('peftsum_version', 'unknown')}); this peftsum reads checkpoint schema "
+                        f"{SCHEMA_VERSION} and older: upgrade peftsum, or pass --overwrite to start over")
+    return read_tensors(path / TENSORS, ADVICE, finite=True), state
 
 
 def prune(run: Path, keep: int) -> None:
