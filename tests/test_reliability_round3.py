@@ -1,8 +1,11 @@
-"""Reliability, round three (issue 30): trained weights holding NaN or inf, and files written by a newer peftsum.
+"""Reliability, round three (issue 30): trained weights holding NaN or inf, files written by a newer peftsum, and
+writes cut short.
 
 Each case damages a copy of one tiny trained world (a LoRA run, a fine-tuned run, a LoRA run interrupted at step 3,
 tiny random-init models) and runs the command line as a user would (a real process): exit 2, one line naming the file
-(and the bad tensors), no traceback, and every file of the case and of the world byte for byte as it was.
+(and the bad tensors), no traceback, and every file of the case and of the world byte for byte as it was. Then exports,
+reports and summaries are written again over earlier ones under a file size limit (`ulimit -f`, what a full disk
+does) and killed (SIGKILL) mid-export: the earlier files stay byte for byte as they were.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,3 +209,89 @@ def test_finite_weights_load_unchanged():
     copies = {k: v.clone() for k, v in tensors.items()}
     refuse_non_finite(tensors, Path("x.safetensors"))
     assert all(torch.equal(tensors[k], copies[k]) for k in tensors)
+
+
+# ---------------------------------------------------------------- a full disk mid-write leaves the previous file
+
+def file_size_limit(limit: int) -> str:
+    """A prelude capping every file the process writes at `limit` bytes (what `ulimit -f` does): a write past it
+    fails with EFBIG, as a full disk fails with ENOSPC (Python ignores SIGXFSZ, which would otherwise kill it)."""
+    return f"import resource\nresource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+
+
+@pytest.mark.parametrize("target", ["--merged", "--gguf"])
+def test_an_export_cut_short_by_the_file_size_limit_leaves_the_previous_export(world, tmp_path, target):
+    out = tmp_path / ("merged" if target == "--merged" else "model.gguf")
+    first = peftsum("export", "--run", world.lora, target, out, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr.decode()
+    before = snapshot(tmp_path)
+    again = peftsum("export", "--run", world.lora, target, out, "--overwrite", cwd=tmp_path,
+                    prelude=file_size_limit(16_384))
+    lines = [line for line in message_lines(again.stderr.decode()) if "peftsum: error:" in line
+             or "byte/s]" not in line]  # the GGUF writer's progress bar stays where the write failed
+    assert again.returncode == 2, again.stderr.decode()
+    assert "Traceback" not in again.stderr.decode()
+    assert len(lines) == 1 and f"cannot write {out}: " in lines[0] and f"; {out} is as it was" in lines[0], lines
+    assert "File too large" in lines[0] or "file size limit" in lines[0], lines
+    assert snapshot(tmp_path) == before  # the previous export whole, nothing half-written beside it
+
+
+def test_a_report_or_summaries_cut_short_by_the_file_size_limit_leave_the_previous_files(world, tmp_path):
+    run = tmp_path / "run"
+    assert main(["compare", "--model", str(world.gpt2), "--data", str(world.data), *TINY, "--methods", "lora",
+                 "--max-steps", "2", "--out", str(run)]) == 0
+    output = tmp_path / "summaries.jsonl"
+    first = peftsum("summarize", "--run", run / "lora", "--input", world.data / "validation.jsonl", "--output", output,
+                    cwd=tmp_path)
+    assert first.returncode == 0, first.stderr.decode()
+    before = snapshot(tmp_path)
+    # results.json, report.md and the charts are a few KB; report.html embeds the charts and runs past the limit.
+    cut = peftsum("report", run, cwd=tmp_path, prelude=file_size_limit(16_384))
+    lines = message_lines(cut.stderr.decode())
+    assert cut.returncode == 2 and len(lines) == 1, cut.stderr.decode()
+    assert "cannot write" in lines[0] and "File too large" in lines[0], lines
+    again = peftsum("summarize", "--run", run / "lora", "--input", world.data / "validation.jsonl", "--output",
+                    output, cwd=tmp_path, prelude=file_size_limit(64))
+    errors = [line for line in message_lines(again.stderr.decode()) if "error" in line]  # after a truncation note
+    assert again.returncode == 2 and len(errors) == 1 and "Traceback" not in again.stderr.decode(), again.stderr
+    assert f"cannot write {output}: File too large; the 8 summaries went to standard output" in errors[0], errors
+    assert len(again.stdout.decode().splitlines()) == 8  # not lost
+    assert snapshot(tmp_path) == before  # every earlier file byte for byte, nothing half-written beside them
+
+
+# The export stops for good once its new files are written but not yet in place, and says so in a file: the moment
+# a SIGKILL (a preempted job, an out-of-memory kill) is sent.
+STOP_BEFORE_RENAME = '''
+import pathlib, time
+import peftsum.outputs.{module} as written
+real = written.fsync
+def stop(path):
+    real(path)
+    pathlib.Path("{marker}").touch()
+    time.sleep(300)
+written.fsync = stop
+'''
+
+
+@pytest.mark.parametrize("target", ["--merged", "--gguf"])
+def test_an_export_killed_mid_write_leaves_the_previous_export(world, tmp_path, target):
+    out = tmp_path / ("merged" if target == "--merged" else "model.gguf")
+    first = peftsum("export", "--run", world.lora, target, out, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr.decode()
+    before = snapshot(out) if out.is_dir() else {"file": snapshot(tmp_path)[str(out)]}
+    marker = tmp_path / "written"
+    module = "export" if target == "--merged" else "gguf_export"
+    process = peftsum("export", "--run", world.lora, target, out, "--overwrite", cwd=tmp_path, popen=True,
+                      prelude=STOP_BEFORE_RENAME.format(module=module, marker=marker))
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), process.communicate()[1].decode()
+        process.kill()
+    finally:
+        process.kill()
+        process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    after = snapshot(out) if out.is_dir() else {"file": snapshot(tmp_path)[str(out)]}
+    assert after == before  # the previous export whole: the new one was never moved in

@@ -16,9 +16,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from ..config import EvalConfig
 from ..core.prompts import MARK, ChatFormat, PlainFormat, bos_prefix
 from ..errors import UserError
+from ..infra.files import fsync, os_error, write_problem
 from ..methods.base import Adapted
 
 EXPORT_NOTE = "peftsum_config.yaml"  # the settings the export came from, beside the weights
@@ -47,14 +50,22 @@ def merged_model(adapted: Adapted):
 
 
 def write_model(model, tokenizer, out: Path, note: str | None = None) -> None:
-    """save_pretrained model and tokenizer into `out`: staged beside it, then moved in (stale weight files removed)."""
+    """save_pretrained model and tokenizer into `out`: staged beside it, flushed to disk, then moved in (stale weight
+    files removed). A write that fails (a full disk) fails while staging, so the previous export stays whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        model.save_pretrained(staging)  # safetensors
-        tokenizer.save_pretrained(staging)
-        if note is not None:
-            (staging / EXPORT_NOTE).write_text(note, encoding="utf-8")
+        try:
+            model.save_pretrained(staging)  # safetensors
+            tokenizer.save_pretrained(staging)
+            if note is not None:
+                (staging / EXPORT_NOTE).write_text(note, encoding="utf-8")
+            for item in staging.iterdir():
+                fsync(item)  # before the renames: after a crash, a name never points at a file not yet on disk
+        except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error type
+            if os_error(error) is None:
+                raise
+            raise UserError(f"cannot write {out}: {write_problem(error)}; {out} is as it was") from None
         out.mkdir(exist_ok=True)
         for pattern in STALE_WEIGHTS:
             for stale in out.glob(pattern):

@@ -15,6 +15,7 @@ chosen type. The file is written beside its target and renamed into place, so a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..infra.files import fsync, write_problem
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 OUTPUT = "output.weight"  # llama.cpp's name for an untied LM head
@@ -350,13 +352,22 @@ def write_gguf(model, tokenizer, path: Path, gguf_type: str = "f16", name: str |
         for tensor_name, tensor in tensors:
             array, raw_type = _encoded(tensor, gguf_type)
             writer.add_tensor(tensor_name, array, raw_dtype=raw_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=progress)
-        writer.close()
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=progress)
+            writer.close()
+            fsync(staging)  # before the rename: after a crash, the name never points at a file not yet on disk
+        except OSError as error:  # a full disk: the previous file is untouched
+            # numpy's tofile reports a short write without an errno: "9600 requested and 4416 written"
+            problem = write_problem(error) if error.errno else (f"only part of it could be written ({error}): the "
+                                                                f"disk is full or a file size limit is reached")
+            raise UserError(f"cannot write {path}: {problem}; {path} is as it was") from None
         os.replace(staging, path)
+        fsync(path.parent)
     finally:
-        writer.close()  # a no-op once closed
+        with contextlib.suppress(OSError):  # a no-op once closed; after a failed write, its flush fails again
+            writer.close()
         if staging.exists():
             os.unlink(staging)
     return Written(path, gguf_type, len(tensors), path.stat().st_size)
