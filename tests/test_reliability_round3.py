@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from test_bad_inputs import TINY, message_lines, peftsum, snapshot
 
 from peftsum.cli import main
+from peftsum.errors import UserError
 from peftsum.study.results import SCHEMA_VERSION
 from peftsum.training import checkpoint
 from peftsum.training import train as train_module
@@ -205,10 +206,15 @@ def test_finite_weights_load_unchanged():
     """The check reads, never alters: finite weights (and integer tensors such as RNG states) pass as they are."""
     from peftsum.infra.files import refuse_non_finite
 
-    tensors = {"w": torch.randn(3, 3), "rng": torch.zeros(5, dtype=torch.uint8), "big": torch.full((2,), 3e38)}
+    # "big" and "half" sum past their type's largest value: finite all the same
+    tensors = {"w": torch.randn(3, 3), "rng": torch.zeros(5, dtype=torch.uint8), "big": torch.full((2,), 3e38),
+               "half": torch.full((4,), 60000.0, dtype=torch.float16), "empty": torch.zeros(0)}
     copies = {k: v.clone() for k, v in tensors.items()}
     refuse_non_finite(tensors, Path("x.safetensors"))
     assert all(torch.equal(tensors[k], copies[k]) for k in tensors)
+    with pytest.raises(UserError, match=r"x.safetensors: non-finite values \(NaN or inf\) in half \(1 of 5 tensors\)"):
+        refuse_non_finite({**tensors, "half": torch.tensor([1.0, float("-inf")], dtype=torch.float16)},
+                          Path("x.safetensors"))
 
 
 # ---------------------------------------------------------------- a full disk mid-write leaves the previous file
