@@ -301,3 +301,9 @@ def test_an_export_killed_mid_write_leaves_the_previous_export(world, tmp_path, 
     assert process.returncode == -signal.SIGKILL
     after = snapshot(out) if out.is_dir() else {"file": snapshot(tmp_path)[str(out)]}
     assert after == before  # the previous export whole: the new one was never moved in
+    staged = [p.name for p in tmp_path.glob(f".{out.name}-{process.pid}*")]
+    assert len(staged) == 1  # what the killed export had staged, a model's size: the next export removes it
+    again = peftsum("export", "--run", world.lora, target, out, "--overwrite", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr.decode()
+    assert not [p.name for p in tmp_path.glob(f".{out.name}-*")]
+    assert (snapshot(out) if out.is_dir() else {"file": snapshot(tmp_path)[str(out)]}) == before  # same weights

@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 from typing import Callable
@@ -290,6 +291,31 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
         raise
     fsync(path.parent)
+
+
+def remove_abandoned(folder: Path, pattern: str) -> None:
+    """Remove what writers that were killed (SIGKILL, a preempted job) left staged in `folder`: the names that match
+    `pattern`, a regular expression whose first group is the writer's process id, where that process is gone. A
+    staged export can be the size of a model; a live writer's (a concurrent export) is left alone."""
+    for path in Path(folder).glob(".*"):
+        found = re.fullmatch(pattern, path.name)
+        if found is None or _alive(int(found.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def write_text(path: Path, text: str) -> None:

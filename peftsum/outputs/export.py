@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors import SafetensorError
 from ..config import EvalConfig
 from ..core.prompts import MARK, ChatFormat, PlainFormat, bos_prefix
 from ..errors import UserError
-from ..infra.files import fsync, os_error, write_problem
+from ..infra.files import fsync, os_error, remove_abandoned, write_problem
 from ..methods.base import Adapted
 
 EXPORT_NOTE = "peftsum_config.yaml"  # the settings the export came from, beside the weights
@@ -53,7 +54,8 @@ def write_model(model, tokenizer, out: Path, note: str | None = None) -> None:
     """save_pretrained model and tokenizer into `out`: staged beside it, flushed to disk, then moved in (stale weight
     files removed). A write that fails (a full disk) fails while staging, so the previous export stays whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    remove_abandoned(out.parent, rf"\.{re.escape(out.name)}-(\d+)-\w{{8}}")  # a killed export's staging
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-{os.getpid()}-", dir=out.parent))
     try:
         try:
             model.save_pretrained(staging)  # safetensors

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..infra.files import fsync, write_problem
+from ..infra.files import fsync, remove_abandoned, write_problem
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 OUTPUT = "output.weight"  # llama.cpp's name for an untied LM head
@@ -339,6 +340,7 @@ def write_gguf(model, tokenizer, path: Path, gguf_type: str = "f16", name: str |
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(path.parent, rf"\.{re.escape(path.name)}-(\d+)\.partial")  # a killed export's staging
     staging = path.with_name(f".{path.name}-{os.getpid()}.partial")  # opened by the writer: the umask applies
     writer = gguf.GGUFWriter(staging, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_name)])
     try:
