@@ -41,7 +41,8 @@ def compare(args) -> int:
     from ..outputs.report import answer_sentences
 
     out = Path(cfg.out)
-    print("\n".join(answer_sentences(results)))
+    if "analysis" in results:  # rank 0 alone analyses; the other processes of a data-parallel run print nothing
+        print("\n".join(answer_sentences(results)))
     print(f"report: {out / runs.REPORT}, {out / runs.REPORT_HTML}  (wall time {results['wall_seconds']:.0f} s)")
     return 0
 
