@@ -20,8 +20,8 @@ from pathlib import Path
 import yaml
 
 from ..evaluation.metrics import ROUGE_KEYS
-from ..infra.files import looks_like_path, read_json, write_text
-from ..infra.runs import MODEL_CARD, RESULTS
+from ..infra.files import looks_like_path, write_text
+from ..infra.runs import MODEL_CARD, RESULTS, read_results
 from ..methods.registry import method_named
 from ..study.analysis import ALPHA, DEFAULT_SAMPLES, trained_runs, upgrade
 from .formatting import ci, duration, epochs_done, p_value, signed
@@ -432,7 +432,7 @@ def _comparison_of(folder: Path) -> tuple[dict, str, dict] | None:
     folder = Path(folder).resolve()
     for root in (folder.parent, folder.parent.parent):
         if (root / RESULTS).is_file():
-            results = upgrade(read_json(root / RESULTS))
+            results = upgrade(read_results(root / RESULTS))
             rel = folder.relative_to(root).as_posix()
             for name, run in trained_runs(results):
                 if run.get("dir") == rel:

@@ -238,11 +238,10 @@ def significant(test: PairedTest, alpha: float = ALPHA) -> bool:
 
 def upgrade(results: dict) -> Results:
     """`results` at the current schema: an older file gains its statistics (computed now), and the settings that
-    did not exist when it was written read as their defaults (which keep the old behaviour); in place."""
+    did not exist when it was written read as their defaults (which keep the old behaviour); in place. A newer file
+    never gets here: `infra.runs.read_results`, the one reader of results.json, refuses it."""
     from ..config import complete_saved
-    from ..infra.runs import RESULTS, refuse_newer_results
 
-    refuse_newer_results(results, RESULTS)  # a newer schema cannot be upgraded to ours: refused, not misread
     complete_saved(results["config"])
     if "baselines" not in results:  # before there were several: the untouched model alone, in the plain format
         base = results.get("baseline")
@@ -259,12 +258,11 @@ def upgrade(results: dict) -> Results:
                 epoch.setdefault("of_batches", 1)
         if len(method.get("seed_runs") or []) > 1 and "across_seeds" not in method:
             method["across_seeds"] = seed_summary(method["seed_runs"])
-    # An analysis from before "against_untouched" (the model cards' paired tests) existed is computed again.
-    if results.get("schema_version") != SCHEMA_VERSION or "against_untouched" not in results.get("analysis", {}):
+    # An analysis from before the model cards' paired tests ("against_untouched"), or before the answer, the resolvable
+    # differences and Holm's adjustment ("answer"), is computed again, once.
+    analysis = results.get("analysis", {})
+    if results.get("schema_version") != SCHEMA_VERSION or not {"against_untouched", "answer"} <= analysis.keys():
         results["analysis"] = analyze(results)
         results["schema_version"] = SCHEMA_VERSION
-    # An analysis from before the answer, the resolvable differences and Holm's adjustment is computed again.
-    if "answer" not in results["analysis"]:
-        results["analysis"] = analyze(results)
     return results
 
