@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -104,6 +105,27 @@ class Method:
         """The adapted model as a plain transformers model (for export); raises UserError where it cannot be."""
         if not self.can_merge:
             raise UserError(f"a {self.title} result cannot be exported as a plain model: {self.merge_refusal}")
+        return adapted.model
+
+
+class FoldsIntoWeights(Method):
+    """A method whose update folds into the weights it adapts (LoRA, IA3): folded in while generating (the same
+    outputs, no extra work per token) and for good on export. Its module gives the three operations over a model."""
+
+    merge: Callable[[nn.Module], object]  # fold every attached update into its weight (hooks then pass through)
+    unmerge: Callable[[nn.Module], object]  # take them out again: training continues as before
+    remove: Callable[[nn.Module], object]  # fold them in for good and detach the method's modules and hooks
+
+    @contextlib.contextmanager
+    def for_generation(self, adapted: Adapted):
+        self.merge(adapted.model)
+        try:
+            yield
+        finally:
+            self.unmerge(adapted.model)
+
+    def merge_for_export(self, adapted: Adapted) -> nn.Module:
+        self.remove(adapted.model)
         return adapted.model
 
 

@@ -14,7 +14,6 @@ The product runs in fp32 and is rounded once, as in peft: a bf16 copy of a vecto
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ...config import RunConfig
 from ...errors import UserError
-from ..base import Adapted, Method, check_shape
+from ..base import Adapted, FoldsIntoWeights, check_shape
 from ..targets import PEFT_PREFIX, in_out_features, linear_weight, matches, target_names
 from .config import Ia3Config
 
@@ -166,12 +165,13 @@ def _names(value, where: Path, key: str) -> list[str] | None:
     return list(value)
 
 
-class Ia3Method(Method):
+class Ia3Method(FoldsIntoWeights):
     name = "ia3"
     title = "(IA)³"
     tags = ("ia3",)
     peft_type = "IA3"
     attached_keys = (".ia3.",)
+    merge, unmerge, remove = staticmethod(merge), staticmethod(unmerge), staticmethod(remove)
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
         vectors = apply(model, cfg.ia3)
@@ -210,19 +210,6 @@ class Ia3Method(Method):
         # peft fills feedforward_modules from its mapping when it creates the adapter; None: the architecture's.
         cfg.ia3.feedforward = _names(adapter_config.get("feedforward_modules"), where, "feedforward_modules")
         # fan_in_fan_out needs no setting: like peft, peftsum transposes for Conv1D layers and not for nn.Linear.
-
-    @contextlib.contextmanager
-    def for_generation(self, adapted: Adapted):
-        """The vectors merged into the weights while generating: same outputs, no extra multiplications."""
-        merge(adapted.model)
-        try:
-            yield
-        finally:
-            unmerge(adapted.model)
-
-    def merge_for_export(self, adapted: Adapted) -> nn.Module:
-        remove(adapted.model)
-        return adapted.model
 
 
 METHOD = Ia3Method()

@@ -18,7 +18,6 @@ The options, each as peft computes it (tests/test_lora_variants.py holds the par
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from pathlib import Path
@@ -30,7 +29,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ...config import RunConfig
 from ...errors import UserError
-from ..base import Adapted, Method, check_shape, number
+from ..base import Adapted, FoldsIntoWeights, check_shape, number
 from ..targets import PEFT_PREFIX, in_out_features, linear_weight, target_names
 from .config import LoraConfig
 
@@ -252,12 +251,13 @@ def _key(name: str, part: str) -> str:
     return f"{PEFT_PREFIX}{name}.{part}" if part == MAGNITUDE else f"{PEFT_PREFIX}{name}.{part}.weight"
 
 
-class LoraMethod(Method):
+class LoraMethod(FoldsIntoWeights):
     name = "lora"
     title = "LoRA"
     tags = ("lora",)
     peft_type = "LORA"
     attached_keys = (".lora.",)
+    merge, unmerge, remove = staticmethod(merge), staticmethod(unmerge), staticmethod(remove)
 
     def apply(self, model: nn.Module, tokenizer, cfg: RunConfig) -> Adapted:
         adapters = apply(model, cfg.lora)
@@ -347,19 +347,6 @@ class LoraMethod(Method):
         cfg.lora.variant = "dora" if dora else "rslora" if rslora else "lora"
         cfg.lora.init = "default"  # the saved A and B replace whatever the initialisation drew
         # fan_in_fan_out needs no setting: like peft, peftsum transposes for Conv1D layers and not for nn.Linear.
-
-    @contextlib.contextmanager
-    def for_generation(self, adapted: Adapted):
-        """LoRA merged into the weights while generating: same outputs, no extra matmuls per token."""
-        merge(adapted.model)
-        try:
-            yield
-        finally:
-            unmerge(adapted.model)
-
-    def merge_for_export(self, adapted: Adapted) -> nn.Module:
-        remove(adapted.model)
-        return adapted.model
 
 
 METHOD = LoraMethod()
